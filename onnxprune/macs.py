@@ -1,0 +1,75 @@
+"""Multiply-accumulate and parameter counts, the numbers the report compares.
+
+Rules: MACs count Conv, ConvTranspose, Gemm and MatMul at the model's static shapes, with every
+symbolic dimension of the graph inputs set to 1 (batch 1). Conv MACs = N·C_out·prod(out
+spatial)·(C_in/group)·prod(kernel); Gemm/MatMul MACs = prod(output dims)·K. Params = elements of
+all floating-point initializers (weights and biases; Gather indices are not parameters).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .graph import get_attr
+
+
+def _fixed_batch_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    init_names = {t.name for t in fixed.graph.initializer}
+    for inp in fixed.graph.input:
+        if inp.name in init_names:
+            continue
+        for dim in inp.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.dim_value = 1
+    del fixed.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    total = 0
+    for init in model.graph.initializer:
+        if onnx.helper.tensor_dtype_to_np_dtype(init.data_type).kind == "f":
+            total += int(np.prod(init.dims, dtype=np.int64))
+    return total
+
+
+def count_macs(model: onnx.ModelProto) -> tuple[int, dict[str, int]]:
+    """(total MACs, MACs per counted node name)."""
+    inferred = _fixed_batch_model(model)
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = [d.dim_value for d in dims]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    per_node = {}
+    for node in inferred.graph.node:
+        macs = _node_macs(node, shapes)
+        if macs is not None:
+            per_node[node.name or node.output[0]] = macs
+    return sum(per_node.values()), per_node
+
+
+def _node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
+    op = node.op_type
+    out = shapes.get(node.output[0])
+    if op in ("Conv", "ConvTranspose"):
+        w = shapes.get(node.input[1])
+        x = shapes.get(node.input[0])
+        if w is None or out is None or x is None:
+            return None
+        if op == "Conv":
+            return int(np.prod(out, dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
+        # ConvTranspose weight is [C_in, C_out/group, k...]: each input pixel meets w[1]·prod(k).
+        return int(np.prod(x, dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
+    if op in ("Gemm", "MatMul"):
+        a = shapes.get(node.input[0])
+        if a is None or out is None:
+            return None
+        k = a[0] if (op == "Gemm" and get_attr(node, "transA", 0)) else a[-1]
+        return int(np.prod(out, dtype=np.int64) * k)
+    return None

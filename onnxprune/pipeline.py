@@ -1,0 +1,147 @@
+"""The whole pass, one visible step per stage: load → normalize → plan → rewrite → verify → report.
+
+``prune()`` is the Python API the CLI wraps; it never writes files (the CLI saves atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import onnx
+
+from . import __version__
+from .errors import UserError
+from .macs import count_macs, count_params
+from .model_io import cap_ir_version, load_model
+from .normalize import normalize
+from .plan import Plan
+from .planner import PlanOptions, plan_model
+from .rewrite import apply_plan
+from .verify import DEFAULT_TOLERANCE, verify
+
+
+@dataclass
+class PruneConfig(PlanOptions):
+    tickets: list = field(default_factory=list)  # paths or ModelProtos of training snapshots
+    plan: Plan | None = None  # apply this plan instead of planning
+    verify: bool = True
+    tolerance: float = DEFAULT_TOLERANCE
+
+
+@dataclass
+class Report:
+    """What a run did: ``data`` is the JSON report, ``plan`` the decisions that were applied."""
+
+    data: dict
+    plan: Plan
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def to_json(self) -> str:
+        return json.dumps(self.data, indent=1) + "\n"
+
+
+class Progress:
+    """Receives progress events; the default one is silent."""
+
+    def stage(self, message: str) -> None:
+        pass
+
+    def layer(self, done: int, total: int, name: str) -> None:
+        pass
+
+
+def prune(model_or_path, config: PruneConfig | None = None, progress: Progress | None = None):
+    """Prune ``model_or_path`` (path or ModelProto) -> ``(pruned ModelProto, Report)``."""
+    config = config or PruneConfig()
+    progress = progress or Progress()
+    timings = {}
+    started = time.perf_counter()
+
+    progress.stage("loading")
+    original = load_model(model_or_path)
+    cap_ir_version(original)
+    snapshots = []
+    for i, ticket in enumerate(config.tickets):
+        try:
+            snapshots.append(normalize(load_model(ticket)))
+        except UserError as exc:
+            raise UserError(f"ticket snapshot #{i + 1}: {exc}") from None
+    t = _lap(timings, "load", started)
+
+    progress.stage("normalizing (folding BatchNormalization and per-channel affine ops)")
+    model = normalize(original)
+    t = _lap(timings, "normalize", t)
+
+    if config.plan is None:
+        progress.stage("planning")
+        plan = plan_model(model, config, snapshots, progress.layer)
+    else:
+        plan = config.plan
+    t = _lap(timings, "plan", t)
+
+    progress.stage("rewriting")
+    pruned = apply_plan(model, plan)
+    entry = pruned.metadata_props.add()
+    entry.key, entry.value = "onnxprune", f"{__version__}; {len(plan.layers)} Convs grouped-kernel pruned"
+    t = _lap(timings, "rewrite", t)
+
+    try:
+        onnx.checker.check_model(pruned, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise RuntimeError(f"internal error: the rewritten model fails onnx.checker: {exc}") from exc
+
+    verified = None
+    if config.verify:
+        progress.stage("verifying against the masked dense model in ONNX Runtime")
+        verified = verify(model, pruned, plan, tolerance=config.tolerance, seed=config.seed)
+        if not verified.passed:
+            raise RuntimeError(f"verification failed: rewritten model differs from the masked original by "
+                               f"{verified.max_rel_diff:.3g} (relative), tolerance {verified.tolerance:g}")
+    t = _lap(timings, "verify", t)
+
+    report = build_report(original, model, pruned, plan, verified, config)
+    _lap(timings, "report", t)
+    report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+    return pruned, Report(report, plan)
+
+
+def _lap(timings: dict, name: str, since: float) -> float:
+    now = time.perf_counter()
+    timings[name] = now - since
+    return now
+
+
+def build_report(original, normalized, pruned, plan: Plan, verified, config: PruneConfig) -> dict:
+    macs_before, per_node_before = count_macs(normalized)
+    macs_after, per_node_after = count_macs(pruned)
+    layers = []
+    pruned_before = pruned_after = 0
+    for layer in plan.layers:
+        before, after = per_node_before.get(layer.node, 0), per_node_after.get(layer.node, 0)
+        pruned_before += before
+        pruned_after += after
+        layers.append({"name": layer.node, "c_out": layer.c_out, "c_in": layer.c_in, "kernel": layer.kernel,
+                       "groups": layer.groups, "kept_in_channels_per_group": layer.kept_per_group,
+                       "clustering_method": layer.clustering_method, "criterion": layer.criterion,
+                       "macs_before": before, "macs_after": after})
+    layers += [{"name": s["node"], "skipped": s["reason"]} for s in plan.skipped]
+    order = {n.name: i for i, n in enumerate(normalized.graph.node)}
+    layers.sort(key=lambda entry: order.get(entry["name"], len(order)))
+    return {
+        "onnxprune_version": __version__,
+        "options": {"rate": config.rate, "groups": config.groups, "criterion": config.criterion,
+                    "seed": config.seed, "min_channels": config.min_channels, "tickets": len(config.tickets),
+                    "plan_in": config.plan is not None},
+        "macs_before": macs_before, "macs_after": macs_after,
+        "params_before": count_params(normalized), "params_after": count_params(pruned),
+        "params_before_normalization": count_params(original),
+        "pruned_layers_macs_before": pruned_before, "pruned_layers_macs_after": pruned_after,
+        "convs_pruned": len(plan.layers), "convs_skipped": len(plan.skipped),
+        "layers": layers,
+        "verify": verified.as_dict() if verified else None,
+    }

@@ -1,0 +1,109 @@
+"""The pruning plan: every decision between planning and rewriting, as plain JSON data.
+
+Why plain data: a plan can be written (``--plan-out``), inspected, edited, re-applied to a
+re-exported model (``--plan-in``) or to the training-framework model for fine-tuning, and the
+rewriter can be tested on hand-made plans without running the planner.
+
+Per pruned Conv the plan holds:
+- ``filter_order``: new output position j -> original filter index; groups are contiguous
+  blocks of ``c_out / groups`` positions.
+- ``kept_in_channels``: for each group, the sorted original input channels it keeps.
+- how it was decided (``clustering_method``, ``criterion``, ``scores``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import UserError
+
+PLAN_FORMAT = "onnxprune-plan"
+PLAN_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    node: str
+    weight: str
+    c_out: int
+    c_in: int
+    kernel: list[int]
+    groups: int
+    filter_order: list[int]
+    kept_in_channels: list[list[int]]
+    clustering_method: str = "none"
+    criterion: str = "none"
+    scores: dict = field(default_factory=dict)
+
+    @property
+    def filters_per_group(self) -> int:
+        return self.c_out // self.groups
+
+    @property
+    def kept_per_group(self) -> int:
+        return len(self.kept_in_channels[0])
+
+    def group_of_filter(self) -> np.ndarray:
+        """Original filter index -> its group."""
+        group = np.empty(self.c_out, dtype=np.int64)
+        group[np.asarray(self.filter_order)] = np.arange(self.c_out) // self.filters_per_group
+        return group
+
+    def kernel_mask(self) -> np.ndarray:
+        """Boolean [c_out, c_in]: True where the grouped kernel of (filter, channel) is kept."""
+        mask = np.zeros((self.c_out, self.c_in), dtype=bool)
+        for f, g in enumerate(self.group_of_filter()):
+            mask[f, self.kept_in_channels[g]] = True
+        return mask
+
+    def validate(self) -> None:
+        where = f"plan layer {self.node!r}"
+        if self.groups < 1 or self.c_out % self.groups:
+            raise UserError(f"{where}: groups={self.groups} does not divide c_out={self.c_out}")
+        if sorted(self.filter_order) != list(range(self.c_out)):
+            raise UserError(f"{where}: filter_order is not a permutation of 0..{self.c_out - 1}")
+        if len(self.kept_in_channels) != self.groups:
+            raise UserError(f"{where}: {len(self.kept_in_channels)} kept-channel lists for {self.groups} groups")
+        sizes = {len(k) for k in self.kept_in_channels}
+        if len(sizes) != 1 or 0 in sizes:
+            raise UserError(f"{where}: every group must keep the same, non-zero number of input channels")
+        for kept in self.kept_in_channels:
+            if kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= self.c_in:
+                raise UserError(f"{where}: kept_in_channels must be sorted distinct indices in 0..{self.c_in - 1}")
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan]
+    skipped: list[dict] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+    def by_node(self) -> dict[str, LayerPlan]:
+        return {layer.node: layer for layer in self.layers}
+
+    def to_json(self) -> str:
+        data = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "options": self.options,
+                "layers": [asdict(layer) for layer in self.layers], "skipped": self.skipped}
+        return json.dumps(data, indent=1, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"plan is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise UserError(f"not an onnxprune plan (expected \"format\": \"{PLAN_FORMAT}\")")
+        if data.get("version") != PLAN_VERSION:
+            raise UserError(f"plan version {data.get('version')} is not supported (expected {PLAN_VERSION})")
+        try:
+            layers = [LayerPlan(**layer) for layer in data["layers"]]
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"plan layer entry is malformed: {exc}") from None
+        plan = cls(layers=layers, skipped=list(data.get("skipped", [])), options=dict(data.get("options", {})))
+        for layer in plan.layers:
+            layer.validate()
+        return plan

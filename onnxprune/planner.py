@@ -1,0 +1,120 @@
+"""Decide, per prunable Conv, the filter groups and the grouped kernels each group keeps.
+
+Steps per layer (the paper's steps 1–3, see README "How it works"):
+1. cluster the filters into G equal-size groups with every candidate method;
+2. pick one candidate by the tickets-magnitude-increase rule over the training snapshots, or by
+   the data-free magnitude fallback when there are none (or ``criterion="magnitude"``);
+3. inside each group keep ``n_kept(C_in, rate)`` input channels by the greedy grouped-kernel
+   cost.
+The result is a ``Plan`` (plain data); nothing here touches the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from . import clustering, kernel_selection, tmi
+from .analysis import ConvInfo, conv_nodes, find_prunable_convs
+from .errors import UserError
+from .graph import GraphIndex
+from .plan import LayerPlan, Plan
+
+
+@dataclass
+class PlanOptions:
+    rate: float = 0.4375
+    groups: int = 8
+    criterion: str = "tmi"  # "tmi" (falls back to magnitude without snapshots) or "magnitude"
+    seed: int = 0
+    min_channels: int = 16
+    exclude: tuple[str, ...] = ()
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(clustering.CLUSTERING_METHODS))
+
+    def check(self) -> None:
+        if not 0.0 <= self.rate < 1.0:
+            raise UserError(f"--rate must be in [0, 1), got {self.rate}")
+        if self.groups < 1:
+            raise UserError(f"--groups must be a positive integer, got {self.groups}")
+        if self.criterion not in ("tmi", "magnitude"):
+            raise UserError(f"--criterion must be 'tmi' or 'magnitude', got {self.criterion!r}")
+        if self.min_channels < 1:
+            raise UserError(f"--min-channels must be >= 1, got {self.min_channels}")
+
+
+def plan_model(model: onnx.ModelProto, options: PlanOptions, snapshots=(),
+               progress: Callable[[int, int, str], None] | None = None) -> Plan:
+    """Plan grouped kernel pruning for ``model`` (normalized); ``snapshots`` are normalized too."""
+    options.check()
+    prunable, skipped = find_prunable_convs(model, lambda info: options.groups, options.min_channels,
+                                            options.exclude)
+    index = GraphIndex(model.graph)
+    use_tickets = options.criterion == "tmi" and len(snapshots) > 0
+    snapshot_weights = [match_snapshot_weights(model, prunable, snap, i) for i, snap in enumerate(snapshots)] \
+        if use_tickets else []
+    layers = []
+    for i, info in enumerate(prunable):
+        if progress:
+            progress(i, len(prunable), info.name)
+        weight = index.constant(info.weight)
+        snaps = [weights[info.name] for weights in snapshot_weights]
+        layers.append(plan_layer(info, weight, options, snaps))
+    if progress:
+        progress(len(prunable), len(prunable), "")
+    return Plan(layers=layers, skipped=[{"node": s.name, "reason": s.reason} for s in skipped],
+                options={"rate": options.rate, "groups": options.groups, "criterion": options.criterion,
+                         "seed": options.seed, "min_channels": options.min_channels,
+                         "tickets": len(snapshots)})
+
+
+def plan_layer(info: ConvInfo, weight: np.ndarray, options: PlanOptions, snapshots: list[np.ndarray]) -> LayerPlan:
+    groups = options.groups
+    w = weight.astype(np.float64)
+    if groups == 1:
+        labels, method, criterion, scores = np.zeros(info.c_out, dtype=np.int64), "none", "none", {}
+    else:
+        candidates = {m: clustering.cluster_filters(w, groups, m, seed=options.seed) for m in options.methods}
+        method, scores = tmi.choose_clustering(candidates, w, snapshots, groups)
+        labels = candidates[method]
+        criterion = scores.get("criterion", "tmi" if snapshots else "magnitude")
+    n_keep = kernel_selection.n_kept(info.c_in, options.rate)
+    filter_order, kept = [], []
+    for g in range(groups):
+        rows = np.flatnonzero(labels == g)
+        filter_order.extend(int(r) for r in rows)
+        if n_keep == info.c_in:
+            kept.append(list(range(info.c_in)))
+        else:
+            chosen = kernel_selection.select_grouped_kernels(w[rows], n_keep)
+            kept.append([int(c) for c in chosen])
+    return LayerPlan(node=info.name, weight=info.weight, c_out=info.c_out, c_in=info.c_in,
+                     kernel=list(info.kernel), groups=groups, filter_order=filter_order,
+                     kept_in_channels=kept, clustering_method=method, criterion=criterion, scores=scores)
+
+
+def match_snapshot_weights(model: onnx.ModelProto, prunable: list[ConvInfo], snapshot: onnx.ModelProto,
+                           number: int) -> dict[str, np.ndarray]:
+    """Weights of ``snapshot`` for each prunable Conv: by initializer name, else by Conv order.
+
+    Shapes must agree; a snapshot of another architecture is an error, not a silent mismatch.
+    """
+    snap_index = GraphIndex(snapshot.graph)
+    model_convs = [n.name for n in conv_nodes(model.graph)]
+    snap_convs = conv_nodes(snapshot.graph)
+    matched = {}
+    for info in prunable:
+        value = snap_index.constant(info.weight)
+        if value is None:
+            position = model_convs.index(info.name)
+            if position < len(snap_convs) and len(snap_convs[position].input) > 1:
+                value = snap_index.constant(snap_convs[position].input[1])
+        if value is None or value.shape != (info.c_out, info.c_in, *info.kernel):
+            got = None if value is None else tuple(value.shape)
+            raise UserError(f"ticket snapshot #{number + 1} does not match the model at Conv {info.name!r} "
+                            f"(weight {info.weight!r}: expected shape {(info.c_out, info.c_in, *info.kernel)}, "
+                            f"found {got}); snapshots must be exports of the same architecture")
+        matched[info.name] = value.astype(np.float64)
+    return matched

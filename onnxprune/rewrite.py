@@ -1,0 +1,377 @@
+"""Apply a pruning plan: each pruned Conv becomes ``Gather(axis=1)`` + ``Conv(group=G)``.
+
+The rewritten Conv emits its filters group by group (``filter_order``), so its output channels
+are a permutation of the original ones. Instead of undoing that after every Conv (what the
+paper's code does), the permutation travels forward through the graph and is absorbed where that
+costs nothing. Rules, per consumer of a permuted tensor (sigma: physical channel -> logical):
+
+- per-channel elementwise ops (activations, Dropout, pooling, Cast, ...): pass sigma on;
+- BatchNormalization / InstanceNormalization / PRelu: their per-channel parameters are permuted;
+- binary ops (Add, Mul, ...): constants varying along channels are permuted; operands that are
+  channel-broadcast need nothing; if all varying operands carry the same sigma it passes on,
+  otherwise the permuted operands are restored (e.g. a residual Add with an unpermuted input);
+- Flatten / Reshape / Squeeze / Unsqueeze that only drop or add unit dims after the channel
+  axis (GlobalAveragePool -> Flatten) pass sigma on;
+- a dense Conv absorbs sigma into its weight's input axis; a depthwise Conv permutes its
+  filters and passes sigma on; a pruned Conv folds it into its Gather indices (so consecutive
+  Gathers compose into one);
+- reductions over spatial axes only (ReduceMean as global pooling) pass sigma on;
+- Concat along channels passes on the concatenation of its inputs' permutations;
+- Gemm / MatMul with a constant weight absorb sigma into the weight rows;
+- anything else (Transpose, Softmax, graph outputs, unknown ops) gets the original order back
+  through a ``Gather(axis=1, sigma^-1)``, created once per tensor.
+
+Graphs with subgraphs (If/Loop) may read any tensor implicitly, so there every permutation is
+restored right after the Conv that made it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .graph import (GraphIndex, NameAllocator, get_attr, has_subgraphs, remove_unused_initializers,
+                    set_attr, set_initializer)
+from .errors import UserError
+from .plan import LayerPlan, Plan
+
+CHANNELWISE_UNARY = {
+    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Selu", "Celu", "HardSigmoid",
+    "HardSwish", "Softplus", "Softsign", "Identity", "Dropout", "Neg", "Abs", "Exp", "Log", "Sqrt",
+    "Erf", "Gelu", "Mish", "ThresholdedRelu", "Cast", "Floor", "Ceil", "Round", "Reciprocal",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
+}
+ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"}
+CHANNEL_PARAM_NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
+UNIT_RESHAPES = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
+REDUCTIONS = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1"}
+
+
+def inverse(perm: np.ndarray) -> np.ndarray:
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(len(perm))
+    return inv
+
+
+def is_identity(perm: np.ndarray) -> bool:
+    return bool(np.array_equal(perm, np.arange(len(perm))))
+
+
+def grouped_weight(weight: np.ndarray, layer: LayerPlan) -> np.ndarray:
+    """W'[j] = W[filter_order[j], kept channels of j's group]: the Conv(group=G) weight."""
+    per_group = layer.filters_per_group
+    blocks = []
+    for g, kept in enumerate(layer.kept_in_channels):
+        rows = layer.filter_order[g * per_group:(g + 1) * per_group]
+        blocks.append(weight[np.asarray(rows)][:, np.asarray(kept)])
+    return np.concatenate(blocks, axis=0)
+
+
+def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+    """Return a new model with every Conv of ``plan`` rewritten; ``model`` must be normalized."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _Rewriter(out, plan).run()
+    return out
+
+
+class _Rewriter:
+    def __init__(self, model: onnx.ModelProto, plan: Plan):
+        self.model = model
+        self.graph = model.graph
+        self.layers = plan.by_node()
+        self.index = GraphIndex(self.graph)
+        self.names = NameAllocator(self.graph)
+        self.shapes = _static_shapes(model)
+        self.fold = not has_subgraphs(self.graph)
+        self.perm: dict[str, np.ndarray] = {}  # tensor -> sigma (physical -> logical channel)
+        self.restored: dict[str, str] = {}
+        self.nodes: list[onnx.NodeProto] = []
+
+    # -- driver -------------------------------------------------------------------------
+    def run(self) -> None:
+        conv_names = {n.name for n in self.graph.node if n.op_type == "Conv"}
+        missing = [name for name in self.layers if name not in conv_names]
+        if missing:
+            raise UserError(f"plan names Conv nodes not in this model: {', '.join(missing[:5])}")
+        for node in list(self.graph.node):
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            if node.op_type == "Conv" and node.name in self.layers:
+                self._rewrite_pruned_conv(new, self.layers[node.name])
+            elif any(name in self.perm for name in new.input):
+                self._propagate(new)
+            else:
+                self.nodes.append(new)
+        del self.graph.node[:]
+        self.graph.node.extend(self.nodes)
+        remove_unused_initializers(self.graph)
+
+    # -- pruned Conv --------------------------------------------------------------------
+    def _rewrite_pruned_conv(self, node: onnx.NodeProto, layer: LayerPlan) -> None:
+        weight = self.index.constant(node.input[1])
+        expected = (layer.c_out, layer.c_in, *layer.kernel)
+        if weight is None or tuple(weight.shape) != expected:
+            got = None if weight is None else tuple(weight.shape)
+            raise UserError(f"plan layer {layer.node!r} expects weight shape {expected}, model has {got}")
+        if get_attr(node, "group", 1) != 1:
+            raise UserError(f"plan layer {layer.node!r}: the model's Conv is already grouped")
+        indices = np.concatenate([np.asarray(k, dtype=np.int64) for k in layer.kept_in_channels])
+        source = node.input[0]
+        sigma = self.perm.get(source)
+        if sigma is not None:
+            indices = inverse(sigma)[indices]
+        if not (len(indices) == layer.c_in and is_identity(indices)):
+            gathered = self.names.new(f"{source}__kept_by_{node.name}")
+            self._emit_gather(source, indices, gathered, f"{node.name}/gather_kept_channels")
+            node.input[0] = gathered
+        self._set_param(node, 1, grouped_weight(weight, layer))
+        if len(node.input) > 2 and node.input[2]:
+            bias = self.index.constant(node.input[2])
+            self._set_param(node, 2, bias[np.asarray(layer.filter_order)])
+        set_attr(node, "group", layer.groups)
+        self.nodes.append(node)
+        self._set_output_perm(node, 0, np.asarray(layer.filter_order, dtype=np.int64))
+
+    # -- permutation propagation --------------------------------------------------------
+    def _propagate(self, node: onnx.NodeProto) -> None:
+        op = node.op_type if node.domain in ("", "ai.onnx") else None
+        handler = None
+        if op in CHANNELWISE_UNARY:
+            handler = self._channelwise
+        elif op in CHANNEL_PARAM_NORMS:
+            handler = self._norm
+        elif op in ELEMENTWISE_BINARY:
+            handler = self._binary
+        elif op in UNIT_RESHAPES:
+            handler = self._unit_reshape
+        elif op == "Conv":
+            handler = self._dense_conv
+        elif op in ("Gemm", "MatMul"):
+            handler = self._matmul
+        elif op == "Concat":
+            handler = self._concat
+        elif op in REDUCTIONS:
+            handler = self._reduce
+        if handler is None or not handler(node):
+            self._restore_inputs(node)
+            self.nodes.append(node)
+
+    def _channelwise(self, node) -> bool:
+        sigma = self.perm.get(node.input[0])
+        if sigma is None or any(n in self.perm for n in node.input[1:] if n):
+            return False
+        if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
+            return False  # the indices output encodes channel offsets
+        if node.op_type == "PRelu":
+            rank = self._rank(node.input[0])
+            if rank is None or not self._permute_channel_const(node, 1, sigma, rank):
+                return False
+        self.nodes.append(node)
+        for i, name in enumerate(node.output):
+            if name:
+                self._set_output_perm(node, i, sigma)
+        return True
+
+    def _norm(self, node) -> bool:
+        sigma = self.perm.get(node.input[0])
+        params = CHANNEL_PARAM_NORMS[node.op_type]
+        if sigma is None or any(node.input[i] in self.perm for i in params if i < len(node.input)):
+            return False
+        values = [self.index.constant(node.input[i]) for i in params]
+        if any(v is None or v.shape != (len(sigma),) for v in values):
+            return False
+        for i, value in zip(params, values):
+            self._set_param(node, i, value[sigma])
+        self.nodes.append(node)
+        self._set_output_perm(node, 0, sigma)
+        return True
+
+    def _binary(self, node) -> bool:
+        rank = self._rank(node.output[0])
+        permuted = [self.perm[n] for n in node.input if n in self.perm]
+        if rank is None or any(not np.array_equal(permuted[0], s) for s in permuted[1:]):
+            return False
+        sigma = permuted[0]
+        for i, name in enumerate(node.input):
+            if name in self.perm:
+                continue
+            const = self.index.constant(name)
+            if const is not None:
+                if not self._permute_channel_const(node, i, sigma, rank):
+                    return False
+            elif self._varies_along_channels(name, rank):
+                return False
+        self.nodes.append(node)
+        self._set_output_perm(node, 0, sigma)
+        return True
+
+    def _unit_reshape(self, node) -> bool:
+        sigma = self.perm.get(node.input[0])
+        if sigma is None:
+            return False
+        before, after = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
+        if before is None or after is None or len(before) < 2 or len(after) < 2:
+            return False
+        # With channels and only unit dims after them on both sides, the batch dim must match too.
+        if before[1] != len(sigma) or after[1] != len(sigma):
+            return False
+        if any(d != 1 for d in list(before[2:]) + list(after[2:])):
+            return False
+        self.nodes.append(node)
+        self._set_output_perm(node, 0, sigma)
+        return True
+
+    def _dense_conv(self, node) -> bool:
+        sigma = self.perm.get(node.input[0])
+        weight = self.index.constant(node.input[1]) if len(node.input) > 1 else None
+        if sigma is None or weight is None or any(n in self.perm for n in node.input[1:] if n):
+            return False
+        group = get_attr(node, "group", 1)
+        if group == 1 and weight.shape[1] == len(sigma):
+            self._set_param(node, 1, weight[:, sigma])
+            self.nodes.append(node)
+            return True
+        if group == len(sigma) == weight.shape[0] and weight.shape[1] == 1:  # depthwise
+            self._set_param(node, 1, weight[sigma])
+            if len(node.input) > 2 and node.input[2]:
+                bias = self.index.constant(node.input[2])
+                if bias is None:
+                    return False
+                self._set_param(node, 2, bias[sigma])
+            self.nodes.append(node)
+            self._set_output_perm(node, 0, sigma)
+            return True
+        return False
+
+    def _matmul(self, node) -> bool:
+        sigma = self.perm.get(node.input[0])
+        weight = self.index.constant(node.input[1]) if len(node.input) > 1 else None
+        if sigma is None or weight is None or weight.ndim != 2 or self._rank(node.input[0]) != 2:
+            return False
+        if any(n in self.perm for n in node.input[1:] if n):
+            return False
+        if node.op_type == "Gemm":
+            if get_attr(node, "transA", 0):
+                return False
+            transposed = bool(get_attr(node, "transB", 0))
+        else:
+            transposed = False
+        k_axis = 1 if transposed else 0
+        if weight.shape[k_axis] != len(sigma):
+            return False
+        self._set_param(node, 1, np.take(weight, sigma, axis=k_axis))
+        self.nodes.append(node)
+        return True
+
+    def _concat(self, node) -> bool:
+        rank = self._rank(node.output[0])
+        if rank is None or get_attr(node, "axis") not in (1, 1 - rank):
+            return False
+        pieces, offset = [], 0
+        for name in node.input:
+            shape = self.shapes.get(name)
+            if shape is None or not isinstance(shape[1], int) or shape[1] <= 0:
+                return False
+            sigma = self.perm.get(name, np.arange(shape[1]))
+            pieces.append(sigma + offset)
+            offset += shape[1]
+        self.nodes.append(node)
+        self._set_output_perm(node, 0, np.concatenate(pieces).astype(np.int64))
+        return True
+
+    def _reduce(self, node) -> bool:
+        sigma = self.perm.get(node.input[0])
+        rank = self._rank(node.input[0])
+        if sigma is None or rank is None or any(n in self.perm for n in node.input[1:] if n):
+            return False
+        axes = get_attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self.index.constant(node.input[1])
+        if axes is None or len(axes) == 0:
+            return False  # reduces every axis, channels included
+        if {int(a) % rank for a in np.ravel(axes)} & {0, 1}:
+            return False
+        self.nodes.append(node)
+        self._set_output_perm(node, 0, sigma)
+        return True
+
+    # -- helpers ------------------------------------------------------------------------
+    def _rank(self, name: str) -> int | None:
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)
+
+    def _varies_along_channels(self, name: str, rank: int) -> bool:
+        shape = self.shapes.get(name)
+        if shape is None:
+            return True
+        offset = rank - len(shape)
+        return offset <= 1 and shape[1 - offset] != 1
+
+    def _permute_channel_const(self, node, i: int, sigma: np.ndarray, rank: int) -> bool:
+        """Permute constant input ``i`` (broadcast to ``rank``) along the channel axis.
+
+        False if it cannot be done (it varies along channels with another length)."""
+        value = self.index.constant(node.input[i])
+        if value is None:
+            return False
+        value_axis = 1 - (rank - value.ndim)
+        if value.ndim == 0 or value_axis < 0 or value.shape[value_axis] == 1:
+            return True
+        if value.shape[value_axis] != len(sigma):
+            return False
+        self._set_param(node, i, np.take(value, sigma, axis=value_axis))
+        return True
+
+    def _set_param(self, node, i: int, value: np.ndarray) -> None:
+        """Point input ``i`` at ``value``: in place if nothing else reads it, else a new name."""
+        name = node.input[i]
+        if self.index.use_count(name) > 1:
+            role = {1: "weight", 2: "bias"}.get(i, f"input{i}")
+            name = self.names.new(f"{node.name}.{role}")
+        set_initializer(self.graph, name, value)
+        node.input[i] = name
+
+    def _set_output_perm(self, node, i: int, sigma: np.ndarray) -> None:
+        name = node.output[i]
+        if is_identity(sigma):
+            return
+        if name in self.index.graph_outputs or not self.fold:
+            physical = self.names.new(f"{name}__permuted")
+            node.output[i] = physical
+            self._emit_gather(physical, inverse(sigma), name, f"{node.name}/restore_order_{i}")
+            return
+        self.perm[name] = sigma
+
+    def _restore_inputs(self, node) -> None:
+        for i, name in enumerate(node.input):
+            if name in self.perm:
+                if name not in self.restored:
+                    restored = self.names.new(f"{name}__original_order")
+                    self._emit_gather(name, inverse(self.perm[name]), restored, f"{name}/restore_order")
+                    self.restored[name] = restored
+                node.input[i] = self.restored[name]
+
+    def _emit_gather(self, source: str, indices: np.ndarray, output: str, node_name: str) -> None:
+        idx_name = self.names.new(f"{node_name}.indices")
+        set_initializer(self.graph, idx_name, np.asarray(indices, dtype=np.int64))
+        self.nodes.append(helper.make_node("Gather", [source, idx_name], [output],
+                                           name=self.names.new(node_name), axis=1))
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Inferred shapes by tensor name; symbolic dims kept as their names (or None)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shape inference is best effort: unknown shapes only disable folding
+        inferred = model
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                               for d in t.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes

@@ -1,0 +1,156 @@
+"""End-to-end exactness of the rewrite on every graph family the core must handle."""
+
+import numpy as np
+import onnx
+import pytest
+
+from graphs import FAMILIES, resnet_basic, vgg
+from onnxprune import kernel_selection
+from onnxprune.pipeline import PruneConfig, prune
+from oracle import feeds_for, rel_diff, run, zero_pruned_kernels
+
+RATE = 0.4375
+
+
+def _check_pruned(builder, groups, rate=RATE, **kw):
+    model = builder.model()
+    pruned, report = prune(model, PruneConfig(rate=rate, groups=groups, **kw))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert pruned.ir_version == model.ir_version
+    assert [o.version for o in pruned.opset_import] == [o.version for o in model.opset_import]
+    assert [o.name for o in pruned.graph.output] == [o.name for o in model.graph.output]
+    feeds = feeds_for(model)
+    reference = run(zero_pruned_kernels(model, report.plan.layers), feeds)
+    assert rel_diff(reference, run(pruned, feeds)) < 1e-4
+    kept = {layer.node: layer.kept_per_group for layer in report.plan.layers}
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value or 1  # symbolic -> 1
+    assert report["macs_before"] == batch * builder.macs()
+    assert report["macs_after"] == batch * builder.macs(kept)
+    return model, pruned, report
+
+
+@pytest.mark.parametrize("groups", [2, 4, 8])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_pruned_model_equals_masked_dense_model(family, groups):
+    _, pruned, report = _check_pruned(FAMILIES[family](), groups)
+    assert report["convs_pruned"] >= 2
+    for layer in report.plan.layers:
+        assert layer.groups == groups
+        assert layer.kept_per_group == kernel_selection.n_kept(layer.c_in, RATE)
+    grouped = [n for n in pruned.graph.node if n.op_type == "Conv"
+               and any(a.name == "group" and a.i == groups for a in n.attribute)]
+    assert len(grouped) >= report["convs_pruned"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("groups", [1, 4])
+def test_rate_zero_reproduces_original_outputs(family, groups):
+    builder = FAMILIES[family]()
+    model = builder.model()
+    pruned, report = prune(model, PruneConfig(rate=0.0, groups=groups))
+    feeds = feeds_for(model)
+    assert rel_diff(run(model, feeds), run(pruned, feeds)) < 1e-5
+    assert report["verify"]["passed"]
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize("family", ["resnet_basic", "depthwise_separable", "concat"])
+def test_opsets(opset, family):
+    _check_pruned(FAMILIES[family](opset=opset), 4)
+
+
+@pytest.mark.parametrize("batch", ["N", 1, 3])
+def test_symbolic_and_fixed_batch(batch):
+    _check_pruned(resnet_basic(batch=batch), 2)
+
+
+def test_weights_as_constant_nodes():
+    builder = resnet_basic(constant_weights=True)
+    model, pruned, _ = _check_pruned(builder, 4)
+    assert any(n.op_type == "Constant" for n in model.graph.node)
+    assert not any(n.op_type == "Constant" for n in pruned.graph.node)
+
+
+def test_conv_without_bias_and_with_bias():
+    _check_pruned(resnet_basic(bn=True), 4)  # convs without bias, BN carries it
+    _check_pruned(resnet_basic(bn=False), 4)  # convs with their own bias
+
+
+def test_skip_reasons_are_reported():
+    _, _, report = _check_pruned(FAMILIES["depthwise_separable"](), 4)
+    reasons = {entry["name"]: entry["skipped"] for entry in report["layers"] if "skipped" in entry}
+    assert any("depthwise" in r for r in reasons.values())
+    assert any("too few channels" in r for r in reasons.values())
+
+
+def test_exclude_keeps_layer_dense():
+    builder = vgg()
+    model = builder.model()
+    _, report = prune(model, PruneConfig(groups=2, exclude=("conv3",)))
+    assert "conv3" not in {layer.node for layer in report.plan.layers}
+    assert {"name": "conv3", "skipped": "excluded by --exclude"} in report["layers"]
+
+
+def test_groups_not_dividing_c_out_are_skipped():
+    _, report = prune(vgg().model(), PruneConfig(groups=64))
+    assert report["convs_pruned"] == 1  # only the 64-filter conv
+    assert any("not divisible" in e.get("skipped", "") for e in report["layers"])
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_reduce_mean_reshape_head_needs_no_restore(opset):
+    _, pruned, _ = _check_pruned(FAMILIES["reduce_mean_head"](opset=opset), 4)
+    assert not [n for n in pruned.graph.node if "restore" in n.name]
+
+
+def test_permutations_fold_into_gemm_and_next_convs():
+    """No Gather reads a Gather, and the classifier head reads the permuted tensor directly."""
+    _, pruned, _ = _check_pruned(resnet_basic(), 4)
+    producers = {o: n for n in pruned.graph.node for o in n.output}
+    for node in pruned.graph.node:
+        if node.op_type == "Gather":
+            assert producers.get(node.input[0], node).op_type != "Gather"
+    gemm = next(n for n in pruned.graph.node if n.op_type == "Gemm")
+    assert producers[gemm.input[0]].op_type == "Flatten"
+    restores = [n for n in pruned.graph.node if n.op_type == "Gather" and "restore" in n.name]
+    assert len(restores) <= 1  # only the first residual Add mixes a permuted and an unpermuted operand
+
+
+def test_fan_out_tensor_feeding_two_convs_and_add():
+    _, pruned, report = _check_pruned(FAMILIES["fan_out"](), 4)
+    assert report["convs_pruned"] == 4  # all but the 3-channel stem
+
+
+def test_prune_is_deterministic():
+    model = resnet_basic().model()
+    first, _ = prune(model, PruneConfig(groups=4, seed=3))
+    second, _ = prune(model, PruneConfig(groups=4, seed=3))
+    assert first.SerializeToString(deterministic=True) == second.SerializeToString(deterministic=True)
+
+
+def test_plan_round_trip_reproduces_the_model():
+    from onnxprune.plan import Plan
+
+    model = resnet_basic().model()
+    first, report = prune(model, PruneConfig(groups=4))
+    plan = Plan.from_json(report.plan.to_json())
+    second, _ = prune(model, PruneConfig(plan=plan))
+    assert first.SerializeToString(deterministic=True) == second.SerializeToString(deterministic=True)
+
+
+def test_verify_catches_a_wrong_rewrite():
+    from onnxprune.normalize import normalize
+    from onnxprune.rewrite import apply_plan
+    from onnxprune.verify import verify
+    from onnx import numpy_helper
+
+    model = normalize(vgg().model())
+    _, report = prune(model, PruneConfig(groups=2))
+    rewritten = apply_plan(model, report.plan)
+    assert verify(model, rewritten, report.plan).passed
+    weight = next(t for t in rewritten.graph.initializer if t.name == report.plan.layers[0].weight)
+    broken = numpy_helper.to_array(weight).copy()
+    broken[0, 0, 0, 0] += 1.0
+    weight.CopyFrom(numpy_helper.from_array(broken, weight.name))
+    result = verify(model, rewritten, report.plan)
+    assert not result.passed and result.max_rel_diff > 1e-3
