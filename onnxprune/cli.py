@@ -19,6 +19,8 @@ from .plan import Plan
 
 SUBCOMMANDS = {
     "eval": ("onnxprune.evaluate", "top-1 accuracy / fidelity of an ONNX classifier on a data set"),
+    "bench": ("onnxprune.bench", "interleaved latency comparison of models in ONNX Runtime"),
+    "autotune": ("onnxprune.autotune", "measure per-layer latencies of candidate configurations"),
 }
 
 DESCRIPTION = """\
@@ -38,6 +40,15 @@ examples:
 exit status: 0 ok, 2 bad usage or unusable input, 1 the pass failed (e.g. verification)."""
 
 
+def _groups_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onnxprune", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=0.4375,
                    help="fraction of grouped kernels (input channels per group) to prune, in [0, 1) "
                         "(default 0.4375, the paper's setting)")
-    p.add_argument("--groups", type=int, default=8, help="groups G per pruned Conv (default 8, the paper's)")
+    p.add_argument("--groups", type=_groups_arg, default=8,
+                   help="groups G per pruned Conv, or 'auto' to choose G and kept channels per layer for "
+                        "speed on --provider (default 8, the paper's)")
+    speed = p.add_argument_group("speed-aware planning (with --groups auto)")
+    speed.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                       help="execution provider the model will run on (default cpu)")
+    speed.add_argument("--target-macs", type=float, metavar="F",
+                       help="keep this fraction of the model's MACs (e.g. 0.6); implies --groups auto")
+    speed.add_argument("--target-speedup", type=float, metavar="S",
+                       help="aim for this latency speedup over the input; implies --groups auto")
+    speed.add_argument("--latency-table", metavar="table.json",
+                       help="per-layer latencies measured by 'onnxprune autotune' (default: analytical model)")
+    speed.add_argument("--check-speed", action="store_true",
+                       help="measure the pruned model against the input and fail if it is slower")
+    calib = p.add_argument_group("calibration-data recovery")
+    calib.add_argument("--calib", metavar="DATA",
+                       help="unlabelled inputs (.npz with one array per input name or a single array, .npy, "
+                            "or a folder of .npy) used to refit the kept kernels layer by layer")
+    calib.add_argument("--calib-size", type=int, metavar="N", help="use at most N calibration samples")
     p.add_argument("--tickets", nargs="+", default=[], metavar="SNAP.onnx",
                    help="training snapshots (ONNX exports of the same model at earlier epochs) for the "
                         "tickets-magnitude-increase choice of clustering")
@@ -129,9 +158,14 @@ def _check_paths(args) -> None:
 def _run(args) -> int:
     _check_paths(args)
     plan = Plan.from_json(Path(args.plan_in).read_text()) if args.plan_in else None
+    if args.calib and not Path(args.calib).exists():
+        raise UserError(f"--calib {args.calib}: no such file or folder")
     config = PruneConfig(rate=args.rate, groups=args.groups, criterion=args.criterion, seed=args.seed,
                          min_channels=args.min_channels, exclude=tuple(args.exclude), tickets=list(args.tickets),
-                         plan=plan, verify=not args.no_verify)
+                         plan=plan, verify=not args.no_verify, provider=args.provider,
+                         target_macs=args.target_macs, target_speedup=args.target_speedup,
+                         latency_table=args.latency_table, check_speed=args.check_speed,
+                         calib=args.calib, calib_size=args.calib_size)
     config.check()
     progress = Progress() if args.quiet else ConsoleProgress(args.verbose)
     model, report = prune(args.input, config, progress)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
@@ -28,6 +28,15 @@ class PruneConfig(PlanOptions):
     plan: Plan | None = None  # apply this plan instead of planning
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
+    # speed-aware planning (groups="auto", see speed_plan.py)
+    provider: str = "cpu"
+    target_macs: float | None = None  # fraction of the dense model's MACs to keep
+    target_speedup: float | None = None
+    latency_table: str | None = None  # autotune cache; None = analytical cost model
+    check_speed: bool = False
+    # calibration-data recovery (see calibrate.py)
+    calib: object = None  # path (.npz/.npy/folder) or {input name: array}
+    calib_size: int | None = None
 
 
 @dataclass
@@ -77,11 +86,24 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     t = _lap(timings, "normalize", t)
 
     if config.plan is None:
+        if config.groups == "auto" or config.target_macs is not None or config.target_speedup is not None:
+            from .speed_plan import choose_layer_configs
+
+            progress.stage(f"choosing groups and kept channels per layer for the {config.provider} provider")
+            config = replace(config, layer_configs=choose_layer_configs(model, config, progress))
         progress.stage("planning")
         plan = plan_model(model, config, snapshots, progress.layer)
     else:
         plan = config.plan
     t = _lap(timings, "plan", t)
+
+    calibration = None
+    if config.calib is not None:
+        from .calibrate import calibrate
+
+        progress.stage("calibrating: refitting the kept grouped kernels layer by layer")
+        model, calibration = calibrate(model, plan, config, progress)
+    t = _lap(timings, "calibrate", t)
 
     progress.stage("rewriting")
     pruned = apply_plan(model, plan)
@@ -103,7 +125,17 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
                                f"{verified.max_rel_diff:.3g} (relative), tolerance {verified.tolerance:g}")
     t = _lap(timings, "verify", t)
 
+    speed = None
+    if config.check_speed:
+        from .bench import check_speed
+
+        progress.stage(f"measuring latency on the {config.provider} provider (--check-speed)")
+        speed = check_speed(original, pruned, config.provider)
+    t = _lap(timings, "check_speed", t)
+
     report = build_report(original, model, pruned, plan, verified, config)
+    report["calibration"] = calibration
+    report["speed"] = speed
     _lap(timings, "report", t)
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     report["timings_s"]["total"] = round(time.perf_counter() - started, 3)

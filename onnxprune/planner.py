@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from . import clustering, kernel_selection, tmi
-from .analysis import ConvInfo, conv_nodes, find_prunable_convs
+from .analysis import ConvInfo, SkippedConv, conv_nodes, find_prunable_convs
 from .errors import UserError
 from .graph import GraphIndex
 from .plan import LayerPlan, Plan
@@ -27,18 +27,21 @@ from .plan import LayerPlan, Plan
 @dataclass
 class PlanOptions:
     rate: float = 0.4375
-    groups: int = 8
+    groups: int | str = 8  # an int for every layer, or "auto" (per-layer choice, see layer_configs)
     criterion: str = "tmi"  # "tmi" (falls back to magnitude without snapshots) or "magnitude"
     seed: int = 0
     min_channels: int = 16
     exclude: tuple[str, ...] = ()
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(clustering.CLUSTERING_METHODS))
+    # Per-layer overrides (from the speed-aware planner): node -> {"groups": G, "n_keep": n}
+    # or {"skip": reason}. Convs not listed follow ``groups`` and ``rate``.
+    layer_configs: dict[str, dict] | None = None
 
     def check(self) -> None:
         if not 0.0 <= self.rate < 1.0:
             raise UserError(f"--rate must be in [0, 1), got {self.rate}")
-        if self.groups < 1:
-            raise UserError(f"--groups must be a positive integer, got {self.groups}")
+        if self.groups != "auto" and (not isinstance(self.groups, int) or self.groups < 1):
+            raise UserError(f"--groups must be a positive integer or 'auto', got {self.groups}")
         if self.criterion not in ("tmi", "magnitude"):
             raise UserError(f"--criterion must be 'tmi' or 'magnitude', got {self.criterion!r}")
         if self.min_channels < 1:
@@ -49,8 +52,14 @@ def plan_model(model: onnx.ModelProto, options: PlanOptions, snapshots=(),
                progress: Callable[[int, int, str], None] | None = None) -> Plan:
     """Plan grouped kernel pruning for ``model`` (normalized); ``snapshots`` are normalized too."""
     options.check()
-    prunable, skipped = find_prunable_convs(model, lambda info: options.groups, options.min_channels,
+    configs = options.layer_configs or {}
+    if options.groups == "auto" and options.layer_configs is None:
+        raise ValueError("groups='auto' needs layer_configs from the speed-aware planner")
+    prunable, skipped = find_prunable_convs(model, lambda info: _layer_groups(info, options), options.min_channels,
                                             options.exclude)
+    skipped += [SkippedConv(info.name, configs[info.name]["skip"]) for info in prunable
+                if "skip" in configs.get(info.name, {})]
+    prunable = [info for info in prunable if "skip" not in configs.get(info.name, {})]
     index = GraphIndex(model.graph)
     use_tickets = options.criterion == "tmi" and len(snapshots) > 0
     snapshot_weights = [match_snapshot_weights(model, prunable, snap, i) for i, snap in enumerate(snapshots)] \
@@ -70,8 +79,26 @@ def plan_model(model: onnx.ModelProto, options: PlanOptions, snapshots=(),
                          "tickets": len(snapshots)})
 
 
+def _layer_groups(info: ConvInfo, options: PlanOptions) -> int:
+    config = (options.layer_configs or {}).get(info.name, {})
+    if "skip" in config:
+        return 1
+    if "groups" in config:
+        return int(config["groups"])
+    if options.groups == "auto":
+        raise ValueError(f"groups='auto' but no layer config for {info.name}")
+    return int(options.groups)
+
+
+def _layer_n_keep(info: ConvInfo, options: PlanOptions) -> int:
+    config = (options.layer_configs or {}).get(info.name, {})
+    if "n_keep" in config:
+        return int(config["n_keep"])
+    return kernel_selection.n_kept(info.c_in, options.rate)
+
+
 def plan_layer(info: ConvInfo, weight: np.ndarray, options: PlanOptions, snapshots: list[np.ndarray]) -> LayerPlan:
-    groups = options.groups
+    groups = _layer_groups(info, options)
     w = weight.astype(np.float64)
     if groups == 1:
         labels, method, criterion, scores = np.zeros(info.c_out, dtype=np.int64), "none", "none", {}
@@ -80,7 +107,7 @@ def plan_layer(info: ConvInfo, weight: np.ndarray, options: PlanOptions, snapsho
         method, scores = tmi.choose_clustering(candidates, w, snapshots, groups)
         labels = candidates[method]
         criterion = scores.get("criterion", "tmi" if snapshots else "magnitude")
-    n_keep = kernel_selection.n_kept(info.c_in, options.rate)
+    n_keep = _layer_n_keep(info, options)
     filter_order, kept = [], []
     for g in range(groups):
         rows = np.flatnonzero(labels == g)
