@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import onnx
 
 from .graph import GraphIndex, get_attr
+from .ops import CHANNEL_PARAM_NORMS, CHANNELWISE_UNARY, is_default_domain
 
 
 @dataclass(frozen=True)
@@ -80,3 +81,52 @@ def _classify(index: GraphIndex, node: onnx.NodeProto, min_channels: int, exclud
         return f"too few channels (C_in={c_in_per_group}, C_out={c_out} < min-channels {min_channels})", None
     return "", ConvInfo(node.name, node.input[1], int(c_out), int(c_in_per_group),
                         (int(weight.shape[2]), int(weight.shape[3])))
+
+
+def foldable_producer(model_or_index, conv_name: str) -> str | None:
+    """The dense Conv whose output reaches ``conv_name``'s input through a private chain, or None.
+
+    The chain may only hold ops that act on each channel alone (activations, pooling,
+    BatchNormalization with constant parameters, arithmetic with a constant) and every tensor on it
+    must have exactly one reader. Then the producer's output channels can be reordered or dropped
+    to suit the consumer: a Gather that only permutes (disjoint groups) or selects (G=1) channels
+    disappears into the producer's filters, which keeps ORT's blocked layout between layers and,
+    for a selection, skips computing channels nobody reads.
+    """
+    index = model_or_index if isinstance(model_or_index, GraphIndex) else GraphIndex(model_or_index.graph)
+    node = next((n for n in index.graph.node if n.name == conv_name), None)
+    if node is None:
+        return None
+    tensor = node.input[0]
+    while True:
+        if index.use_count(tensor) != 1:
+            return None
+        producer = index.producer.get(tensor)
+        if producer is None or not is_default_domain(producer):
+            return None
+        if producer.op_type == "Conv":
+            weight = index.constant(producer.input[1]) if len(producer.input) > 1 else None
+            biased = len(producer.input) > 2 and producer.input[2]
+            if weight is None or get_attr(producer, "group", 1) != 1 or weight.ndim != 4:
+                return None
+            if biased and index.constant(producer.input[2]) is None:
+                return None
+            return producer.name
+        if not _passes_channel_selection(index, producer):
+            return None
+        tensor = producer.input[0]
+
+
+def _passes_channel_selection(index: GraphIndex, node) -> bool:
+    """True if ``node`` maps channel c of its first input to channel c of its single output."""
+    live_outputs = [o for o in node.output if o and index.use_count(o)]
+    if len(live_outputs) != 1 or live_outputs[0] != node.output[0]:
+        return False
+    others = [name for name in node.input[1:] if name]
+    if node.op_type in CHANNELWISE_UNARY and node.op_type != "PRelu":
+        return all(index.constant(name) is not None and index.constant(name).size == 1 for name in others)
+    if node.op_type in CHANNEL_PARAM_NORMS:
+        return all(index.constant(name) is not None for name in others)
+    if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2:
+        return index.constant(node.input[1]) is not None
+    return False

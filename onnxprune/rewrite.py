@@ -33,19 +33,11 @@ from onnx import helper
 
 from .graph import (GraphIndex, NameAllocator, get_attr, has_subgraphs, remove_unused_initializers,
                     set_attr, set_initializer)
+from .analysis import foldable_producer
 from .errors import UserError
+from .ops import CHANNEL_PARAM_NORMS, CHANNELWISE_UNARY, ELEMENTWISE_BINARY, REDUCTIONS, UNIT_RESHAPES
 from .plan import LayerPlan, Plan
 
-CHANNELWISE_UNARY = {
-    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Selu", "Celu", "HardSigmoid",
-    "HardSwish", "Softplus", "Softsign", "Identity", "Dropout", "Neg", "Abs", "Exp", "Log", "Sqrt",
-    "Erf", "Gelu", "Mish", "ThresholdedRelu", "Cast", "Floor", "Ceil", "Round", "Reciprocal",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
-}
-ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"}
-CHANNEL_PARAM_NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
-UNIT_RESHAPES = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
-REDUCTIONS = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1"}
 
 
 def inverse(perm: np.ndarray) -> np.ndarray:
@@ -58,12 +50,13 @@ def is_identity(perm: np.ndarray) -> bool:
     return bool(np.array_equal(perm, np.arange(len(perm))))
 
 
-def grouped_weight(weight: np.ndarray, layer: LayerPlan) -> np.ndarray:
+def grouped_weight(weight: np.ndarray, layer: LayerPlan, filter_order=None) -> np.ndarray:
     """W'[j] = W[filter_order[j], kept channels of j's group]: the Conv(group=G) weight."""
     per_group = layer.filters_per_group
+    order = layer.filter_order if filter_order is None else filter_order
     blocks = []
     for g, kept in enumerate(layer.kept_in_channels):
-        rows = layer.filter_order[g * per_group:(g + 1) * per_group]
+        rows = order[g * per_group:(g + 1) * per_group]
         blocks.append(weight[np.asarray(rows)][:, np.asarray(kept)])
     return np.concatenate(blocks, axis=0)
 
@@ -85,9 +78,13 @@ class _Rewriter:
         self.names = NameAllocator(self.graph)
         self.shapes = _static_shapes(model)
         self.fold = not has_subgraphs(self.graph)
-        self.perm: dict[str, np.ndarray] = {}  # tensor -> sigma (physical -> logical channel)
+        # tensor -> sigma: physical channel p holds logical channel sigma[p]. sigma may be shorter
+        # than the logical width (``width``) when a producer was narrowed to the channels read.
+        self.perm: dict[str, np.ndarray] = {}
+        self.width: dict[str, int] = {}
         self.restored: dict[str, str] = {}
         self.nodes: list[onnx.NodeProto] = []
+        self.producer_order = self._producer_orders() if self.fold else {}
 
     # -- driver -------------------------------------------------------------------------
     def run(self) -> None:
@@ -100,6 +97,8 @@ class _Rewriter:
             new.CopyFrom(node)
             if node.op_type == "Conv" and node.name in self.layers:
                 self._rewrite_pruned_conv(new, self.layers[node.name])
+            elif node.name in self.producer_order:
+                self._reorder_dense_producer(new, self.producer_order[node.name])
             elif any(name in self.perm for name in new.input):
                 self._propagate(new)
             else:
@@ -121,18 +120,76 @@ class _Rewriter:
         source = node.input[0]
         sigma = self.perm.get(source)
         if sigma is not None:
-            indices = inverse(sigma)[indices]
-        if not (len(indices) == layer.c_in and is_identity(indices)):
+            position = np.full(layer.c_in, -1, dtype=np.int64)
+            position[sigma] = np.arange(len(sigma))
+            indices = position[indices]
+            if np.any(indices < 0):
+                raise RuntimeError(f"internal error: {node.name} reads channels its narrowed producer dropped")
+        physical_width = layer.c_in if sigma is None else len(sigma)
+        if not (len(indices) == physical_width and is_identity(indices)):
             gathered = self.names.new(f"{source}__kept_by_{node.name}")
             self._emit_gather(source, indices, gathered, f"{node.name}/gather_kept_channels")
             node.input[0] = gathered
-        self._set_param(node, 1, grouped_weight(weight, layer))
+        order = self.producer_order.get(node.name, np.asarray(layer.filter_order, dtype=np.int64))
+        self._set_param(node, 1, grouped_weight(weight, layer, order))
         if len(node.input) > 2 and node.input[2]:
             bias = self.index.constant(node.input[2])
-            self._set_param(node, 2, bias[np.asarray(layer.filter_order)])
+            self._set_param(node, 2, bias[order])
         set_attr(node, "group", layer.groups)
         self.nodes.append(node)
-        self._set_output_perm(node, 0, np.asarray(layer.filter_order, dtype=np.int64))
+        self._set_output_perm(node, 0, order, layer.c_out)
+
+    # -- Gather elimination -------------------------------------------------------------
+    def _producer_orders(self) -> dict[str, np.ndarray]:
+        """Output channel order (possibly a subset) to impose on producers of pruned Convs.
+
+        When a pruned Conv's Gather reads each channel at most once, and its input comes from a
+        Conv whose output order is free (dense, or pruned with G=1) through a private chain of
+        channelwise ops, that producer emits exactly the channels the Gather would pick, in that
+        order: the Gather disappears, and channels no one reads are never computed.
+        """
+        orders: dict[str, np.ndarray] = {}
+        for node in self.graph.node:
+            layer = self.layers.get(node.name)
+            if layer is None or node.op_type != "Conv":
+                continue
+            producer = foldable_producer(self.index, node.name)
+            if producer is None or producer in orders:
+                continue
+            producer_layer = self.layers.get(producer)
+            if producer_layer is not None and producer_layer.groups != 1:
+                continue
+            indices = np.concatenate([np.asarray(k, dtype=np.int64) for k in layer.kept_in_channels])
+            _, first = np.unique(indices, return_index=True)
+            order = indices[np.sort(first)]
+            if len(order) != len(indices) or (len(order) == layer.c_in and is_identity(order)):
+                continue
+            if len(order) < layer.c_in and not self._chain_shapes_known(node, producer):
+                continue
+            orders[producer] = order
+        return orders
+
+    def _chain_shapes_known(self, node, producer: str) -> bool:
+        tensor = node.input[0]
+        while self.index.producer[tensor].name != producer:
+            link = self.index.producer[tensor]
+            if self._rank(link.output[0]) is None:
+                return False
+            tensor = link.input[0]
+        return True
+
+    def _reorder_dense_producer(self, node, order: np.ndarray) -> None:
+        """Emit a dense Conv's filters in ``order`` (a subset when consumers read fewer)."""
+        weight = self.index.constant(node.input[1])
+        sigma = self.perm.get(node.input[0])
+        if sigma is not None:
+            self._require_full(sigma, self.width[node.input[0]], node.input[0])
+            weight = weight[:, sigma]
+        self._set_param(node, 1, weight[order])
+        if len(node.input) > 2 and node.input[2]:
+            self._set_param(node, 2, self.index.constant(node.input[2])[order])
+        self.nodes.append(node)
+        self._set_output_perm(node, 0, order, weight.shape[0])
 
     # -- permutation propagation --------------------------------------------------------
     def _propagate(self, node: onnx.NodeProto) -> None:
@@ -166,12 +223,12 @@ class _Rewriter:
             return False  # the indices output encodes channel offsets
         if node.op_type == "PRelu":
             rank = self._rank(node.input[0])
-            if rank is None or not self._permute_channel_const(node, 1, sigma, rank):
+            if rank is None or not self._permute_channel_const(node, 1, sigma, rank, self.width[node.input[0]]):
                 return False
         self.nodes.append(node)
         for i, name in enumerate(node.output):
             if name:
-                self._set_output_perm(node, i, sigma)
+                self._set_output_perm(node, i, sigma, self.width[node.input[0]])
         return True
 
     def _norm(self, node) -> bool:
@@ -180,12 +237,12 @@ class _Rewriter:
         if sigma is None or any(node.input[i] in self.perm for i in params if i < len(node.input)):
             return False
         values = [self.index.constant(node.input[i]) for i in params]
-        if any(v is None or v.shape != (len(sigma),) for v in values):
+        if any(v is None or v.shape != (self.width[node.input[0]],) for v in values):
             return False
         for i, value in zip(params, values):
             self._set_param(node, i, value[sigma])
         self.nodes.append(node)
-        self._set_output_perm(node, 0, sigma)
+        self._set_output_perm(node, 0, sigma, self.width[node.input[0]])
         return True
 
     def _binary(self, node) -> bool:
@@ -194,17 +251,18 @@ class _Rewriter:
         if rank is None or any(not np.array_equal(permuted[0], s) for s in permuted[1:]):
             return False
         sigma = permuted[0]
+        width = next(self.width[n] for n in node.input if n in self.perm)
         for i, name in enumerate(node.input):
             if name in self.perm:
                 continue
             const = self.index.constant(name)
             if const is not None:
-                if not self._permute_channel_const(node, i, sigma, rank):
+                if not self._permute_channel_const(node, i, sigma, rank, width):
                     return False
             elif self._varies_along_channels(name, rank):
                 return False
         self.nodes.append(node)
-        self._set_output_perm(node, 0, sigma)
+        self._set_output_perm(node, 0, sigma, width)
         return True
 
     def _unit_reshape(self, node) -> bool:
@@ -215,12 +273,13 @@ class _Rewriter:
         if before is None or after is None or len(before) < 2 or len(after) < 2:
             return False
         # With channels and only unit dims after them on both sides, the batch dim must match too.
-        if before[1] != len(sigma) or after[1] != len(sigma):
+        width = self.width[node.input[0]]
+        if before[1] != width or after[1] != width:
             return False
         if any(d != 1 for d in list(before[2:]) + list(after[2:])):
             return False
         self.nodes.append(node)
-        self._set_output_perm(node, 0, sigma)
+        self._set_output_perm(node, 0, sigma, width)
         return True
 
     def _dense_conv(self, node) -> bool:
@@ -228,12 +287,12 @@ class _Rewriter:
         weight = self.index.constant(node.input[1]) if len(node.input) > 1 else None
         if sigma is None or weight is None or any(n in self.perm for n in node.input[1:] if n):
             return False
-        group = get_attr(node, "group", 1)
-        if group == 1 and weight.shape[1] == len(sigma):
+        group, width = get_attr(node, "group", 1), self.width[node.input[0]]
+        if group == 1 and weight.shape[1] == width:
             self._set_param(node, 1, weight[:, sigma])
             self.nodes.append(node)
             return True
-        if group == len(sigma) == weight.shape[0] and weight.shape[1] == 1:  # depthwise
+        if group == len(sigma) == width == weight.shape[0] and weight.shape[1] == 1:  # depthwise
             self._set_param(node, 1, weight[sigma])
             if len(node.input) > 2 and node.input[2]:
                 bias = self.index.constant(node.input[2])
@@ -241,7 +300,7 @@ class _Rewriter:
                     return False
                 self._set_param(node, 2, bias[sigma])
             self.nodes.append(node)
-            self._set_output_perm(node, 0, sigma)
+            self._set_output_perm(node, 0, sigma, width)
             return True
         return False
 
@@ -259,7 +318,7 @@ class _Rewriter:
         else:
             transposed = False
         k_axis = 1 if transposed else 0
-        if weight.shape[k_axis] != len(sigma):
+        if weight.shape[k_axis] != self.width[node.input[0]]:
             return False
         self._set_param(node, 1, np.take(weight, sigma, axis=k_axis))
         self.nodes.append(node)
@@ -275,10 +334,12 @@ class _Rewriter:
             if shape is None or not isinstance(shape[1], int) or shape[1] <= 0:
                 return False
             sigma = self.perm.get(name, np.arange(shape[1]))
+            if len(sigma) != shape[1]:
+                return False  # a narrowed tensor cannot sit inside a concatenation
             pieces.append(sigma + offset)
             offset += shape[1]
         self.nodes.append(node)
-        self._set_output_perm(node, 0, np.concatenate(pieces).astype(np.int64))
+        self._set_output_perm(node, 0, np.concatenate(pieces).astype(np.int64), offset)
         return True
 
     def _reduce(self, node) -> bool:
@@ -294,7 +355,7 @@ class _Rewriter:
         if {int(a) % rank for a in np.ravel(axes)} & {0, 1}:
             return False
         self.nodes.append(node)
-        self._set_output_perm(node, 0, sigma)
+        self._set_output_perm(node, 0, sigma, self.width[node.input[0]])
         return True
 
     # -- helpers ------------------------------------------------------------------------
@@ -309,17 +370,17 @@ class _Rewriter:
         offset = rank - len(shape)
         return offset <= 1 and shape[1 - offset] != 1
 
-    def _permute_channel_const(self, node, i: int, sigma: np.ndarray, rank: int) -> bool:
-        """Permute constant input ``i`` (broadcast to ``rank``) along the channel axis.
+    def _permute_channel_const(self, node, i: int, sigma: np.ndarray, rank: int, width: int) -> bool:
+        """Permute/select constant input ``i`` (broadcast to ``rank``) along the channel axis.
 
-        False if it cannot be done (it varies along channels with another length)."""
+        False if it cannot be done (it varies along channels with a length other than ``width``)."""
         value = self.index.constant(node.input[i])
         if value is None:
             return False
         value_axis = 1 - (rank - value.ndim)
         if value.ndim == 0 or value_axis < 0 or value.shape[value_axis] == 1:
             return True
-        if value.shape[value_axis] != len(sigma):
+        if value.shape[value_axis] != width:
             return False
         self._set_param(node, i, np.take(value, sigma, axis=value_axis))
         return True
@@ -333,20 +394,28 @@ class _Rewriter:
         set_initializer(self.graph, name, value)
         node.input[i] = name
 
-    def _set_output_perm(self, node, i: int, sigma: np.ndarray) -> None:
+    def _set_output_perm(self, node, i: int, sigma: np.ndarray, width: int) -> None:
         name = node.output[i]
-        if is_identity(sigma):
+        if len(sigma) == width and is_identity(sigma):
             return
         if name in self.index.graph_outputs or not self.fold:
+            self._require_full(sigma, width, name)
             physical = self.names.new(f"{name}__permuted")
             node.output[i] = physical
             self._emit_gather(physical, inverse(sigma), name, f"{node.name}/restore_order_{i}")
             return
         self.perm[name] = sigma
+        self.width[name] = width
+
+    @staticmethod
+    def _require_full(sigma: np.ndarray, width: int, name: str) -> None:
+        if len(sigma) != width:
+            raise RuntimeError(f"internal error: {name} was narrowed but a consumer needs all its channels")
 
     def _restore_inputs(self, node) -> None:
         for i, name in enumerate(node.input):
             if name in self.perm:
+                self._require_full(self.perm[name], self.width[name], name)
                 if name not in self.restored:
                     restored = self.names.new(f"{name}__original_order")
                     self._emit_gather(name, inverse(self.perm[name]), restored, f"{name}/restore_order")

@@ -154,3 +154,39 @@ def test_verify_catches_a_wrong_rewrite():
     weight.CopyFrom(numpy_helper.from_array(broken, weight.name))
     result = verify(model, rewritten, report.plan)
     assert not result.passed and result.max_rel_diff > 1e-3
+
+
+def _gathers_feeding(model):
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type == "Conv"
+            and producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "Gather"}
+
+
+def test_g1_selection_narrows_producers_instead_of_gathering():
+    """G=1 keeps the same input channels for all filters: the producer computes only those."""
+    builder = vgg()
+    model = builder.model()
+    pruned, report = prune(model, PruneConfig(rate=0.5, groups=1))
+    assert not [n for n in pruned.graph.node if n.op_type == "Gather"]
+    feeds = feeds_for(model)
+    assert rel_diff(run(zero_pruned_kernels(model, report.plan.layers), feeds), run(pruned, feeds)) < 1e-4
+    # 16x16 input; conv1 3->32 (narrowed to 16), conv2 32->32 (reads 16, narrowed to 16),
+    # maxpool to 8x8, conv3 32->64 (reads 16, narrowed to 32), conv4 64->32 (reads 32).
+    expected = 16 * 16 * 16 * 3 * 9 + 16 * 16 * 16 * 16 * 9 + 8 * 8 * 32 * 16 * 9 + 8 * 8 * 32 * 32 * 9
+    assert report["macs_after"] == expected
+
+
+def test_disjoint_groups_fold_gather_into_dense_producer():
+    from onnxprune.plan import Plan
+
+    model = vgg().model()
+    _, report = prune(model, PruneConfig(rate=0.5, groups=2))
+    plan = Plan.from_json(report.plan.to_json())
+    for layer in plan.layers:  # each input channel kept by exactly one group
+        layer.kept_in_channels = [list(range(0, layer.c_in, 2)), list(range(1, layer.c_in, 2))]
+    pruned, report = prune(model, PruneConfig(plan=plan))
+    feeds = feeds_for(model)
+    assert rel_diff(run(zero_pruned_kernels(model, plan.layers), feeds), run(pruned, feeds)) < 1e-4
+    gathered = _gathers_feeding(pruned)
+    assert "conv3" not in gathered  # its producer, the dense stem conv1: the permutation folded into it
+    assert "conv6" in gathered  # its producer conv3 is grouped: its output order is not free
