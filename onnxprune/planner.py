@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from . import clustering, kernel_selection, tmi
+from . import clustering, kernel_selection, partition, tmi
 from .analysis import ConvInfo, SkippedConv, conv_nodes, find_prunable_convs
 from .errors import UserError
 from .graph import GraphIndex
@@ -108,15 +108,20 @@ def plan_layer(info: ConvInfo, weight: np.ndarray, options: PlanOptions, snapsho
         labels = candidates[method]
         criterion = scores.get("criterion", "tmi" if snapshots else "magnitude")
     n_keep = _layer_n_keep(info, options)
-    filter_order, kept = [], []
-    for g in range(groups):
-        rows = np.flatnonzero(labels == g)
-        filter_order.extend(int(r) for r in rows)
-        if n_keep == info.c_in:
-            kept.append(list(range(info.c_in)))
-        else:
-            chosen = kernel_selection.select_grouped_kernels(w[rows], n_keep)
-            kept.append([int(c) for c in chosen])
+    filter_order = [int(r) for g in range(groups) for r in np.flatnonzero(labels == g)]
+    if (options.layer_configs or {}).get(info.name, {}).get("disjoint"):
+        if groups * n_keep != info.c_in:
+            raise ValueError(f"{info.name}: disjoint groups need groups*n_keep == C_in")
+        kept = partition.partition_input_channels(w, labels, groups)
+        scores = {**scores, "kernel_selection": "disjoint-energy"}
+    else:
+        kept = []
+        for g in range(groups):
+            rows = np.flatnonzero(labels == g)
+            if n_keep == info.c_in:
+                kept.append(list(range(info.c_in)))
+            else:
+                kept.append([int(c) for c in kernel_selection.select_grouped_kernels(w[rows], n_keep)])
     return LayerPlan(node=info.name, weight=info.weight, c_out=info.c_out, c_in=info.c_in,
                      kernel=list(info.kernel), groups=groups, filter_order=filter_order,
                      kept_in_channels=kept, clustering_method=method, criterion=criterion, scores=scores)

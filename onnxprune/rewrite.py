@@ -8,8 +8,9 @@ costs nothing. Rules, per consumer of a permuted tensor (sigma: physical channel
 - per-channel elementwise ops (activations, Dropout, pooling, Cast, ...): pass sigma on;
 - BatchNormalization / InstanceNormalization / PRelu: their per-channel parameters are permuted;
 - binary ops (Add, Mul, ...): constants varying along channels are permuted; operands that are
-  channel-broadcast need nothing; if all varying operands carry the same sigma it passes on,
-  otherwise the permuted operands are restored (e.g. a residual Add with an unpermuted input);
+  channel-broadcast need nothing; operands permuted differently are re-gathered into the first
+  one's order (one Gather) and that order passes on; an unpermuted operand that varies along
+  channels (a residual Add's identity input) makes the permuted ones restore the original order;
 - Flatten / Reshape / Squeeze / Unsqueeze that only drop or add unit dims after the channel
   axis (GlobalAveragePool -> Flatten) pass sigma on;
 - a dense Conv absorbs sigma into its weight's input axis; a depthwise Conv permutes its
@@ -247,11 +248,15 @@ class _Rewriter:
 
     def _binary(self, node) -> bool:
         rank = self._rank(node.output[0])
-        permuted = [self.perm[n] for n in node.input if n in self.perm]
-        if rank is None or any(not np.array_equal(permuted[0], s) for s in permuted[1:]):
+        if rank is None:
             return False
-        sigma = permuted[0]
-        width = next(self.width[n] for n in node.input if n in self.perm)
+        first = next(n for n in node.input if n in self.perm)
+        sigma, width = self.perm[first], self.width[first]
+        for i, name in enumerate(node.input):
+            if name in self.perm and not np.array_equal(self.perm[name], sigma):
+                if len(self.perm[name]) != self.width[name] or len(sigma) != width:
+                    return False
+                node.input[i] = self._aligned(name, sigma)
         for i, name in enumerate(node.input):
             if name in self.perm:
                 continue
@@ -406,6 +411,13 @@ class _Rewriter:
             return
         self.perm[name] = sigma
         self.width[name] = width
+
+    def _aligned(self, name: str, sigma: np.ndarray) -> str:
+        """``name`` re-gathered into channel order ``sigma``: one Gather instead of two restores."""
+        aligned = self.names.new(f"{name}__aligned")
+        self._emit_gather(name, inverse(self.perm[name])[sigma], aligned, f"{name}/align_order")
+        self.perm[aligned], self.width[aligned] = sigma, self.width[name]
+        return aligned
 
     @staticmethod
     def _require_full(sigma: np.ndarray, width: int, name: str) -> None:
