@@ -107,6 +107,15 @@ class _Rewriter:
         del self.graph.node[:]
         self.graph.node.extend(self.nodes)
         remove_unused_initializers(self.graph)
+        self._drop_stale_value_info()
+
+    def _drop_stale_value_info(self) -> None:
+        """Shape annotations of rewritten weights and narrowed tensors no longer hold: drop them."""
+        stale = {t.name for t in self.graph.initializer}
+        stale |= {name for name, sigma in self.perm.items() if len(sigma) != self.width[name]}
+        keep = [vi for vi in self.graph.value_info if vi.name not in stale]
+        del self.graph.value_info[:]
+        self.graph.value_info.extend(keep)
 
     # -- pruned Conv --------------------------------------------------------------------
     def _rewrite_pruned_conv(self, node: onnx.NodeProto, layer: LayerPlan) -> None:

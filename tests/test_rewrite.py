@@ -192,3 +192,14 @@ def test_disjoint_groups_fold_gather_into_dense_producer():
     gathered = _gathers_feeding(pruned)
     assert "conv3" not in gathered  # its producer, the dense stem conv1: the permutation folded into it
     assert "conv6" in gathered  # its producer conv3 is grouped: its output order is not free
+
+
+def test_stale_value_info_of_weights_and_narrowed_tensors_is_dropped():
+    """Exporters (torch dynamo) annotate weights and activations with shapes; pruning changes some."""
+    model = vgg().model()
+    model = onnx.shape_inference.infer_shapes(model)
+    for init in model.graph.initializer:
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    pruned, report = prune(model, PruneConfig(rate=0.5, groups=1))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert report["verify"]["passed"]
