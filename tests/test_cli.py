@@ -128,3 +128,15 @@ def test_console_script_exit_codes(tmp_path, model_path):
     assert version.returncode == 0 and "onnxprune" in version.stdout
     missing = subprocess.run(cmd + ["missing.onnx", str(tmp_path / "o.onnx")], capture_output=True, text=True, env=env)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_model_with_external_data(tmp_path):
+    src = tmp_path / "ext.onnx"
+    onnx.save(resnet_basic().model(), src, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 1000
+    out = tmp_path / "out.onnx"
+    assert main([str(src), str(out), "--groups", "2", "-q"]) == 0
+    pruned = onnx.load(out)
+    assert all(not t.external_data for t in pruned.graph.initializer)
+    onnx.checker.check_model(pruned, full_check=True)
