@@ -60,8 +60,14 @@ def n_kept(c_in: int, rate: float) -> int:
     return int(min(max(kept, 1), int(c_in)))
 
 
-def select_grouped_kernels(group_weight: np.ndarray, n_keep: int, lam: float | str = "auto") -> np.ndarray:
-    """Sorted int64 indices of the ``n_keep`` input channels kept for one filter group."""
+def select_grouped_kernels(group_weight: np.ndarray, n_keep: int, lam: float | str = "auto",
+                           max_starts: int | None = None) -> np.ndarray:
+    """Sorted int64 indices of the ``n_keep`` input channels kept for one filter group.
+
+    ``max_starts`` caps the greedy search at that many evenly spaced start kernels (None: every
+    kernel is a start, the paper's rule). Wide 1×1 layers (C_in of 1024–2048) take 10+ s per
+    group with every start; the planner caps them (see ``planner.MAX_GREEDY_STARTS``).
+    """
     kernels = _grouped_kernels(group_weight)
     c_in = kernels.shape[0]
     if isinstance(n_keep, bool) or int(n_keep) != n_keep or not 1 <= n_keep <= c_in:
@@ -70,7 +76,7 @@ def select_grouped_kernels(group_weight: np.ndarray, n_keep: int, lam: float | s
     lam_value = _check_lambda(lam)
     if n_keep == c_in:
         return np.arange(c_in, dtype=np.int64)
-    return select_from_similarity(quantised_similarity(kernels), n_keep, lam_value)
+    return select_from_similarity(quantised_similarity(kernels), n_keep, lam_value, max_starts)
 
 
 def quantised_similarity(kernels: np.ndarray) -> np.ndarray:
@@ -89,7 +95,8 @@ def similarity_exponent(max_abs: float, c: int) -> int:
     return min(31, 52 - pair_bits) - e
 
 
-def select_from_similarity(q: np.ndarray, n_keep: int, lam: float | None = None) -> np.ndarray:
+def select_from_similarity(q: np.ndarray, n_keep: int, lam: float | None = None,
+                           max_starts: int | None = None) -> np.ndarray:
     """The selection rule on an integer similarity matrix ``q`` (``lam=None`` → auto)."""
     c = q.shape[0]
     if n_keep == c:
@@ -97,7 +104,7 @@ def select_from_similarity(q: np.ndarray, n_keep: int, lam: float | None = None)
     m = top_m(n_keep)
     if lam is None:
         lam = (n_keep * (n_keep - 1) // 2) / ((c - n_keep) * m)
-    _, sets = _greedy_all_starts(q, n_keep)  # sets[i] grew from the i-th surviving start
+    _, sets = _greedy_all_starts(q, n_keep, _start_kernels(c, max_starts))  # i-th surviving start
     kept = _kept_pair_sums(q, sets).astype(np.float64)
     cost = kept - lam * _pruned_topm_sums(q, sets, m).astype(np.float64)
     winner = int(np.argmin(cost))  # first minimum = lowest surviving start
@@ -133,19 +140,28 @@ def _check_lambda(lam) -> float | None:
     return value
 
 
-def _greedy_all_starts(q: np.ndarray, n_keep: int) -> tuple[np.ndarray, np.ndarray]:
+def _start_kernels(c: int, max_starts: int | None) -> np.ndarray:
+    """Every kernel, or ``max_starts`` evenly spaced ones (deterministic, lowest index first)."""
+    if max_starts is None or max_starts >= c:
+        return np.arange(c, dtype=np.int64)
+    return np.unique(np.linspace(0, c - 1, max(1, int(max_starts))).round().astype(np.int64))
+
+
+def _greedy_all_starts(q: np.ndarray, n_keep: int, starts: np.ndarray | None = None):
     """Grow a set from every start at once; returns surviving starts and their sets [U, C].
 
     Starts whose sets coincide are merged into the lowest start (identical integer
     accumulators ⇒ identical futures ⇒ identical final sets).
     """
     c = q.shape[0]
-    starts = np.arange(c, dtype=np.int64)
-    acc = q.copy()
-    acc[starts, starts] = _SENTINEL
-    sets = np.eye(c, dtype=bool)
+    starts = np.arange(c, dtype=np.int64) if starts is None else starts
+    first = np.arange(starts.size)
+    acc = q[starts].copy()
+    acc[first, starts] = _SENTINEL
+    sets = np.zeros((starts.size, c), dtype=bool)
+    sets[first, starts] = True
     keys = np.random.Generator(np.random.PCG64(_HASH_SEED)).bit_generator.random_raw(c)
-    hashes = keys.copy()
+    hashes = keys[starts].copy()
     for _ in range(n_keep - 1):
         rows = np.arange(starts.size)
         nxt = np.argmin(acc, axis=1)

@@ -24,6 +24,14 @@ from .graph import GraphIndex
 from .plan import LayerPlan, Plan
 
 
+# The greedy search tries every input channel as a start (the paper's rule, which only prunes
+# 3×3 convs of at most 512 channels) up to EXHAUSTIVE_GREEDY_UP_TO channels; wider layers (1×1
+# convs over 1024–2048 channels, 10+ s per group with every start) use MAX_GREEDY_STARTS evenly
+# spaced starts.
+EXHAUSTIVE_GREEDY_UP_TO = 512
+MAX_GREEDY_STARTS = 128
+
+
 @dataclass
 class PlanOptions:
     rate: float = 0.4375
@@ -121,7 +129,9 @@ def plan_layer(info: ConvInfo, weight: np.ndarray, options: PlanOptions, snapsho
             if n_keep == info.c_in:
                 kept.append(list(range(info.c_in)))
             else:
-                kept.append([int(c) for c in kernel_selection.select_grouped_kernels(w[rows], n_keep)])
+                starts = None if info.c_in <= EXHAUSTIVE_GREEDY_UP_TO else MAX_GREEDY_STARTS
+                chosen = kernel_selection.select_grouped_kernels(w[rows], n_keep, max_starts=starts)
+                kept.append([int(c) for c in chosen])
     return LayerPlan(node=info.name, weight=info.weight, c_out=info.c_out, c_in=info.c_in,
                      kernel=list(info.kernel), groups=groups, filter_order=filter_order,
                      kept_in_channels=kept, clustering_method=method, criterion=criterion, scores=scores)

@@ -12,7 +12,7 @@ from onnxprune.kernel_selection import n_kept, quantised_similarity, select_grou
 # --------------------------------------------------------------------------- reference
 
 
-def reference_select(group_weight, n_keep, lam="auto"):
+def reference_select(group_weight, n_keep, lam="auto", starts=None):
     """Obviously-correct, slow version of the rule in onnxprune.kernel_selection."""
     n_out, c_in = group_weight.shape[0], group_weight.shape[1]
     kernels = []
@@ -35,7 +35,7 @@ def reference_select(group_weight, n_keep, lam="auto"):
     if lam == "auto":
         lam = (n_keep * (n_keep - 1) // 2) / ((c_in - n_keep) * m)
     best_cost, best_set = None, None
-    for start in range(c_in):
+    for start in (range(c_in) if starts is None else starts):
         chosen = [start]
         acc = list(q[start])  # accumulated similarity of every kernel to the chosen ones
         while len(chosen) < n_keep:
@@ -198,3 +198,24 @@ def test_512_channels_is_fast_and_deterministic():
     assert elapsed < 2.0, f"512-channel selection took {elapsed:.2f} s"
     assert got.size == 288 and np.all(np.diff(got) > 0)
     assert select_grouped_kernels(w, 288).tobytes() == got.tobytes()
+
+
+def test_max_starts_at_or_above_c_in_is_the_exhaustive_rule():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((4, 40, 3, 3))
+    full = select_grouped_kernels(w, 22)
+    assert np.array_equal(select_grouped_kernels(w, 22, max_starts=40), full)
+    capped = select_grouped_kernels(w, 22, max_starts=5)
+    assert capped.shape == (22,) and len(set(capped.tolist())) == 22
+
+
+def test_capped_starts_match_the_reference_restricted_to_those_starts():
+    from onnxprune.kernel_selection import _start_kernels
+
+    rng = np.random.default_rng(8)
+    starts = _start_kernels(30, 4)
+    assert starts.tolist() == [0, 10, 19, 29]
+    for _ in range(5):
+        w = rng.standard_normal((3, 30, 1, 1))
+        got = select_grouped_kernels(w, 12, max_starts=4).tolist()
+        assert got == reference_select(w, 12, starts=starts.tolist())
