@@ -14,7 +14,8 @@ import onnx
 from .graph import get_attr
 
 
-def _fixed_batch_model(model: onnx.ModelProto) -> onnx.ModelProto:
+def inferred_at_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with symbolic input dims set to 1 and every static shape inferred."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     init_names = {t.name for t in fixed.graph.initializer}
@@ -28,6 +29,18 @@ def _fixed_batch_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(fixed, data_prop=True)
 
 
+def static_shapes(inferred: onnx.ModelProto) -> dict[str, list[int]]:
+    """Fully static shapes by tensor name (initializers included) of an inferred model."""
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = [d.dim_value for d in dims]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
 def count_params(model: onnx.ModelProto) -> int:
     total = 0
     for init in model.graph.initializer:
@@ -38,14 +51,8 @@ def count_params(model: onnx.ModelProto) -> int:
 
 def count_macs(model: onnx.ModelProto) -> tuple[int, dict[str, int]]:
     """(total MACs, MACs per counted node name)."""
-    inferred = _fixed_batch_model(model)
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        dims = vi.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            shapes[vi.name] = [d.dim_value for d in dims]
-    for init in inferred.graph.initializer:
-        shapes[init.name] = list(init.dims)
+    inferred = inferred_at_batch_one(model)
+    shapes = static_shapes(inferred)
     per_node = {}
     for node in inferred.graph.node:
         macs = _node_macs(node, shapes)

@@ -1,0 +1,289 @@
+"""``onnxprune bench``: latency of ONNX models side by side in ONNX Runtime, and ``check_speed``.
+
+Why interleaved: on a shared machine the load drifts over seconds, so timing model A for a
+minute and then model B compares two different machines. Every model is loaded once, warmed
+up, and then the models take turns one run at a time, in alternating order (A B C, C B A, ...)
+so neither position in a round is favoured. Medians (and p90) over those runs are compared;
+ratios are to the first model.
+
+Session settings are fixed and printed: graph optimization ORT_ENABLE_ALL (the only level at
+which ORT's blocked NCHWc convolutions are used on CPU), sequential execution, an explicit
+intra-op thread count, and on CUDA a pinned ``cudnn_conv_algo_search`` (it dominates conv time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from .errors import UserError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+CHECK_MARGIN = 0.02  # check_speed tolerates a pruned/original median ratio up to 1.02
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Settings:
+    provider: str = "cpu"
+    threads: int = 0  # 0 = default_threads()
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"
+
+    def resolved_threads(self) -> int:
+        return self.threads or default_threads()
+
+    def as_dict(self) -> dict:
+        import onnxruntime as ort
+
+        data = {"onnxruntime": ort.__version__, "provider": PROVIDERS[self.provider],
+                "graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL",
+                "intra_op_num_threads": self.resolved_threads(), "inter_op_num_threads": 1}
+        if self.provider == "cuda":
+            data["cudnn_conv_algo_search"] = self.cudnn_conv_algo_search
+        return data
+
+
+def make_session(model: onnx.ModelProto, settings: Settings):
+    """An InferenceSession with the fixed settings above; a provider that is missing is an error."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = settings.resolved_threads()
+    options.inter_op_num_threads = 1
+    wanted = PROVIDERS[settings.provider]
+    if wanted not in ort.get_available_providers():
+        raise UserError(f"provider {settings.provider} ({wanted}) is not available in this onnxruntime "
+                        f"(available: {', '.join(ort.get_available_providers())})")
+    providers = [wanted]
+    if settings.provider == "cuda":
+        providers = [(wanted, {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search}), "CPUExecutionProvider"]
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    except Exception as exc:  # ORT raises several unrelated types for unloadable models
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"ONNX Runtime cannot load the model: {first}") from None
+    if wanted not in sess.get_providers():
+        raise UserError(f"{wanted} could not be initialised (session runs on {', '.join(sess.get_providers())})")
+    return sess
+
+
+def input_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed batch size of the model's first input, or None when it is symbolic."""
+    dims = _graph_inputs(model)[0].type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+
+
+def _graph_inputs(model: onnx.ModelProto):
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def make_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs; a symbolic first dimension becomes ``batch``, other symbolic dims are an error."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in _graph_inputs(model):
+        ttype = inp.type.tensor_type
+        dims = []
+        for axis, dim in enumerate(ttype.shape.dim):
+            if dim.HasField("dim_value"):
+                dims.append(dim.dim_value)
+            elif axis == 0:
+                dims.append(batch)
+            else:
+                raise UserError(f"input {inp.name!r} has symbolic dimension {dim.dim_param or '?'!r} at axis "
+                                f"{axis}; only the batch dimension may be symbolic")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        feeds[inp.name] = rng.standard_normal(dims).astype(dtype) if dtype.kind == "f" else np.zeros(dims, dtype)
+    return feeds
+
+
+def interleave(runners: Sequence[Callable[[], object]], repeat: int, warmup: int = 3,
+               clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Seconds per run for each runner: ``warmup`` untimed rounds, then ``repeat`` timed rounds.
+
+    Each round runs every runner once; even rounds go in order, odd rounds in reverse, so each
+    model is as often first as last in a round.
+    """
+    order = list(range(len(runners)))
+    for _ in range(warmup):
+        for i in order:
+            runners[i]()
+    samples: list[list[float]] = [[] for _ in runners]
+    for r in range(repeat):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            start = clock()
+            runners[i]()
+            samples[i].append(clock() - start)
+    return samples
+
+
+def summarize(seconds: Sequence[float]) -> dict:
+    """Median, p90 (linear interpolation) and min in milliseconds, and the sample count."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    return {"median_ms": round(float(np.median(ms)), 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
+            "min_ms": round(float(ms.min()), 4), "runs": int(ms.size)}
+
+
+def model_stats(model: onnx.ModelProto) -> dict:
+    from .macs import count_macs, count_params
+
+    return {"macs": count_macs(model)[0], "params": count_params(model)}
+
+
+def compare(models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: Sequence[int],
+            settings: Settings, repeat: int = 30, warmup: int = 5, seed: int = 0) -> dict:
+    """Interleaved timing of ``models`` at each batch size; a JSON-ready report."""
+    stats = [model_stats(m) for m in models]
+    sessions = [make_session(m, settings) for m in models]
+    fixed = [input_batch(m) for m in models]
+    if all(fixed):
+        batches = [fixed[0]]  # nothing to vary: every model runs at its own batch
+    results = []
+    for batch in batches:
+        feeds = [make_feeds(m, fixed[i] or batch, seed) for i, m in enumerate(models)]
+        runners = [_runner(sess, feed) for sess, feed in zip(sessions, feeds)]
+        samples = interleave(runners, repeat, warmup)
+        rows = []
+        for i, secs in enumerate(samples):
+            row = {"model": labels[i], "batch": fixed[i] or batch, **summarize(secs)}
+            rows.append(row)
+        first = rows[0]["median_ms"]
+        for row in rows:
+            row["ratio_to_first"] = round(row["median_ms"] / first, 4)
+            row["speedup_vs_first"] = round(first / row["median_ms"], 4)
+        results.append({"batch": batch, "rows": rows})
+    return {"settings": settings.as_dict(), "repeat": repeat, "warmup": warmup,
+            "models": [{"model": label, **s, "fixed_batch": f} for label, s, f in zip(labels, stats, fixed)],
+            "results": results}
+
+
+def _runner(sess, feeds: dict) -> Callable[[], object]:
+    def run():
+        return sess.run(None, feeds)
+    return run
+
+
+def format_report(report: dict) -> str:
+    s = report["settings"]
+    head = (f"onnxruntime {s['onnxruntime']}, {s['provider']}, {s['graph_optimization_level']}, "
+            f"{s['execution_mode']}, intra_op_num_threads={s['intra_op_num_threads']}")
+    if "cudnn_conv_algo_search" in s:
+        head += f", cudnn_conv_algo_search={s['cudnn_conv_algo_search']}"
+    lines = [head, f"interleaved: {report['warmup']} warm-up + {report['repeat']} timed runs per model and batch",
+             "", "| model | MACs (batch 1) | params |", "|---|---|---|"]
+    for m in report["models"]:
+        fixed = f" (fixed batch {m['fixed_batch']})" if m["fixed_batch"] else ""
+        lines.append(f"| {m['model']}{fixed} | {m['macs'] / 1e9:.3f} G | {m['params'] / 1e6:.3f} M |")
+    lines += ["", "| model | batch | median ms | p90 ms | ratio to first | speedup |", "|---|---|---|---|---|---|"]
+    for result in report["results"]:
+        for row in result["rows"]:
+            lines.append(f"| {row['model']} | {row['batch']} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} | "
+                         f"{row['ratio_to_first']:.3f} | {row['speedup_vs_first']:.2f}x |")
+    return "\n".join(lines)
+
+
+def check_speed(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = "cpu",
+                threads: int = 0, batch: int = 1, min_rounds: int = 20, max_rounds: int = 200,
+                min_seconds: float = 3.0, margin: float = CHECK_MARGIN) -> dict:
+    """Measure ``pruned`` against ``original``; raise RuntimeError if it is slower.
+
+    Rule: both models run interleaved (after 5 warm-up rounds) for at least ``min_rounds`` rounds
+    and at least ``min_seconds``, at most ``max_rounds``. ratio = median(pruned) / median(original).
+    ratio > 1 + margin (default 1.02) fails with "slower than the input". The 2% margin is the
+    run-to-run spread of interleaved medians on a loaded 2-core machine (notes: 1–4%); a pruned
+    model that is identical in speed (e.g. every layer left dense) is not reported as slower.
+    """
+    settings = Settings(provider, threads)
+    sessions = [make_session(m, settings) for m in (original, pruned)]
+    fixed = input_batch(original)
+    feeds = [make_feeds(m, fixed or batch) for m in (original, pruned)]
+    runners = [_runner(s, f) for s, f in zip(sessions, feeds)]
+    samples = interleave(runners, 0, warmup=5)
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_seconds):
+        more = interleave(runners, 2, warmup=0)
+        for acc, new in zip(samples, more):
+            acc.extend(new)
+        rounds += 2
+    before, after = summarize(samples[0]), summarize(samples[1])
+    ratio = after["median_ms"] / before["median_ms"]
+    result = {"settings": settings.as_dict(), "batch": fixed or batch, "rounds": rounds,
+              "original_median_ms": before["median_ms"], "pruned_median_ms": after["median_ms"],
+              "original_p90_ms": before["p90_ms"], "pruned_p90_ms": after["p90_ms"],
+              "ratio": round(ratio, 4), "speedup": round(1 / ratio, 4), "margin": margin}
+    if ratio > 1.0 + margin:
+        raise RuntimeError(f"the pruned model is slower than the input on {provider}: median "
+                           f"{after['median_ms']:.3f} ms vs {before['median_ms']:.3f} ms (ratio {ratio:.3f} > "
+                           f"{1 + margin:.2f}); nothing written")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onnxprune bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+", metavar="MODEL.onnx", help="models to compare; ratios are to the first")
+    p.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes for models with a symbolic batch "
+                                                "(fixed-batch models run at their own); default 1")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all usable cores)")
+    p.add_argument("--repeat", type=int, default=30, help="timed runs per model and batch (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
+    p.add_argument("--cudnn-conv-algo-search", choices=("EXHAUSTIVE", "HEURISTIC", "DEFAULT"), default="EXHAUSTIVE")
+    p.add_argument("--json", metavar="out.json", help="also write the full report as JSON")
+    return p
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch expects comma-separated positive integers, got {text!r}") from None
+    if not batches or min(batches) < 1:
+        raise UserError(f"--batch expects comma-separated positive integers, got {text!r}")
+    return batches
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as exc:
+        print(f"onnxprune bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from .model_io import load_model, write_text_atomic
+
+    batches = parse_batches(args.batch)
+    if args.threads < 0 or args.repeat < 1 or args.warmup < 0:
+        raise UserError("--threads must be >= 0, --repeat >= 1, --warmup >= 0")
+    if args.json and not (Path(args.json).parent if str(Path(args.json).parent) else Path(".")).is_dir():
+        raise UserError(f"--json {args.json}: output folder does not exist")
+    models = [load_model(path) for path in args.models]
+    settings = Settings(args.provider, args.threads, args.cudnn_conv_algo_search)
+    report = compare(models, [str(p) for p in args.models], batches, settings, args.repeat, args.warmup)
+    print(format_report(report))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
+    return 0
