@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unlabelled inputs (.npz with one array per input name or a single array, .npy, "
                             "or a folder of .npy) used to refit the kept kernels layer by layer")
     calib.add_argument("--calib-size", type=int, metavar="N", help="use at most N calibration samples")
+    calib.add_argument("--calib-selection", choices=("data", "weights"), default="data",
+                       help="kept grouped kernels with --calib: 'data' also tries a data-aware choice per group and "
+                            "keeps the one that refits better; 'weights' keeps the paper's weight-only choice "
+                            "(default data)")
     p.add_argument("--tickets", nargs="+", default=[], metavar="SNAP.onnx",
                    help="training snapshots (ONNX exports of the same model at earlier epochs) for the "
                         "tickets-magnitude-increase choice of clustering")
@@ -165,7 +169,7 @@ def _run(args) -> int:
                          plan=plan, verify=not args.no_verify, provider=args.provider,
                          target_macs=args.target_macs, target_speedup=args.target_speedup,
                          latency_table=args.latency_table, check_speed=args.check_speed,
-                         calib=args.calib, calib_size=args.calib_size)
+                         calib=args.calib, calib_size=args.calib_size, calib_selection=args.calib_selection)
     config.check()
     progress = Progress() if args.quiet else ConsoleProgress(args.verbose)
     model, report = prune(args.input, config, progress)

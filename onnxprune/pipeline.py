@@ -37,6 +37,7 @@ class PruneConfig(PlanOptions):
     # calibration-data recovery (see calibrate.py)
     calib: object = None  # path (.npz/.npy/folder) or {input name: array}
     calib_size: int | None = None
+    calib_selection: str = "data"  # kept channels: "data" (data-aware where it refits better) or "weights" (plan)
 
 
 @dataclass
