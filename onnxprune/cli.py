@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=0.4375,
                    help="fraction of grouped kernels (input channels per group) to prune, in [0, 1) "
                         "(default 0.4375, the paper's setting)")
-    p.add_argument("--groups", type=_groups_arg, default=8,
-                   help="groups G per pruned Conv, or 'auto' to choose G and kept channels per layer for "
-                        "speed on --provider (default 8, the paper's)")
+    p.add_argument("--groups", type=_groups_arg, default="auto",
+                   help="groups G for every pruned Conv (the paper uses 8), or 'auto': G and kept channels "
+                        "chosen per layer so the model runs faster on --provider, layers that cannot "
+                        "get faster stay dense (default auto)")
     speed = p.add_argument_group("speed-aware planning (with --groups auto)")
     speed.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
                        help="execution provider the model will run on (default cpu)")

@@ -24,6 +24,7 @@ from .verify import DEFAULT_TOLERANCE, verify
 
 @dataclass
 class PruneConfig(PlanOptions):
+    groups: int | str = "auto"  # speed-aware per-layer choice by default; an int applies G everywhere
     tickets: list = field(default_factory=list)  # paths or ModelProtos of training snapshots
     plan: Plan | None = None  # apply this plan instead of planning
     verify: bool = True
@@ -86,12 +87,15 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     model = normalize(original)
     t = _lap(timings, "normalize", t)
 
+    speed_plan = None
     if config.plan is None:
         if config.groups == "auto" or config.target_macs is not None or config.target_speedup is not None:
-            from .speed_plan import choose_layer_configs
+            from .speed_plan import describe, plan_speed
 
             progress.stage(f"choosing groups and kept channels per layer for the {config.provider} provider")
-            config = replace(config, layer_configs=choose_layer_configs(model, config, progress))
+            speed_plan = plan_speed(model, config)
+            progress.stage(describe(speed_plan))
+            config = replace(config, layer_configs=speed_plan.configs)
         progress.stage("planning")
         plan = plan_model(model, config, snapshots, progress.layer)
     else:
@@ -135,6 +139,10 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     t = _lap(timings, "check_speed", t)
 
     report = build_report(original, model, pruned, plan, verified, config)
+    report["auto"] = None if speed_plan is None else {
+        "rate": speed_plan.rate, "predicted_speedup": round(speed_plan.predicted_speedup, 3),
+        "predicted_macs_ratio": round(speed_plan.macs_ratio, 4), "cost_model": speed_plan.cost_source,
+        "notes": speed_plan.notes}
     report["calibration"] = calibration
     report["speed"] = speed
     _lap(timings, "report", t)

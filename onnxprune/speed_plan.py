@@ -99,14 +99,6 @@ class SpeedPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def choose_layer_configs(model: onnx.ModelProto, config, progress=None) -> dict[str, dict]:
-    """Per prunable Conv of ``model`` (normalized): ``{"groups", "n_keep"[, "disjoint"]}`` or ``{"skip"}``."""
-    plan = plan_speed(model, config)
-    if progress is not None:
-        progress.stage(describe(plan))
-    return plan.configs
-
-
 def describe(plan: SpeedPlan) -> str:
     pruned = sum(1 for c in plan.configs.values() if "skip" not in c)
     text = (f"auto: rate {plan.rate:.2f}, {pruned}/{len(plan.configs)} Convs pruned, MACs -"

@@ -8,7 +8,7 @@ from onnxprune.latency import ConvOp, PROFILES
 from onnxprune.macs import count_macs
 from onnxprune.normalize import normalize
 from onnxprune.pipeline import PruneConfig, prune
-from onnxprune.speed_plan import Layer, Option, candidate_options, choose_layer_configs, plan_speed
+from onnxprune.speed_plan import Layer, Option, candidate_options, plan_speed
 
 
 def wide_resnet(size=32):
@@ -36,7 +36,7 @@ def shapes(model):
 
 def test_chosen_configs_are_on_the_fast_path(model):
     layers = shapes(model)
-    configs = choose_layer_configs(model, PruneConfig(groups="auto", target_macs=0.5))
+    configs = plan_speed(model, PruneConfig(groups="auto", target_macs=0.5)).configs
     pruned = {name: c for name, c in configs.items() if "skip" not in c}
     assert pruned
     for name, c in pruned.items():
@@ -50,7 +50,7 @@ def test_chosen_configs_are_on_the_fast_path(model):
 
 
 def test_every_prunable_conv_gets_an_entry(model):
-    configs = choose_layer_configs(model, PruneConfig(groups="auto"))
+    configs = plan_speed(model, PruneConfig(groups="auto")).configs
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     assert set(configs) == set(convs)
     assert "skip" in configs[convs[0]]  # the RGB stem has too few channels
