@@ -192,6 +192,12 @@ def summary(report: dict, output: str) -> str:
              f"{_cut(pb, pa)} of the pruned layers)",
              f"  params {report['params_before'] / 1e6:10.3f}M -> {report['params_after'] / 1e6:10.3f}M  "
              f"({_cut(report['params_before'], report['params_after'])})"]
+    calib = report.get("calibration")
+    if calib and calib.get("fidelity"):
+        fid = calib["fidelity"]
+        lines.append(f"  calibrated on {calib['fit_samples']} inputs: top-1 agreement with the original on "
+                     f"{fid['samples']} held-out inputs {100 * fid['uncalibrated']['top1_agreement']:.1f}% -> "
+                     f"{100 * fid['calibrated']['top1_agreement']:.1f}%")
     if report["verify"]:
         v = report["verify"]
         lines.append(f"  verify: max relative diff {v['max_rel_diff']:.2e} vs masked original (tolerance {v['tolerance']:g})")
