@@ -57,6 +57,7 @@ from threadpoolctl import threadpool_limits
 
 from .calib_data import load_calibration_inputs, model_inputs
 from .errors import UserError
+from .evaluate import log_softmax
 from .model_io import MAX_IR_VERSION
 from .graph import GraphIndex, NameAllocator, get_attr, set_initializer
 from .plan import LayerPlan, Plan
@@ -544,13 +545,9 @@ def compare_first_output(reference: np.ndarray, candidate: np.ndarray) -> dict:
     if reference.ndim < 2 or reference.shape[1] < 2:
         rel = float(np.sum((candidate - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
         return {"top1_agreement": None, "mean_kl": None, "rel_mse": rel}
-    ref_lp, cand_lp = _log_softmax(reference), _log_softmax(candidate)
+    ref_lp, cand_lp = log_softmax(reference), log_softmax(candidate)
     kl = np.sum(np.exp(ref_lp) * (ref_lp - cand_lp), axis=1)
     agree = np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1))
     rel = float(np.sum((candidate - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
     return {"top1_agreement": float(agree), "mean_kl": float(np.mean(kl)), "rel_mse": rel}
 
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
