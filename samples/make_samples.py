@@ -62,7 +62,7 @@ CLASS_NAMES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-DEFAULT_EPOCHS = {"resnet20": 3, "resnet56": 1, "wide_resnet": 1}
+DEFAULT_EPOCHS = {"resnet20": 6, "resnet56": 3, "wide_resnet": 1}
 DEFAULT_TRAIN_SUBSET = {"resnet20": 0, "resnet56": 0, "wide_resnet": 20000}  # 0 = all 60k
 DEFAULT_SNAPSHOTS = {"resnet20": 4, "resnet56": 3, "wide_resnet": 3}
 TICKET_WINDOW = (0.12, 0.23)  # fraction of training; paper: epochs 35-70 of 300
