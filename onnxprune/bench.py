@@ -53,7 +53,8 @@ class Settings:
 
         data = {"onnxruntime": ort.__version__, "provider": PROVIDERS[self.provider],
                 "graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL",
-                "intra_op_num_threads": self.resolved_threads(), "inter_op_num_threads": 1}
+                "intra_op_num_threads": self.resolved_threads(), "inter_op_num_threads": 1,
+                "intra_op_allow_spinning": 0}
         if self.provider == "cuda":
             data["cudnn_conv_algo_search"] = self.cudnn_conv_algo_search
         return data
@@ -69,6 +70,9 @@ def make_session(model: onnx.ModelProto, settings: Settings):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = settings.resolved_threads()
     options.inter_op_num_threads = 1
+    # Several sessions take turns in one process: a session's idle pool threads must not spin
+    # (ORT's default) or they steal the cores from the session being timed next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     wanted = PROVIDERS[settings.provider]
     if wanted not in ort.get_available_providers():
         raise UserError(f"provider {settings.provider} ({wanted}) is not available in this onnxruntime "
