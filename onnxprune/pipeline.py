@@ -81,6 +81,10 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
             snapshots.append(normalize(load_model(ticket)))
         except UserError as exc:
             raise UserError(f"ticket snapshot #{i + 1}: {exc}") from None
+    if config.calib is not None:
+        from .calib_data import load_calibration_inputs
+
+        load_calibration_inputs(config.calib, original, config.calib_size)  # fail before minutes of work
     t = _lap(timings, "load", started)
 
     progress.stage("normalizing (folding BatchNormalization and per-channel affine ops)")
