@@ -54,10 +54,14 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
-    """He et al. (2016) CIFAR ResNet-(6n+2): 16/32/64 channels, 3 stages x n basic blocks."""
+class StagedResNet(nn.Module):
+    """Basic-block ResNet: stem conv, ``len(widths)`` stages of ``blocks`` blocks, GAP, fc.
 
-    def __init__(self, n: int, num_classes: int = 10, widths=(16, 32, 64)):
+    Every stage but the first halves the resolution in its first block; ``stride_first_stage``
+    does so for the first stage too (the wide model, to stay trainable on 2 CPU cores).
+    """
+
+    def __init__(self, blocks: int, widths, num_classes: int = 10, stride_first_stage: bool = False):
         super().__init__()
         self.pre = InGraphPreprocess()
         self.conv1 = nn.Conv2d(1, widths[0], 3, 1, 1, bias=False)
@@ -65,8 +69,8 @@ class CifarResNet(nn.Module):
         layers = []
         in_planes = widths[0]
         for i, w in enumerate(widths):
-            for b in range(n):
-                stride = 2 if (i > 0 and b == 0) else 1
+            for b in range(blocks):
+                stride = 2 if b == 0 and (i > 0 or stride_first_stage) else 1
                 layers.append(BasicBlock(in_planes, w, stride))
                 in_planes = w
         self.layers = nn.Sequential(*layers)
@@ -83,37 +87,19 @@ class CifarResNet(nn.Module):
         return self.fc(x)
 
 
-class WideResNet18s(nn.Module):
+def CifarResNet(n: int, num_classes: int = 10, widths=(16, 32, 64)) -> StagedResNet:
+    """He et al. (2016) CIFAR ResNet-(6n+2): 16/32/64 channels, 3 stages x n basic blocks."""
+    return StagedResNet(n, widths, num_classes)
+
+
+def WideResNet18s(blocks: int = 1, num_classes: int = 10, widths=(64, 128, 256, 512)) -> StagedResNet:
     """ResNet-18-style basic blocks at 64/128/256/512 channels, ``blocks`` per stage.
 
     Stem: 3x3 conv (64 ch) at 32x32; stage 1 has stride 2 (16x16), then 8x8, 4x4, 2x2.
     Striding stage 1 keeps it trainable on 2 CPU cores while keeping the wide 3x3 convs
     (the interesting pruning targets).
     """
-
-    def __init__(self, blocks: int = 1, num_classes: int = 10, widths=(64, 128, 256, 512)):
-        super().__init__()
-        self.pre = InGraphPreprocess()
-        self.conv1 = nn.Conv2d(1, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        layers = []
-        in_planes = widths[0]
-        for w in widths:
-            for b in range(blocks):
-                layers.append(BasicBlock(in_planes, w, 2 if b == 0 else 1))
-                in_planes = w
-        self.layers = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_planes, num_classes)
-        _init(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pre(x)
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layers(x)
-        x = self.pool(x)
-        x = torch.flatten(x, 1)
-        return self.fc(x)
+    return StagedResNet(blocks, widths, num_classes, stride_first_stage=True)
 
 
 def _init(model: nn.Module) -> None:
