@@ -11,6 +11,9 @@ The result is a ``Plan`` (plain data); nothing here touches the graph.
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,6 +33,9 @@ from .plan import LayerPlan, Plan
 # spaced starts.
 EXHAUSTIVE_GREEDY_UP_TO = 512
 MAX_GREEDY_STARTS = 128
+# Models with at least this many prunable weights are planned in worker processes (one per
+# core): a ResNet-50 plan is a minute of CPU, a CIFAR ResNet a second, not worth the start-up.
+PARALLEL_MIN_WEIGHTS = 2_000_000
 
 
 @dataclass
@@ -72,19 +78,38 @@ def plan_model(model: onnx.ModelProto, options: PlanOptions, snapshots=(),
     use_tickets = options.criterion == "tmi" and len(snapshots) > 0
     snapshot_weights = [match_snapshot_weights(model, prunable, snap, i) for i, snap in enumerate(snapshots)] \
         if use_tickets else []
-    layers = []
-    for i, info in enumerate(prunable):
-        if progress:
-            progress(i, len(prunable), info.name)
-        weight = index.constant(info.weight)
-        snaps = [weights[info.name] for weights in snapshot_weights]
-        layers.append(plan_layer(info, weight, options, snaps))
-    if progress:
-        progress(len(prunable), len(prunable), "")
+    jobs = [(info, index.constant(info.weight), [weights[info.name] for weights in snapshot_weights])
+            for info in prunable]
+    layers = _plan_layers(jobs, options, progress)
     return Plan(layers=layers, skipped=[{"node": s.name, "reason": s.reason} for s in skipped],
                 options={"rate": options.rate, "groups": options.groups, "criterion": options.criterion,
                          "seed": options.seed, "min_channels": options.min_channels,
                          "tickets": len(snapshots)})
+
+
+def _plan_layers(jobs: list, options: PlanOptions, progress) -> list[LayerPlan]:
+    """``plan_layer`` for every job, in order; big models spread the layers over processes.
+
+    Layers are planned independently (each is seeded by ``options.seed`` alone), so the plan is
+    the same whichever process computes a layer.
+    """
+    progress = progress or (lambda done, total, name: None)
+    total_weights = sum(weight.size for _, weight, _ in jobs)
+    workers = min(os.cpu_count() or 1, len(jobs))
+    if workers < 2 or total_weights < PARALLEL_MIN_WEIGHTS or "fork" not in mp.get_all_start_methods():
+        layers = []
+        for i, (info, weight, snaps) in enumerate(jobs):
+            progress(i, len(jobs), info.name)
+            layers.append(plan_layer(info, weight, options, snaps))
+    else:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            futures = [pool.submit(plan_layer, info, weight, options, snaps) for info, weight, snaps in jobs]
+            layers = []
+            for i, ((info, _, _), future) in enumerate(zip(jobs, futures)):
+                progress(i, len(jobs), info.name)
+                layers.append(future.result())
+    progress(len(jobs), len(jobs), "")
+    return layers
 
 
 def _layer_groups(info: ConvInfo, options: PlanOptions) -> int:

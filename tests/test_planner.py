@@ -67,3 +67,14 @@ def test_plan_layers_have_equal_groups_and_kept_counts():
         groups = layer.group_of_filter()
         assert np.bincount(groups).tolist() == [per_group] * layer.groups
         assert {len(k) for k in layer.kept_in_channels} == {layer.c_in // 2}
+
+
+def test_parallel_planning_gives_the_same_plan(monkeypatch):
+    from onnxprune import planner
+
+    model = resnet_basic().model()
+    _, sequential = prune(model, PruneConfig(groups=4))
+    monkeypatch.setattr(planner, "PARALLEL_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(planner.os, "cpu_count", lambda: 2)
+    _, parallel = prune(model, PruneConfig(groups=4))
+    assert parallel.plan.to_json() == sequential.plan.to_json()
