@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import UserError
+from .errors import UserError, run_reporting_errors
 from .latency import AnalyticalModel, ConvOp, GatherOp, MeasuredTable
 
 GATHER_LAYOUT_FACTOR = 3.0
@@ -145,12 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as exc:
-        print(f"onnxprune autotune: error: {exc}", file=sys.stderr)
-        return 2
+    return run_reporting_errors("onnxprune autotune", _run, build_parser().parse_args(argv))
 
 
 def _run(args) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from .errors import UserError
+from .errors import UserError, run_reporting_errors
 from .verify import random_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -254,12 +253,7 @@ def parse_batches(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as exc:
-        print(f"onnxprune bench: error: {exc}", file=sys.stderr)
-        return 2
+    return run_reporting_errors("onnxprune bench", _run, build_parser().parse_args(argv))
 
 
 def _run(args) -> int:

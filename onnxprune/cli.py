@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, run_reporting_errors
 from .model_io import save_model, write_text_atomic
 from .pipeline import Progress, PruneConfig, prune
 from .plan import Plan
@@ -129,18 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         module = __import__(SUBCOMMANDS[argv[0]][0], fromlist=["main"])
         return module.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as exc:
-        print(f"onnxprune: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        print(f"onnxprune: failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("onnxprune: interrupted; nothing written", file=sys.stderr)
-        return 130
+    return run_reporting_errors("onnxprune", _run, build_parser().parse_args(argv))
 
 
 def _check_paths(args) -> None:

@@ -129,9 +129,9 @@ def _folded_affine(index: GraphIndex, node: onnx.NodeProto, conv_out: str, chann
         return scale, beta - mean * scale
     if node.op_type in _FOLDABLE_ARITH and len(node.input) == 2:
         if node.input[0] == conv_out:
-            other, conv_first = node.input[1], True
-        elif node.input[1] == conv_out and node.op_type in ("Mul", "Add"):
-            other, conv_first = node.input[0], False
+            other = node.input[1]
+        elif node.input[1] == conv_out and node.op_type in ("Mul", "Add"):  # commutative only
+            other = node.input[0]
         else:
             return None
         value = index.constant(other)

@@ -140,3 +140,18 @@ def test_model_with_external_data(tmp_path):
     pruned = onnx.load(out)
     assert all(not t.external_data for t in pruned.graph.initializer)
     onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_shared_exit_code_contract(capsys):
+    from onnxprune.errors import UserError, run_reporting_errors
+
+    def raises(exc):
+        def run(_):
+            raise exc
+        return run
+
+    assert run_reporting_errors("x", lambda a: 0, None) == 0
+    assert run_reporting_errors("x", raises(UserError("bad input")), None) == 2
+    assert run_reporting_errors("x", raises(RuntimeError("slower than the input")), None) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["x: error: bad input", "x: failed: slower than the input"]
