@@ -46,7 +46,7 @@ CALIB = SAMPLES / "fmnist_calib.npz"
 sys.path.insert(0, str(ROOT))
 
 from onnxprune.calib_data import load_calibration_inputs  # noqa: E402
-from onnxprune.evaluate import evaluate, load_dataset  # noqa: E402
+from onnxprune.evaluate import FMNIST_DIR, Dataset, _read_idx, _to_float_images, evaluate, load_dataset  # noqa: E402
 from onnxprune.macs import count_macs  # noqa: E402
 from onnxprune.normalize import normalize  # noqa: E402
 from onnxprune.pipeline import PruneConfig, prune  # noqa: E402
@@ -59,10 +59,14 @@ def tickets_for(model_path: Path) -> list[str]:
     return sorted(glob.glob(str(model_path.parent / f"{stem}_snap_e*.onnx")))
 
 
+CALIB_TARGET, CALIB_LAYERS = "residual", "all"  # set from the command line
+
+
 def run_onnxprune(model_path: Path, rate: float, groups, calib_size: int | None):
     """(pruned ModelProto, report dict, wall seconds)."""
     config = PruneConfig(rate=rate, groups=groups, tickets=tickets_for(model_path),
-                         calib=str(CALIB) if calib_size else None, calib_size=calib_size)
+                         calib=str(CALIB) if calib_size else None, calib_size=calib_size,
+                         calib_target=CALIB_TARGET, calib_layers=CALIB_LAYERS)
     started = time.perf_counter()
     pruned, report = prune(str(model_path), config)
     return pruned, report.data, time.perf_counter() - started
@@ -253,6 +257,24 @@ def evaluate_logits(model, images):
 
 # ----------------------------------------------------------------------------- driver
 
+VALIDATION_SIZE = 10_000
+
+
+def validation_set() -> Dataset:
+    """10,000 seeded Fashion-MNIST *training* images that are not calibration images.
+
+    For design decisions (ridge, targets, selection rules): choosing them on the test set would
+    make the test-set numbers optimistic. The models were trained on these images for a few
+    epochs, so absolute accuracy is higher here than on the test set; drops are what compare.
+    """
+    images = _read_idx(FMNIST_DIR / "train-images-idx3-ubyte.gz")
+    labels = _read_idx(FMNIST_DIR / "train-labels-idx1-ubyte.gz")
+    unused = np.setdiff1d(np.arange(len(labels)), np.load(CALIB)["indices"])
+    pick = np.sort(np.random.default_rng(1).choice(unused, VALIDATION_SIZE, replace=False))
+    return Dataset(_to_float_images(images[pick], "train"), labels[pick].astype(np.int64),
+                   f"validation: {VALIDATION_SIZE:,} Fashion-MNIST training images not in {CALIB.name} (seed 1)")
+
+
 def groupings() -> list:
     found = importlib.util.find_spec("onnxprune.speed_plan") is not None
     return [8, "auto"] if found else [8]
@@ -266,10 +288,21 @@ def main(argv=None) -> int:
     p.add_argument("--calib-sizes", nargs="+", type=int, default=[128, 512])
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--subset", action="store_true", help="evaluate on samples/fmnist_eval.npz (2k) only")
+    p.add_argument("--validation", action="store_true",
+                   help="evaluate on 10k training images outside the calibration set (for design decisions)")
+    p.add_argument("--calib-target", choices=("residual", "output"), default="residual",
+                   help="PruneConfig.calib_target for onnxprune --calib rows (default residual)")
+    p.add_argument("--calib-layers", choices=("all", "pruned"), default="all",
+                   help="PruneConfig.calib_layers for onnxprune --calib rows (default all)")
     p.add_argument("--json", help="also write all rows as JSON")
     args = p.parse_args(argv)
     groups_list = [g if g == "auto" else int(g) for g in args.groups] if args.groups else groupings()
-    data = load_dataset(str(SAMPLES / "fmnist_eval.npz") if args.subset else None)
+    if args.validation:
+        data = validation_set()
+    else:
+        data = load_dataset(str(SAMPLES / "fmnist_eval.npz") if args.subset else None)
+    global CALIB_TARGET, CALIB_LAYERS
+    CALIB_TARGET, CALIB_LAYERS = args.calib_target, args.calib_layers
     print(f"evaluation data: {data.description}")
     tmp = Path("/tmp/onnxprune_accuracy")
     tmp.mkdir(exist_ok=True)

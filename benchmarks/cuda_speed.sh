@@ -1,46 +1,70 @@
 #!/usr/bin/env bash
 # The speed benchmark on ONNX Runtime's CUDA provider, for a machine with an NVIDIA GPU.
 #
-# UNTESTED: written on a machine without a GPU. No network is used: if onnxruntime-gpu wheels
-# were carried in .whl/, they are installed into /tmp/site and put first on PYTHONPATH.
+#   benchmarks/cuda_speed.sh build DIR [MODEL ...]   # export + prune (needs torch; CPU is enough):
+#       DIR/<model>__{dense,g8,auto-cpu,auto-cuda}.onnx — the paper's G=8 and --groups auto planned
+#       with the CPU and with the (analytical) CUDA cost model, all at the G=8 model's MACs
+#   benchmarks/cuda_speed.sh time DIR [SECONDS]      # on the GPU machine: per dense model,
+#       `onnxprune autotune --provider cuda` (a SECONDS budget, default 90) and one more auto plan
+#       from that measured table (<model>__auto-measured.onnx), then every variant timed with
+#       `onnxprune bench --provider cuda` side by side (interleaved, medians), batch 1, 8 and 32.
 #
-#   benchmarks/cuda_speed.sh                 # build, prune and time everything (needs torch,
-#                                            # onnxsim==0.8.1, torch-pruning==1.6.*); args go to speed.py
-#   benchmarks/cuda_speed.sh --prebuilt DIR  # only time models made by `speed.py --out DIR`
-#                                            # (DIR/<model>__{dense,g8,auto,onnxsim,torchpruning}.onnx)
-#
-# Settings are printed with the results: ORT_ENABLE_ALL, cudnn_conv_algo_search pinned to
-# EXHAUSTIVE (it dominates conv timing; warm-up runs absorb the search), batch 1 and 8.
+# onnxruntime-gpu must be importable (carried wheels: pip install --target, PYTHONPATH). The CUDA
+# and cuDNN libraries of nvidia-* pip packages (e.g. the ones PyTorch brings) are put on
+# LD_LIBRARY_PATH. Settings are printed with the results: ORT_ENABLE_ALL, cudnn_conv_algo_search
+# pinned to EXHAUSTIVE (warm-up runs absorb the search).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mode=${1:?usage: cuda_speed.sh build|time DIR}
+dir=${2:?usage: cuda_speed.sh build|time DIR}
+mkdir -p "$dir"
 
+if [[ "$mode" == "build" ]]; then
+    shift 2
+    models=("$@")
+    [[ ${#models[@]} -gt 0 ]] || models=(resnet18 resnet50 mobilenet_v2)
+    python3 benchmarks/speed.py --models "${models[@]}" --peers --auto-for cpu cuda --build-only --out "$dir"
+    exit 0
+fi
+
+budget=${3:-90}
+provider=${PROVIDER:-cuda}  # PROVIDER=cpu runs the same steps on the CPU (a dry run of this script)
+batches=${BATCHES:-1,8,32}
+repeat=${REPEAT:-50}
+libs=$(python3 - <<'PY'
+import glob, os, site
+dirs = {os.path.dirname(p) for s in site.getsitepackages() for p in glob.glob(f"{s}/nvidia/**/lib*.so*", recursive=True)}
+print(":".join(sorted(dirs)))
+PY
+)
+export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 python3 - <<'PY'
 import onnxruntime as ort
 providers = ort.get_available_providers()
 print(f"onnxruntime {ort.__version__} from {ort.__file__}; providers: {', '.join(providers)}")
 if "CUDAExecutionProvider" not in providers:
-    raise SystemExit("CUDAExecutionProvider is not available: install onnxruntime-gpu (carry its wheel in .whl/)")
+    print("CUDAExecutionProvider is not available: install onnxruntime-gpu")
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
-if [[ "${1:-}" == "--prebuilt" ]]; then
-    dir=${2:?usage: cuda_speed.sh --prebuilt DIR}
-    for dense in "$dir"/*__dense.onnx; do
-        name=$(basename "$dense" __dense.onnx)
-        models=("$dense")
-        for slug in g8 auto onnxsim torchpruning; do
-            [[ -f "$dir/${name}__${slug}.onnx" ]] && models+=("$dir/${name}__${slug}.onnx")
-        done
-        echo "== $name"
-        python3 -m onnxprune.cli bench "${models[@]}" --provider cuda --batch 1,8 --repeat 50 --warmup 10 \
-            --cudnn-conv-algo-search EXHAUSTIVE --json "$dir/${name}_cuda.json"
+for dense in "$dir"/*__dense.onnx; do
+    name=$(basename "$dense" __dense.onnx)
+    table="$dir/${name}.latency-$provider.json"
+    target=$(python3 -c "
+import sys; from onnxprune.macs import count_macs; from onnxprune.model_io import load_model
+from onnxprune.normalize import normalize
+d, g = (count_macs(normalize(load_model(p)))[0] for p in sys.argv[1:])
+print(f'{g / d:.4f}')" "$dense" "$dir/${name}__g8.onnx")
+    echo "== $name: autotune on $provider (${budget}s budget), then --groups auto --target-macs $target from the table"
+    python3 -m onnxprune.cli autotune "$dense" --provider "$provider" --max-seconds "$budget" --out "$table"
+    python3 -m onnxprune.cli "$dense" "$dir/${name}__auto-measured.onnx" --groups auto --provider "$provider" \
+        --target-macs "$target" --latency-table "$table" --no-verify -q
+    models=("$dense")
+    for slug in g8 auto-cpu auto-cuda auto-measured; do
+        [[ -f "$dir/${name}__${slug}.onnx" ]] && models+=("$dir/${name}__${slug}.onnx")
     done
-else
-    python3 benchmarks/speed.py --provider cuda --repeat 50 "$@"
-fi
+    echo "== $name: timing ${#models[@]} models on $provider"
+    python3 -m onnxprune.cli bench "${models[@]}" --provider "$provider" --batch "$batches" --repeat "$repeat" --warmup 10 \
+        --cudnn-conv-algo-search EXHAUSTIVE --json "$dir/${name}_$provider.json"
+done

@@ -157,12 +157,14 @@ def build_variants(name: str, folder: Path, args) -> tuple[list, list]:
     log(f"{name}: G=8 pruned in {time.perf_counter() - t:.0f}s, MACs x{target:.3f}")
     labels.append("onnxprune G=8 r=0.4375"), models.append(g8), notes.append("paper setting"), slugs.append("g8")
 
-    t = time.perf_counter()
-    auto, report = prune(dense, PruneConfig(groups="auto", target_macs=target, provider=args.provider, verify=False))
-    pruned = sum(1 for layer in report["layers"] if "skipped" not in layer)
-    log(f"{name}: auto pruned in {time.perf_counter() - t:.0f}s")
-    labels.append("onnxprune --groups auto"), models.append(auto), notes.append(f"{pruned} Convs pruned")
-    slugs.append("auto")
+    for provider in args.auto_for or [args.provider]:
+        t = time.perf_counter()
+        auto, report = prune(dense, PruneConfig(groups="auto", target_macs=target, provider=provider,
+                                                latency_table=args.latency_table, verify=False))
+        pruned = sum(1 for layer in report["layers"] if "skipped" not in layer)
+        log(f"{name}: auto ({provider}) pruned in {time.perf_counter() - t:.0f}s")
+        labels.append(f"onnxprune --groups auto --provider {provider}"), models.append(auto)
+        notes.append(f"{pruned} Convs pruned"), slugs.append(f"auto-{provider}")
 
     if "onnxsim" in args.peers:
         t = time.perf_counter()
@@ -194,6 +196,11 @@ def main() -> None:
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
                         help="where to time (and what --groups auto plans for); cuda: see cuda_speed.sh")
     parser.add_argument("--out", default=None, help="folder for the models (default: a temp dir)")
+    parser.add_argument("--auto-for", nargs="+", choices=["cpu", "cuda"], default=None,
+                        help="providers to plan --groups auto for, one model each (default: --provider)")
+    parser.add_argument("--latency-table", default=None, help="measured table for the auto plans (autotune)")
+    parser.add_argument("--build-only", action="store_true",
+                        help="write the models to --out and stop (time them elsewhere, e.g. cuda_speed.sh)")
     args = parser.parse_args()
     folder = Path(args.out or tempfile.mkdtemp(prefix="onnxprune_speed_"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -203,7 +210,7 @@ def main() -> None:
     table = []
     for name in args.models:
         labels, models = build_variants(name, folder, args)
-        if not models:
+        if not models or args.build_only:
             continue
         t = time.perf_counter()
         report = compare(models, [label for label, _ in labels], batches, settings, repeat=args.repeat, warmup=3)
@@ -216,6 +223,9 @@ def main() -> None:
                 cells.append(f"{row['ratio_to_first']:.3f} ({row['speedup_vs_first']:.2f}x, {row['median_ms']:.1f} ms)")
             table.append(f"| {name} | {label} | {macs_of(model) / dense_macs:.3f} | "
                          f"{count_params(model) / dense_params:.3f} | " + " | ".join(cells) + f" | {note} |")
+    if args.build_only:
+        log(f"models in {folder}")
+        return
     s = settings.as_dict()
     algo = f", cudnn_conv_algo_search={s['cudnn_conv_algo_search']}" if "cudnn_conv_algo_search" in s else ""
     print(f"\nORT {s['onnxruntime']} {s['provider']}, {s['graph_optimization_level']}, "

@@ -10,7 +10,14 @@ How (per planned Conv, in graph order):
 1. Its input ``X`` is taken from the *pruned* model built so far (earlier layers already pruned
    and refit; the "masked dense" model, with pruned kernels zeroed, computes exactly what the
    rewritten model computes) and its target output ``Y`` from the *original* model. So each
-   layer also corrects the error accumulated upstream.
+   layer also corrects the error accumulated upstream. Two refinements (both on by default,
+   chosen on a validation split of *training* images, see benchmarks/README.md):
+   - residual target (``calib_target="residual"``): a Conv whose only reader is a residual
+     ``Add(conv, skip)`` is fit to ``Y + skip_original − skip_pruned``, so the *sum* the network
+     sees matches, cancelling the error the skip path carries (He et al. 2017, §3.3);
+   - dense followers (``calib_layers="all"``): Convs the plan leaves dense and the Gemm head,
+     after the first pruned layer, are refit the same way with all their kernels (the rewrite
+     leaves their shapes alone), so upstream error is corrected where it arrives.
 2. Both models are run in ONNX Runtime *segment by segment*: only the nodes between the
    previous planned Conv and this one, fed from cached tensors that are still needed later.
    Every node is thus run once per model instead of once per layer (ResNet-56: 2 forward
@@ -89,13 +96,25 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None):
     uncalibrated = masked_model(model, plan)  # before data-aware selection changes the plan
     work, skipped = _masked_copy(model, layers)
 
+    followers = dense_followers(model, layers) if _refit_dense(config) else []
+    steps = sorted(layers + followers, key=lambda step: step[0])
+    following = {node.name for _, node, _ in followers}
+    partners = residual_partners(model, steps) if _residual_targets(config) else {}
+
     original, pruned = Stream(model, fit, batch), Stream(work, fit, batch)
     entries = []
-    for i, (position, node, layer) in enumerate(layers):
+    for i, (position, node, layer) in enumerate(steps):
         if progress is not None:
-            progress.layer(i, len(layers), node.name)
-        x = pruned.advance(position)[node.input[0]]
-        y = original.advance(position + 1, keep=(node.output[0],))[node.output[0]]
+            progress.layer(i, len(steps), node.name)
+        pruned_now = pruned.advance(position)
+        x = pruned_now[node.input[0]]
+        original_now = original.advance(position + 1, keep=(node.output[0],))
+        y = original_now[node.output[0]]
+        partner = partners.get(node.name)
+        if partner is not None and original_now[partner].shape != y.shape:
+            partner = None  # a broadcasting Add: keep the plain target
+        if partner is not None:  # the Add's output is what the rest of the network sees
+            y = y + (original_now[partner] - pruned_now[partner])
         if node.name in skipped:
             entries.append({"name": node.name, "refit": False, "reason": skipped[node.name]})
             continue
@@ -103,9 +122,15 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None):
         # made the Gram products ~20x slower (measured 4 vs 119 GFLOP/s under load).
         with threadpool_limits(limits=1, user_api="blas"):
             # the node of ``work`` (same position), so a bias input added there stays in ``work``
-            entries.append(refit_layer(work, work.graph.node[position], layer, x, y, ridge, select))
-    if progress is not None and layers:
-        progress.layer(len(layers), len(layers), "")
+            if node.op_type == "Gemm":
+                entries.append(refit_gemm(work, work.graph.node[position], layer, x, y, ridge))
+            else:
+                entries.append(refit_layer(work, work.graph.node[position], layer, x, y, ridge,
+                                           select and node.name not in following))
+        entries[-1]["pruned"] = node.name not in following
+        entries[-1]["target"] = f"output + residual error of {partner!r}" if partner else "output"
+    if progress is not None and steps:
+        progress.layer(len(steps), len(steps), "")
     del original, pruned
 
     report = {
@@ -120,6 +145,108 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None):
     report["fidelity"]["on"] = "held-out samples" if _count(held) else "fit samples (too few to hold out)"
     report["wall_s"] = round(time.perf_counter() - started, 3)
     return work, report
+
+
+def _refit_dense(config) -> bool:
+    mode = getattr(config, "calib_layers", None) or "all"
+    if mode not in ("all", "pruned"):
+        raise UserError(f"calibration layers must be 'all' or 'pruned', got {mode!r}")
+    return mode == "all"
+
+
+def dense_followers(model: onnx.ModelProto, layers) -> list[tuple[int, onnx.NodeProto, LayerPlan]]:
+    """Layers the plan leaves dense but that read pruned layers' (inexact) outputs: Convs with
+    group=1 and a constant 4-D weight, and Gemm heads (``Y = X·Wᵀ + b`` or ``X·W + b``), after
+    the first planned Conv. Each gets a one-group, keep-everything ``LayerPlan`` (not part of the
+    plan: the rewrite leaves them as they are).
+
+    Why: the error a pruned layer leaves behind reaches every later layer; refitting the dense
+    ones too, from the pruned model's inputs to the original's outputs, corrects it where it
+    arrives instead of letting it compound, and the classifier head, refit last, absorbs what
+    is left. The original weights stay feasible, so no layer's calibration error gets worse.
+    """
+    if not layers:
+        return []
+    first = min(position for position, _, _ in layers)
+    planned = {node.name for _, node, _ in layers}
+    index = GraphIndex(model.graph)
+    found = []
+    for position, node in enumerate(model.graph.node):
+        if position <= first or node.name in planned or len(node.input) < 2:
+            continue
+        weight = index.constant(node.input[1])
+        if weight is None or index.use_count(node.input[1]) > 1 or weight.dtype != np.float32:
+            continue
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+        if bias and (index.constant(bias) is None or index.use_count(bias) > 1):
+            continue
+        if node.op_type == "Conv" and weight.ndim == 4 and get_attr(node, "group", 1) == 1:
+            c_out, c_in, kh, kw = weight.shape
+        elif (node.op_type == "Gemm" and weight.ndim == 2 and get_attr(node, "transA", 0) == 0
+              and get_attr(node, "alpha", 1.0) == 1.0 and get_attr(node, "beta", 1.0) == 1.0
+              and (not bias or index.constant(bias).shape == (weight.shape[0 if get_attr(node, "transB", 0) else 1],))):
+            c_out, c_in = weight.shape if get_attr(node, "transB", 0) else weight.shape[::-1]
+            kh = kw = 1
+        else:
+            continue
+        found.append((position, node, LayerPlan(node.name, node.input[1], int(c_out), int(c_in), [int(kh), int(kw)],
+                                                1, list(range(c_out)), [list(range(c_in))])))
+    return found
+
+
+def refit_gemm(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x: np.ndarray, y: np.ndarray,
+               ridge: float) -> dict:
+    """Refit a dense Gemm head in place: the same ridge least squares as a 1×1 Conv."""
+    if x.ndim != 2 or y.ndim != 2:
+        return {"name": node.name, "refit": False, "reason": "Gemm input is not a 2-D matrix"}
+    index = GraphIndex(work.graph)
+    weight = index.constant(node.input[1])
+    trans_b = get_attr(node, "transB", 0)
+    w4 = (weight if trans_b else weight.T)[:, :, None, None]
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    bias = index.constant(bias_name) if bias_name else np.zeros(layer.c_out, dtype=weight.dtype)
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0, 0, 0))
+    new_w, new_b, entry = refit_weights(layer, w4, bias, x[:, :, None, None], y[:, :, None, None], geo, ridge, False)
+    new_w = new_w[:, :, 0, 0]
+    set_initializer(work.graph, node.input[1], np.ascontiguousarray(new_w if trans_b else new_w.T))
+    _write_bias(work, index, node, new_b)
+    return {"name": node.name, **entry}
+
+
+def _residual_targets(config) -> bool:
+    mode = getattr(config, "calib_target", None) or "residual"
+    if mode not in ("residual", "output"):
+        raise UserError(f"calibration target must be 'residual' or 'output', got {mode!r}")
+    return mode == "residual"
+
+
+def residual_partners(model: onnx.ModelProto, layers) -> dict[str, str]:
+    """{Conv name: the other operand of the residual Add it feeds}, where that operand is computed
+    before the Conv (so both streams hold it when the Conv is refit).
+
+    Why: a Conv whose only reader is ``Add(conv, skip)`` matters downstream only through the sum.
+    In the pruned model the skip tensor carries the error of every block before it, so fitting
+    the Conv to ``conv_orig + skip_orig − skip_pruned`` makes the *sum* match the original, not
+    just the branch — the multi-branch rule of He et al. 2017 (channel pruning, §3.3). The
+    original kernels stay feasible, so the refit can only get closer to that target.
+    """
+    produced_at = {name: i for i, node in enumerate(model.graph.node) for name in node.output if name}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in _node_reads(node):
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    partners = {}
+    for position, node, _ in layers:
+        out = node.output[0]
+        users = readers.get(out, [])
+        if out in graph_outputs or len(users) != 1 or users[0].op_type != "Add" or len(users[0].input) != 2:
+            continue
+        other = [name for name in users[0].input if name != out]
+        if len(other) != 1 or produced_at.get(other[0], -1) >= position:
+            continue  # x + x, or a skip operand computed after this Conv
+        partners[node.name] = other[0]
+    return partners
 
 
 def _data_selection(config) -> bool:
@@ -384,18 +511,28 @@ def refit_layer(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x
     (``greedy_channels``) and keeps whichever set refits with the lower error;
     ``layer.kept_in_channels`` is updated in place (the rewrite and the verification then use
     the same plan). Without it the plan's weight-only choice is kept.
+    """
+    index = GraphIndex(work.graph)
+    weight = index.constant(node.input[1])
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    bias = index.constant(bias_name) if bias_name else np.zeros(layer.c_out, dtype=weight.dtype)
+    geo = ConvGeometry.of(node, weight.shape[2:], x.shape[2:])
+    new_w, new_b, entry = refit_weights(layer, weight, bias, x, y, geo, ridge, select)
+    set_initializer(work.graph, node.input[1], new_w)
+    _write_bias(work, index, node, new_b)
+    return {"name": node.name, **entry}
+
+
+def refit_weights(layer: LayerPlan, weight: np.ndarray, bias: np.ndarray, x: np.ndarray, y: np.ndarray,
+                  geo: "ConvGeometry", ridge: float, select: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(new weight, new bias, report entry) for a Conv-shaped layer (weight [c_out, c_in, kh, kw]).
 
     When rows are scarce for the number of unknowns (wide layers at small spatial size), the
     last 1/8 of the samples validates the ridge strength and the choice of kept channels before
     the final fit on all rows, so neither is picked by how well it overfits.
     """
-    index = GraphIndex(work.graph)
-    weight = index.constant(node.input[1])
     kh, kw = weight.shape[2:]
     k2 = kh * kw
-    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
-    bias = index.constant(bias_name) if bias_name else np.zeros(layer.c_out, dtype=weight.dtype)
-    geo = ConvGeometry.of(node, (kh, kw), x.shape[2:])
     if select:
         channels = np.arange(layer.c_in, dtype=np.int64)
     else:
@@ -439,14 +576,13 @@ def refit_layer(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x
         lams.append(lam)
         new_w[np.ix_(rows, kept)] = w.T.reshape(len(rows), len(kept), kh, kw)
         new_b[rows] = b
-    set_initializer(work.graph, node.input[1], new_w.astype(weight.dtype))
-    _write_bias(work, index, node, new_b.astype(weight.dtype))
     energy = max(float(m.yy.sum()), 1e-30)
     if not select:
         selection = "weight-only (plan)"
     else:
         selection = f"data-aware ({greedy}) in {data_groups} of {layer.groups} groups, weight-only (plan) in the rest"
-    return {"name": node.name, "refit": True, "selection": selection, "data_selected_groups": data_groups,
+    return new_w.astype(weight.dtype), new_b.astype(weight.dtype), {
+            "refit": True, "selection": selection, "data_selected_groups": data_groups,
             "rows": int(m.n), "columns": int(len(channels) * k2), "validated": m_val is not None,
             "ridge": float(np.median(lams)),
             "rel_mse_pruned": before / energy, "rel_mse_refit": after / energy}

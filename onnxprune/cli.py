@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kept grouped kernels with --calib: 'data' also tries a data-aware choice per group and "
                             "keeps the one that refits better; 'weights' keeps the paper's weight-only choice "
                             "(default data)")
+    calib.add_argument("--calib-layers", choices=("all", "pruned"), default="all",
+                       help="layers refit with --calib: 'all' also refits the dense layers after the first pruned one "
+                            "(unpruned Convs, the Gemm head) so upstream error is corrected where it arrives; "
+                            "'pruned' refits only the pruned Convs (default all)")
+    calib.add_argument("--calib-target", choices=("residual", "output"), default="residual",
+                       help="what a Conv feeding a residual Add is fit to: 'residual' makes the Add's output match "
+                            "(it also cancels the error the skip path carries), 'output' only its own output "
+                            "(default residual)")
     p.add_argument("--tickets", nargs="+", default=[], metavar="SNAP.onnx",
                    help="training snapshots (ONNX exports of the same model at earlier epochs) for the "
                         "tickets-magnitude-increase choice of clustering")
@@ -159,7 +167,8 @@ def _run(args) -> int:
                          plan=plan, verify=not args.no_verify, provider=args.provider,
                          target_macs=args.target_macs, target_speedup=args.target_speedup,
                          latency_table=args.latency_table, check_speed=args.check_speed,
-                         calib=args.calib, calib_size=args.calib_size, calib_selection=args.calib_selection)
+                         calib=args.calib, calib_size=args.calib_size, calib_selection=args.calib_selection,
+                         calib_layers=args.calib_layers, calib_target=args.calib_target)
     config.check()
     progress = Progress() if args.quiet else ConsoleProgress(args.verbose)
     model, report = prune(args.input, config, progress)

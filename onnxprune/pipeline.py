@@ -39,6 +39,8 @@ class PruneConfig(PlanOptions):
     calib: object = None  # path (.npz/.npy/folder) or {input name: array}
     calib_size: int | None = None
     calib_selection: str = "data"  # kept channels: "data" (data-aware where it refits better) or "weights" (plan)
+    calib_layers: str = "all"  # refit "all" layers after the first pruned one, or only the "pruned" ones
+    calib_target: str = "residual"  # what a Conv feeding a residual Add is fit to: "residual" (the sum) or "output"
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 
 from graphs import FAMILIES, resnet_basic
 from onnxprune.analysis import find_prunable_convs
-from onnxprune.calibrate import calibrate, im2col, ConvGeometry
+from onnxprune.calibrate import ConvGeometry, calibrate, im2col, ordered_layers, residual_partners
 from onnxprune.cli import main
 from onnxprune.normalize import normalize
 from onnxprune.plan import LayerPlan, Plan
@@ -48,7 +48,7 @@ def test_refit_never_increases_layer_error_and_verifies(family, selection):
     for layer, before in zip(plan.layers, planned):
         layer.validate()  # still sorted, distinct, same count per group
         assert layer.kept_per_group == len(before[0])
-    layers = [e for e in report["layers"] if e["refit"]]
+    layers = [e for e in report["layers"] if e["refit"] and e["pruned"]]
     assert len(layers) == len(plan.layers)
     for entry in layers:
         assert entry["rel_mse_refit"] <= entry["rel_mse_pruned"] + 1e-9, entry
@@ -155,3 +155,74 @@ def test_cli_with_calibration(tmp_path):
                  "--report", str(report), "-q"]) == 0
     layers = json.loads(report.read_text())["calibration"]["layers"]
     assert layers and all(entry["selection"] == "weight-only (plan)" for entry in layers)
+
+
+def _probe(model, names, feeds):
+    """Values of intermediate tensors ``names`` of ``model`` on ``feeds``."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in names:
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return [v.astype(np.float64) for v in session(probe).run(list(names), feeds)]
+
+
+def test_residual_partners_are_the_skip_operands_computed_before_the_conv():
+    model = normalize(resnet_basic().model())
+    plan = hand_plan(model)
+    partners = residual_partners(model, ordered_layers(model, plan))
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    producer = {o: n for n in model.graph.node for o in n.output}
+    # block 1: conv2 + identity (the stem's output); block 2: conv2 comes before the 1x1 shortcut,
+    # so the shortcut Conv is the one fit to the sum, with conv2's output as its partner
+    block1_conv2 = producer[adds[0].input[0]].name
+    shortcut = producer[adds[1].input[1]].name
+    assert partners == {block1_conv2: adds[0].input[1], shortcut: adds[1].input[0]}
+
+
+def test_residual_target_fits_the_sum_the_network_sees():
+    """Fit to the Add's output, the shortcut Conv cancels the error conv2 left in the sum."""
+    model = normalize(resnet_basic().model())
+    feeds = inputs()
+    fit = {k: v[:len(v) - len(v) // 8] for k, v in feeds.items()}  # what calibrate() fits on
+    add = [n for n in model.graph.node if n.op_type == "Add"][1]
+    (reference,) = _probe(model, [add.output[0]], fit)
+    errors, reports = {}, {}
+    for target in ("output", "residual"):
+        config = SimpleNamespace(calib=feeds, calib_size=None, calib_selection="weights", calib_ridge=1e-9,
+                                 calib_target=target, calib_layers="pruned")
+        work, reports[target] = calibrate(model, hand_plan(model), config)
+        (got,) = _probe(work, [add.output[0]], fit)
+        errors[target] = np.sum((got - reference) ** 2)
+    # the shortcut's input is the same in both runs and its refit minimises exactly this error
+    # (up to a 1e-9 ridge) when fit to the sum, so it can only be lower
+    assert errors["residual"] < errors["output"], errors
+    targets = {e["name"]: e["target"] for e in reports["residual"]["layers"]}
+    assert sum(t.startswith("output + residual") for t in targets.values()) == 2
+
+
+def test_dense_layers_after_pruned_ones_are_refit_and_left_unpruned():
+    model = normalize(resnet_basic().model())
+    plan = hand_plan(model)
+    left_dense = plan.layers[2].node  # block 2's first Conv: reads a pruned block's output
+    plan.layers = [layer for layer in plan.layers if layer.node != left_dense]
+    config = SimpleNamespace(calib=inputs(), calib_size=None, calib_layers="all")
+    work, report = calibrate(model, plan, config)
+    entries = {e["name"]: e for e in report["layers"]}
+    gemm = next(n.name for n in model.graph.node if n.op_type == "Gemm")
+    for name in (left_dense, gemm):
+        assert entries[name]["refit"] and not entries[name]["pruned"], entries[name]
+        assert entries[name]["rel_mse_refit"] < entries[name]["rel_mse_pruned"], entries[name]
+    assert plan.by_node().keys().isdisjoint({left_dense, gemm})
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in work.graph.initializer}
+    weight = next(n.input[1] for n in model.graph.node if n.name == left_dense)
+    assert after[weight].shape == before[weight].shape and np.all(after[weight] != 0)
+    assert not np.allclose(after[weight], before[weight])
+    rewritten = apply_plan(work, plan)
+    conv = next(n for n in rewritten.graph.node if n.name == left_dense)
+    assert all(a.i == 1 for a in conv.attribute if a.name == "group")
+    assert verify(work, rewritten, plan, tolerance=1e-4).passed
+    # with only the pruned layers refit, neither is touched
+    config.calib_layers = "pruned"
+    _, report = calibrate(model, plan, config)
+    assert {e["name"] for e in report["layers"]} == set(plan.by_node())
