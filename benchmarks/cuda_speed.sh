@@ -6,8 +6,9 @@
 #       with the CPU and with the (analytical) CUDA cost model, all at the G=8 model's MACs
 #   benchmarks/cuda_speed.sh time DIR [SECONDS]      # on the GPU machine: per dense model,
 #       `onnxprune autotune --provider cuda` (a SECONDS budget, default 90) and one more auto plan
-#       from that measured table (<model>__auto-measured.onnx), then every variant timed with
-#       `onnxprune bench --provider cuda` side by side (interleaved, medians), batch 1, 8 and 32.
+#       from that measured table (<model>__auto-measured.onnx), one more auto plan at 40% of the MACs
+#       (<model>__auto-deeper.onnx), then every variant timed with `onnxprune bench --provider cuda`
+#       side by side (interleaved, medians, inputs and outputs on the GPU), batch 1, 8 and 32.
 #
 # onnxruntime-gpu must be importable (carried wheels: pip install --target, PYTHONPATH). The CUDA
 # and cuDNN libraries of nvidia-* pip packages (e.g. the ones PyTorch brings) are put on
@@ -32,6 +33,7 @@ budget=${3:-90}
 provider=${PROVIDER:-cuda}  # PROVIDER=cpu runs the same steps on the CPU (a dry run of this script)
 batches=${BATCHES:-1,8,32}
 repeat=${REPEAT:-50}
+deeper=${DEEPER:-0.4}  # one more --groups auto model keeping this fraction of the MACs (analytical model)
 libs=$(python3 - <<'PY'
 import glob, os, site
 dirs = {os.path.dirname(p) for s in site.getsitepackages() for p in glob.glob(f"{s}/nvidia/**/lib*.so*", recursive=True)}
@@ -60,8 +62,10 @@ print(f'{g / d:.4f}')" "$dense" "$dir/${name}__g8.onnx")
     python3 -m onnxprune.cli autotune "$dense" --provider "$provider" --max-seconds "$budget" --out "$table"
     python3 -m onnxprune.cli "$dense" "$dir/${name}__auto-measured.onnx" --groups auto --provider "$provider" \
         --target-macs "$target" --latency-table "$table" --no-verify -q
+    python3 -m onnxprune.cli "$dense" "$dir/${name}__auto-deeper.onnx" --groups auto --provider "$provider" \
+        --target-macs "$deeper" --no-verify -q
     models=("$dense")
-    for slug in g8 auto-cpu auto-cuda auto-measured; do
+    for slug in g8 auto-cpu auto-cuda auto-measured auto-deeper; do
         [[ -f "$dir/${name}__${slug}.onnx" ]] && models+=("$dir/${name}__${slug}.onnx")
     done
     echo "== $name: timing ${#models[@]} models on $provider"

@@ -96,12 +96,12 @@ def op_model(op: ConvOp | GatherOp, seed: int = 0) -> onnx.ModelProto:
 
 def measure_op(op, settings, repeat: int = 10, warmup: int = 3) -> float:
     """Median microseconds of one run of ``op`` (Gathers scaled by GATHER_LAYOUT_FACTOR)."""
-    from .bench import interleave, make_feeds, make_session
+    from .bench import interleave, make_feeds, make_session, runner
 
     model = op_model(op)
     sess = make_session(model, settings)
     feeds = make_feeds(model, op.batch)
-    samples = interleave([lambda: sess.run(None, feeds)], repeat, warmup)[0]
+    samples = interleave([runner(sess, feeds, settings)], repeat, warmup)[0]
     us = float(np.median(samples)) * 1e6
     return us * GATHER_LAYOUT_FACTOR if isinstance(op, GatherOp) else us
 

@@ -112,3 +112,18 @@ def test_check_speed_raises_when_slower(monkeypatch):
     monkeypatch.setattr(bench, "interleave", _fake_interleave(10.0, 11.0))
     with pytest.raises(RuntimeError, match="slower than the input"):
         bench.check_speed(model, model, min_seconds=0)
+
+
+def test_device_bound_runner_computes_what_run_computes():
+    """The IOBinding path CUDA timing uses (exercised here on the CPU device) runs the same model."""
+    import numpy as np
+
+    model = vgg().model()
+    settings = Settings("cpu")
+    sess = bench.make_session(model, settings)
+    feeds = bench.make_feeds(model, 2)
+    binding = bench.device_runner(sess, feeds, "cpu")()
+    np.testing.assert_allclose(binding.copy_outputs_to_cpu()[0], sess.run(None, feeds)[0], rtol=1e-5, atol=1e-6)
+    # CPU timing keeps plain run(); only CUDA binds (unless host_io)
+    assert isinstance(bench.runner(sess, feeds, settings)(), list)
+    assert "io" not in settings.as_dict() and "io" in Settings("cuda").as_dict()
