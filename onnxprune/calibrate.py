@@ -126,7 +126,7 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None):
                 entries.append(refit_gemm(work, work.graph.node[position], layer, x, y, ridge))
             else:
                 entries.append(refit_layer(work, work.graph.node[position], layer, x, y, ridge,
-                                           select and node.name not in following))
+                                           select and node.name not in following and not is_disjoint(layer)))
         entries[-1]["pruned"] = node.name not in following
         entries[-1]["target"] = f"output + residual error of {partner!r}" if partner else "output"
     if progress is not None and steps:
@@ -145,6 +145,15 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None):
     report["fidelity"]["on"] = "held-out samples" if _count(held) else "fit samples (too few to hold out)"
     report["wall_s"] = round(time.perf_counter() - started, 3)
     return work, report
+
+
+def is_disjoint(layer: LayerPlan) -> bool:
+    """True when the groups keep pairwise disjoint input channels (the speed planner's disjoint
+    groups). Such a layer needs no Gather, only a channel order its producer can absorb; a
+    data-aware choice per group could make two groups share a channel and bring the Gather back,
+    so these layers keep their partition and are only refit."""
+    kept = [c for group in layer.kept_in_channels for c in group]
+    return layer.groups > 1 and len(set(kept)) == len(kept)
 
 
 def _refit_dense(config) -> bool:

@@ -226,3 +226,23 @@ def test_dense_layers_after_pruned_ones_are_refit_and_left_unpruned():
     config.calib_layers = "pruned"
     _, report = calibrate(model, plan, config)
     assert {e["name"] for e in report["layers"]} == set(plan.by_node())
+
+
+def test_disjoint_groups_keep_their_partition_under_data_selection():
+    """A disjoint layer (every input channel in exactly one group) needs no Gather; data-aware
+    selection must not make two groups share a channel."""
+    model = normalize(FAMILIES["vgg"]().model())
+    plan = hand_plan(model)
+    rng = np.random.default_rng(3)
+    layer = plan.layers[1]
+    channels = rng.permutation(layer.c_in)
+    per = layer.c_in // layer.groups
+    layer.kept_in_channels = [sorted(int(c) for c in channels[g * per:(g + 1) * per]) for g in range(layer.groups)]
+    disjoint = [list(k) for k in layer.kept_in_channels]
+    config = SimpleNamespace(calib=inputs(), calib_size=None, calib_selection="data")
+    work, report = calibrate(model, plan, config)
+    assert layer.kept_in_channels == disjoint
+    entry = next(e for e in report["layers"] if e["name"] == layer.node)
+    assert entry["selection"] == "weight-only (plan)" and entry["rel_mse_refit"] < entry["rel_mse_pruned"]
+    assert sum(e.get("data_selected_groups", 0) for e in report["layers"]) > 0  # the others still choose
+    assert verify(work, apply_plan(work, plan), plan, tolerance=1e-4).passed

@@ -14,7 +14,7 @@ from onnxprune.kernel_selection import n_kept, quantised_similarity, select_grou
 
 def reference_select(group_weight, n_keep, lam="auto", starts=None):
     """Obviously-correct, slow version of the rule in onnxprune.kernel_selection."""
-    n_out, c_in = group_weight.shape[0], group_weight.shape[1]
+    c_in = group_weight.shape[1]
     kernels = []
     for c in range(c_in):
         kernels.append([float(v) for v in group_weight[:, c].ravel()])

@@ -1,8 +1,7 @@
 """Normalization folds per-channel affine ops into Convs without changing outputs."""
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from graphs import GraphBuilder, resnet_basic
 from onnxprune.normalize import normalize, per_channel_vector

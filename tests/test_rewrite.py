@@ -1,6 +1,5 @@
 """End-to-end exactness of the rewrite on every graph family the core must handle."""
 
-import numpy as np
 import onnx
 import pytest
 
