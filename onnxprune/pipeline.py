@@ -112,7 +112,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     if config.calib is not None:
         from .calibrate import calibrate
 
-        progress.stage("calibrating: refitting the kept grouped kernels layer by layer")
+        progress.stage("calibrating: refitting the pruned layers (and the dense ones after them) in graph order")
         model, calibration = calibrate(model, plan, config, progress)
     t = _lap(timings, "calibrate", t)
 
