@@ -112,7 +112,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     if config.calib is not None:
         from .calibrate import calibrate
 
-        progress.stage("calibrating: refitting the pruned layers (and the dense ones after them) in graph order")
+        progress.stage("calibrating: refitting the pruned layers" + (" and the dense ones after them"
+                       if config.calib_layers == "all" else "") + " in graph order")
         model, calibration = calibrate(model, plan, config, progress)
     t = _lap(timings, "calibrate", t)
 
