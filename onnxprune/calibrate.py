@@ -87,7 +87,9 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None):
     """
     started = time.perf_counter()
     ridge = float(getattr(config, "calib_ridge", None) or DEFAULT_RIDGE)
-    select = _data_selection(config)
+    # data-aware kept channels unless asked otherwise or the plan was given by the user
+    # (--plan-in is applied as decided; only its weights are refit)
+    select = _mode(config, "calib_selection", ("data", "weights")) == "data" and getattr(config, "plan", None) is None
     notes: list[str] = []
     feeds = load_calibration_inputs(config.calib, model, getattr(config, "calib_size", None), notes)
     batch, unit = _batch_size(model, feeds, notes)
@@ -96,10 +98,11 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None):
     uncalibrated = masked_model(model, plan)  # before data-aware selection changes the plan
     work, skipped = _masked_copy(model, layers)
 
-    followers = dense_followers(model, layers) if _refit_dense(config) else []
+    followers = dense_followers(model, layers) if _mode(config, "calib_layers", ("all", "pruned")) == "all" else []
     steps = sorted(layers + followers, key=lambda step: step[0])
     following = {node.name for _, node, _ in followers}
-    partners = residual_partners(model, steps) if _residual_targets(config) else {}
+    residual = _mode(config, "calib_target", ("residual", "output")) == "residual"
+    partners = residual_partners(model, steps) if residual else {}
 
     original, pruned = Stream(model, fit, batch), Stream(work, fit, batch)
     entries = []
@@ -156,13 +159,6 @@ def is_disjoint(layer: LayerPlan) -> bool:
     return layer.groups > 1 and len(set(kept)) == len(kept)
 
 
-def _refit_dense(config) -> bool:
-    mode = getattr(config, "calib_layers", None) or "all"
-    if mode not in ("all", "pruned"):
-        raise UserError(f"calibration layers must be 'all' or 'pruned', got {mode!r}")
-    return mode == "all"
-
-
 def dense_followers(model: onnx.ModelProto, layers) -> list[tuple[int, onnx.NodeProto, LayerPlan]]:
     """Layers the plan leaves dense but that read pruned layers' (inexact) outputs: Convs with
     group=1 and a constant 4-D weight, and Gemm heads (``Y = X·Wᵀ + b`` or ``X·W + b``), after
@@ -186,7 +182,7 @@ def dense_followers(model: onnx.ModelProto, layers) -> list[tuple[int, onnx.Node
         weight = index.constant(node.input[1])
         if weight is None or index.use_count(node.input[1]) > 1 or weight.dtype != np.float32:
             continue
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+        bias = _bias_name(node)
         if bias and (index.constant(bias) is None or index.use_count(bias) > 1):
             continue
         if node.op_type == "Conv" and weight.ndim == 4 and get_attr(node, "group", 1) == 1:
@@ -212,21 +208,13 @@ def refit_gemm(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x:
     weight = index.constant(node.input[1])
     trans_b = get_attr(node, "transB", 0)
     w4 = (weight if trans_b else weight.T)[:, :, None, None]
-    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
-    bias = index.constant(bias_name) if bias_name else np.zeros(layer.c_out, dtype=weight.dtype)
+    bias = _bias(index, node, layer.c_out, weight.dtype)
     geo = ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0, 0, 0))
     new_w, new_b, entry = refit_weights(layer, w4, bias, x[:, :, None, None], y[:, :, None, None], geo, ridge, False)
     new_w = new_w[:, :, 0, 0]
     set_initializer(work.graph, node.input[1], np.ascontiguousarray(new_w if trans_b else new_w.T))
     _write_bias(work, index, node, new_b)
     return {"name": node.name, **entry}
-
-
-def _residual_targets(config) -> bool:
-    mode = getattr(config, "calib_target", None) or "residual"
-    if mode not in ("residual", "output"):
-        raise UserError(f"calibration target must be 'residual' or 'output', got {mode!r}")
-    return mode == "residual"
 
 
 def residual_partners(model: onnx.ModelProto, layers) -> dict[str, str]:
@@ -258,13 +246,12 @@ def residual_partners(model: onnx.ModelProto, layers) -> dict[str, str]:
     return partners
 
 
-def _data_selection(config) -> bool:
-    """Data-aware kept channels unless asked otherwise (``calib_selection="weights"``) or the plan
-    was given by the user (``--plan-in`` is applied as decided; only its weights are refit)."""
-    mode = getattr(config, "calib_selection", None) or "data"
-    if mode not in ("data", "weights"):
-        raise UserError(f"calibration kernel selection must be 'data' or 'weights', got {mode!r}")
-    return mode == "data" and getattr(config, "plan", None) is None
+def _mode(config, name: str, choices: tuple[str, ...]) -> str:
+    """``config.<name>`` (the first choice, the default, when unset), checked against ``choices``."""
+    mode = getattr(config, name, None) or choices[0]
+    if mode not in choices:
+        raise UserError(f"{name} must be one of {', '.join(map(repr, choices))}, got {mode!r}")
+    return mode
 
 
 # -- data split ---------------------------------------------------------------------------
@@ -523,8 +510,7 @@ def refit_layer(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x
     """
     index = GraphIndex(work.graph)
     weight = index.constant(node.input[1])
-    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
-    bias = index.constant(bias_name) if bias_name else np.zeros(layer.c_out, dtype=weight.dtype)
+    bias = _bias(index, node, layer.c_out, weight.dtype)
     geo = ConvGeometry.of(node, weight.shape[2:], x.shape[2:])
     new_w, new_b, entry = refit_weights(layer, weight, bias, x, y, geo, ridge, select)
     set_initializer(work.graph, node.input[1], new_w)
@@ -654,9 +640,19 @@ def greedy_channels(m: Moments, rows: np.ndarray, k2: int, n_keep: int, ridge: f
     return sorted(chosen)
 
 
+def _bias_name(node: onnx.NodeProto) -> str:
+    return node.input[2] if len(node.input) > 2 and node.input[2] else ""
+
+
+def _bias(index: GraphIndex, node: onnx.NodeProto, c_out: int, dtype) -> np.ndarray:
+    """The layer's bias (input 2), zeros when it has none."""
+    name = _bias_name(node)
+    return index.constant(name) if name else np.zeros(c_out, dtype=dtype)
+
+
 def _write_bias(work: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto, bias: np.ndarray) -> None:
-    """Write the refit bias; a Conv without one (or sharing one) gets a new initializer."""
-    name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    """Write the refit bias; a layer without one (or sharing one) gets a new initializer."""
+    name = _bias_name(node)
     if not name or index.use_count(name) > 1 or index.constant(name) is None:
         name = NameAllocator(work.graph).new(f"{node.name}.bias")
         while len(node.input) < 3:
