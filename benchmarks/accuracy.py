@@ -59,14 +59,12 @@ def tickets_for(model_path: Path) -> list[str]:
     return sorted(glob.glob(str(model_path.parent / f"{stem}_snap_e*.onnx")))
 
 
-CALIB_TARGET, CALIB_LAYERS = "residual", "all"  # set from the command line
-
-
-def run_onnxprune(model_path: Path, rate: float, groups, calib_size: int | None):
+def run_onnxprune(model_path: Path, rate: float, groups, calib_size: int | None,
+                  calib_target: str = "residual", calib_layers: str = "all"):
     """(pruned ModelProto, report dict, wall seconds)."""
     config = PruneConfig(rate=rate, groups=groups, tickets=tickets_for(model_path),
                          calib=str(CALIB) if calib_size else None, calib_size=calib_size,
-                         calib_target=CALIB_TARGET, calib_layers=CALIB_LAYERS)
+                         calib_target=calib_target, calib_layers=calib_layers)
     started = time.perf_counter()
     pruned, report = prune(str(model_path), config)
     return pruned, report.data, time.perf_counter() - started
@@ -301,8 +299,6 @@ def main(argv=None) -> int:
         data = validation_set()
     else:
         data = load_dataset(str(SAMPLES / "fmnist_eval.npz") if args.subset else None)
-    global CALIB_TARGET, CALIB_LAYERS
-    CALIB_TARGET, CALIB_LAYERS = args.calib_target, args.calib_layers
     print(f"evaluation data: {data.description}")
     tmp = Path("/tmp/onnxprune_accuracy")
     tmp.mkdir(exist_ok=True)
@@ -340,7 +336,7 @@ def main(argv=None) -> int:
                 row(name, rate, groups, "onnxprune (no calibration)", None, target,
                     evaluate(pruned, data)["top1"], dense, wall, f"criterion={crit}")
                 for n in args.calib_sizes:
-                    pruned, rep, wall = run_onnxprune(path, rate, groups, n)
+                    pruned, rep, wall = run_onnxprune(path, rate, groups, n, args.calib_target, args.calib_layers)
                     cal = rep["calibration"]
                     fid = cal["fidelity"]["calibrated"]
                     row(name, rate, groups, "onnxprune --calib", n, rep["macs_after"],
