@@ -84,37 +84,63 @@ def _classify(index: GraphIndex, node: onnx.NodeProto, min_channels: int, exclud
 
 
 def foldable_producer(model_or_index, conv_name: str) -> str | None:
+    """The producer of ``foldable_chain`` (see there), or None."""
+    return foldable_chain(model_or_index, conv_name)[0]
+
+
+def foldable_chain(model_or_index, conv_name: str) -> tuple[str | None, list[str]]:
     """The dense Conv whose output reaches ``conv_name``'s input through a private chain, or None.
 
     The chain may only hold ops that act on each channel alone (activations, pooling,
-    BatchNormalization with constant parameters, arithmetic with a constant) and every tensor on it
-    must have exactly one reader. Then the producer's output channels can be reordered or dropped
+    BatchNormalization with constant parameters, arithmetic with a constant, depthwise Convs —
+    MobileNet's expand → depthwise → project chain) and every tensor on it must have exactly one
+    reader. Then the producer's output channels can be reordered or dropped
     to suit the consumer: a Gather that only permutes (disjoint groups) or selects (G=1) channels
     disappears into the producer's filters, which keeps ORT's blocked layout between layers and,
     for a selection, skips computing channels nobody reads.
+
+    Returns (producer, the depthwise Convs on the chain — narrowed with it), or (None, []).
     """
     index = model_or_index if isinstance(model_or_index, GraphIndex) else GraphIndex(model_or_index.graph)
     node = next((n for n in index.graph.node if n.name == conv_name), None)
     if node is None:
-        return None
+        return None, []
     tensor = node.input[0]
+    depthwise: list[str] = []
     while True:
         if index.use_count(tensor) != 1:
-            return None
+            return None, []
         producer = index.producer.get(tensor)
         if producer is None or not is_default_domain(producer):
-            return None
+            return None, []
+        if producer.op_type == "Conv" and is_depthwise(index, producer):
+            depthwise.append(producer.name)
+            tensor = producer.input[0]  # channel c in, channel c out: a selection passes through
+            continue
         if producer.op_type == "Conv":
             weight = index.constant(producer.input[1]) if len(producer.input) > 1 else None
             biased = len(producer.input) > 2 and producer.input[2]
             if weight is None or get_attr(producer, "group", 1) != 1 or weight.ndim != 4:
-                return None
+                return None, []
             if biased and index.constant(producer.input[2]) is None:
-                return None
-            return producer.name
+                return None, []
+            return producer.name, depthwise
         if not _passes_channel_selection(index, producer):
-            return None
+            return None, []
         tensor = producer.input[0]
+
+
+def is_depthwise(index: GraphIndex, node) -> bool:
+    """A Conv with one constant filter per channel (group = C_in = C_out, depth multiplier 1), a
+    constant bias if any, and one live output: selecting its output channels selects its input
+    channels, filters and bias the same way (its ``group`` becomes the number kept)."""
+    weight = index.constant(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or weight.ndim != 4 or weight.shape[1] != 1 or get_attr(node, "group", 1) != weight.shape[0]:
+        return False
+    if len(node.input) > 2 and node.input[2] and index.constant(node.input[2]) is None:
+        return False
+    live_outputs = [o for o in node.output if o and index.use_count(o)]
+    return live_outputs == [node.output[0]]
 
 
 def _passes_channel_selection(index: GraphIndex, node) -> bool:

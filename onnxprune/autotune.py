@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import UserError, run_reporting_errors
+from .errors import ArgumentParser, run_reporting_errors
 from .latency import AnalyticalModel, ConvOp, GatherOp, MeasuredTable
 
 GATHER_LAYOUT_FACTOR = 3.0
@@ -130,8 +130,8 @@ def autotune(model: onnx.ModelProto, config, settings, repeat: int = 10, max_sec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onnxprune autotune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="onnxprune autotune", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", metavar="table.json",
@@ -150,18 +150,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     from .bench import Settings
-    from .model_io import load_model
+    from .model_io import check_paths, load_model
     from .normalize import normalize
     from .pipeline import PruneConfig
 
     out = Path(args.out) if args.out else Path(args.model).with_suffix(f".latency-{args.provider}.json")
-    if not (out.parent if str(out.parent) else Path(".")).is_dir():
-        raise UserError(f"--out {out}: output folder does not exist")
+    # --out may be an existing table (it is read, extended and replaced atomically), never the model.
+    check_paths([("MODEL.onnx", args.model)], [("--out", str(out))])
+    table = MeasuredTable.load(out, args.provider, label="--out") if out.is_file() else None
     model = normalize(load_model(args.model))
     config = PruneConfig(groups="auto", provider=args.provider, min_channels=args.min_channels,
                          exclude=tuple(args.exclude), target_macs=0.5)
     settings = Settings(args.provider, args.threads)
-    table = MeasuredTable.load(out, args.provider) if out.is_file() else None
     log = lambda msg: print(f"onnxprune autotune: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     table = autotune(model, config, settings, args.repeat, args.max_seconds, table, log)
     table.save(out)

@@ -18,13 +18,12 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import onnx
 
-from .errors import UserError, run_reporting_errors
+from .errors import ArgumentParser, UserError, run_reporting_errors
 from .verify import random_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -252,8 +251,8 @@ def check_speed(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onnxprune bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="onnxprune bench", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", metavar="MODEL.onnx", help="models to compare; ratios are to the first")
     p.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes for models with a symbolic batch "
@@ -284,13 +283,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from .model_io import load_model, write_text_atomic
+    from .model_io import check_paths, load_model, write_text_atomic
 
     batches = parse_batches(args.batch)
     if args.threads < 0 or args.repeat < 1 or args.warmup < 0:
         raise UserError("--threads must be >= 0, --repeat >= 1, --warmup >= 0")
-    if args.json and not (Path(args.json).parent if str(Path(args.json).parent) else Path(".")).is_dir():
-        raise UserError(f"--json {args.json}: output folder does not exist")
+    check_paths([("MODEL.onnx", path) for path in args.models], [("--json", args.json)])
     models = [load_model(path) for path in args.models]
     settings = Settings(args.provider, args.threads, args.cudnn_conv_algo_search, args.host_io)
     report = compare(models, [str(p) for p in args.models], batches, settings, args.repeat, args.warmup)

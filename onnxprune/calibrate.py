@@ -77,6 +77,7 @@ MIN_SAMPLES_FOR_HOLDOUT = 16
 VALIDATE_BELOW_ROWS_PER_UNKNOWN = 20  # fewer rows per refit unknown: validate ridge and kept sets
 RIDGE_GRID = (1.0, 10.0, 100.0)
 GREEDY_BUDGET = 2e10  # flops (groups·n_keep·D²·k²) above this: one-shot channel ranking, not greedy
+GREEDY_STEPS = 96  # layers wider than this add C_in/GREEDY_STEPS channels per greedy step (narrower: one)
 
 
 def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None):
@@ -553,7 +554,8 @@ def refit_weights(layer: LayerPlan, weight: np.ndarray, bias: np.ndarray, x: np.
         b0 = bias[rows].astype(np.float64)
         candidates = [list(planned)]
         if select:
-            chosen = greedy_channels(m if m_train is None else m_train, rows, k2, len(planned), ridge, greedy == "greedy")
+            chosen = greedy_channels(m if m_train is None else m_train, rows, k2, len(planned), ridge, greedy == "greedy",
+                                     chunk=max(1, len(channels) // GREEDY_STEPS))
             if chosen != candidates[0]:
                 candidates.append(chosen)
         best = None
@@ -605,39 +607,52 @@ def fit_group(m: Moments, m_train, m_val, idx, rows, w0, b0, ridge: float):
 
 
 def greedy_channels(m: Moments, rows: np.ndarray, k2: int, n_keep: int, ridge: float,
-                    greedy: bool = True) -> list[int]:
+                    greedy: bool = True, nested: bool = False, chunk: int = 1) -> list[int]:
     """Data-aware grouped-kernel choice: greedily add the input channel whose k×k block explains
     most of the group's remaining output variance (block forward selection on the moments).
 
     Keeps the residual covariance of all columns after projecting out the chosen ones, so each
     step is one rank-k² update; ``m`` must cover all input channels in order. With
     ``greedy=False`` (very wide layers, where the updates would cost minutes) the channels are
-    ranked once by their individual gain instead.
+    ranked once by their individual gain instead. ``nested=True`` returns the channels in the
+    order they were chosen (every prefix is the choice for that many channels), else sorted.
+    ``chunk > 1`` adds that many channels per step (the best by current gain): coarser, but
+    ``chunk`` times fewer updates — the sensitivity curves order every channel of every layer.
     """
     mu = m.sx / m.n
     cov = m.xx / m.n - np.outer(mu, mu)
     cross = m.xy[:, rows] / m.n - np.outer(mu, m.sy[rows] / m.n)
     d = cov.shape[0]
     c = d // k2
-    lam = ridge * max(np.trace(cov) / d, 1e-12) * np.eye(k2)
+    lam_scalar = ridge * max(np.trace(cov) / d, 1e-12)
+    lam = lam_scalar * np.eye(k2)
     available = np.ones(c, dtype=bool)
-    chosen = []
-    for _ in range(n_keep):
+    chosen: list[int] = []
+    while len(chosen) < n_keep:
         diag = cov.reshape(c, k2, c, k2)[np.arange(c), :, np.arange(c), :]  # [c, k2, k2]
         blocks = cross.reshape(c, k2, -1)
         gain = np.einsum("ckr,ckr->c", blocks, np.linalg.solve(diag + lam, blocks))
         gain[~available] = -np.inf
         if not greedy:
-            return sorted(int(i) for i in np.argsort(-gain, kind="stable")[:n_keep])
-        best = int(np.argmax(gain))
-        chosen.append(best)
-        available[best] = False
-        cols = slice(best * k2, (best + 1) * k2)
-        inv = np.linalg.inv(cov[cols, cols] + lam)
+            ranked = [int(i) for i in np.argsort(-gain, kind="stable")[:n_keep]]
+            return ranked if nested else sorted(ranked)
+        take = min(chunk, n_keep - len(chosen))
+        if take == 1:
+            best = int(np.argmax(gain))
+            chosen.append(best)
+            available[best] = False
+            cols = slice(best * k2, (best + 1) * k2)
+            inv = np.linalg.inv(cov[cols, cols] + lam)
+        else:
+            picked = [int(i) for i in np.argsort(-gain, kind="stable")[:take]]
+            chosen.extend(picked)
+            available[picked] = False
+            cols = np.concatenate([np.arange(i * k2, (i + 1) * k2) for i in picked])
+            inv = np.linalg.inv(cov[np.ix_(cols, cols)] + lam_scalar * np.eye(len(cols)))
         side = cov[:, cols] @ inv
         cross = cross - side @ cross[cols]
         cov = cov - side @ cov[cols]
-    return sorted(chosen)
+    return chosen if nested else sorted(chosen)
 
 
 def _bias_name(node: onnx.NodeProto) -> str:

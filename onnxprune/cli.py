@@ -1,19 +1,24 @@
 """Command line: ``onnxprune IN.onnx OUT.onnx [options]`` and ``onnxprune eval ...``.
 
 Exit codes: 0 success; 2 bad usage or an input that cannot be processed (one line on stderr,
-no traceback, no OUT written); 1 when the pass itself fails (e.g. verification).
+no traceback, no output written); 1 when the pass itself fails (e.g. verification); 130 Ctrl-C.
+Every output must differ from every input and from the other outputs (checked before any work);
+all outputs are written together at the end, or none.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import difflib
 import sys
+from collections import Counter
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError, run_reporting_errors
-from .model_io import save_model, write_text_atomic
+from .analysis import conv_nodes
+from .errors import ArgumentParser, UserError, run_reporting_errors
+from .model_io import check_paths, load_model, model_writer, text_writer, write_files
+from .normalize import name_unnamed_nodes
 from .pipeline import Progress, PruneConfig, prune
 from .plan import Plan
 
@@ -49,9 +54,21 @@ def _groups_arg(text: str):
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
+def _agreement_arg(text: str):
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], 'auto' or 'off', got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onnxprune", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="onnxprune", description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="IN.onnx", help="model to prune (never modified)")
     p.add_argument("output", metavar="OUT.onnx", help="where to write the pruned model (atomically)")
     p.add_argument("--rate", type=float, default=0.4375,
@@ -72,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-layer latencies measured by 'onnxprune autotune' (default: analytical model)")
     speed.add_argument("--check-speed", action="store_true",
                        help="measure the pruned model against the input and fail if it is slower")
+    fid = p.add_argument_group("fidelity-aware planning (with --groups auto)")
+    fid.add_argument("--planner", choices=("fidelity", "speed"), default="fidelity",
+                     help="'fidelity': measure on --calib data how much each candidate cut changes the output and "
+                          "spend the MACs budget where it changes least (without --calib a weight-norm proxy: "
+                          "fidelity unmeasured); 'speed': the same cut rate everywhere, fastest layout per layer "
+                          "(default fidelity)")
+    fid.add_argument("--min-agreement", type=_agreement_arg, default="auto", metavar="P",
+                     help="fidelity budget: the deepest plan (not deeper than --rate/--target-macs) whose top-1 "
+                          "agreement with the input model on held-out calibration inputs is at least P; 'off' "
+                          "disables it (default: 0.95 with --calib and no --target-macs/--target-speedup, else off)")
     calib = p.add_argument_group("calibration-data recovery")
     calib.add_argument("--calib", metavar="DATA",
                        help="unlabelled inputs (.npz with one array per input name or a single array, .npy, "
@@ -141,45 +168,83 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_paths(args) -> None:
-    src, dst = Path(args.input), Path(args.output)
-    if not src.is_file():
-        raise UserError(f"{src}: no such file")
-    if src.resolve() == dst.resolve() or (dst.exists() and os.path.samefile(src, dst)):
-        raise UserError("OUT.onnx must differ from IN.onnx (the input is never overwritten)")
-    for path in [dst] + [Path(p) for p in (args.report, args.plan_out) if p]:
-        folder = path.parent if str(path.parent) else Path(".")
-        if not folder.is_dir():
-            raise UserError(f"{path}: output folder {folder} does not exist")
-    for ticket in args.tickets:
-        if not Path(ticket).is_file():
-            raise UserError(f"--tickets {ticket}: no such file")
-    if args.plan_in and not Path(args.plan_in).is_file():
-        raise UserError(f"--plan-in {args.plan_in}: no such file")
+    inputs = [("IN.onnx", args.input), *(("--tickets", t) for t in args.tickets), ("--calib", args.calib),
+              ("--plan-in", args.plan_in), ("--latency-table", args.latency_table)]
+    outputs = [("OUT.onnx", args.output), ("--report", args.report), ("--plan-out", args.plan_out)]
+    check_paths(inputs, outputs, folders=("--calib",))
+
+
+def _read_plan(path: str) -> Plan:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--plan-in {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        return Plan.from_json(text)
+    except UserError as exc:
+        raise UserError(f"--plan-in {path}: {exc}") from None
+
+
+def _check_exclude(model, exclude) -> None:
+    """Every ``--exclude`` name must be a Conv of ``model`` (named as plans and reports name them)."""
+    name_unnamed_nodes(model.graph)
+    convs = [node.name for node in conv_nodes(model.graph)]
+    unknown = [name for name in exclude if name not in set(convs)]
+    if unknown:
+        close = {c for name in unknown for c in difflib.get_close_matches(name, convs, n=3)}
+        shown = [c for c in convs if c in close] or convs[:5]
+        more = ", ..." if len(convs) > len(shown) else ""
+        raise UserError(f"--exclude: no Conv node named {', '.join(map(repr, unknown))}; Conv nodes: "
+                        f"{', '.join(shown) or 'none'}{more}")
 
 
 def _run(args) -> int:
     _check_paths(args)
-    plan = Plan.from_json(Path(args.plan_in).read_text()) if args.plan_in else None
-    if args.calib and not Path(args.calib).exists():
-        raise UserError(f"--calib {args.calib}: no such file or folder")
+    plan = _read_plan(args.plan_in) if args.plan_in else None
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     config = PruneConfig(rate=args.rate, groups=args.groups, criterion=args.criterion, seed=args.seed,
                          min_channels=args.min_channels, exclude=tuple(args.exclude), tickets=list(args.tickets),
                          plan=plan, verify=not args.no_verify, provider=args.provider,
                          target_macs=args.target_macs, target_speedup=args.target_speedup,
                          latency_table=args.latency_table, check_speed=args.check_speed,
                          calib=args.calib, calib_size=args.calib_size, calib_selection=args.calib_selection,
-                         calib_layers=args.calib_layers, calib_target=args.calib_target)
+                         calib_layers=args.calib_layers, calib_target=args.calib_target,
+                         planner=args.planner, min_agreement=args.min_agreement)
     config.check()
+    model = load_model(args.input)
+    _check_exclude(model, args.exclude)
     progress = Progress() if args.quiet else ConsoleProgress(args.verbose)
-    model, report = prune(args.input, config, progress)
-    save_model(model, args.output)
+    model, report = prune(model, config, progress)
+    outputs = {args.output: model_writer(model, args.output)}
     if args.plan_out:
-        write_text_atomic(args.plan_out, report.plan.to_json())
+        outputs[args.plan_out] = text_writer(report.plan.to_json())
     if args.report:
-        write_text_atomic(args.report, report.to_json())
+        outputs[args.report] = text_writer(report.to_json())
+    write_files(outputs)
     if not args.quiet:
         print(summary(report.data, args.output), file=sys.stderr)
+    warning = nothing_pruned_warning(report.data)
+    if warning:  # printed even with -q: the output is the input, which is rarely what was meant
+        print(f"onnxprune: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def nothing_pruned_warning(report: dict) -> str | None:
+    """Why no Conv was pruned (None if some were): the commonest skip reason, with a hint for a
+    ``--groups`` that divides no layer's output channels."""
+    if report["convs_pruned"]:
+        return None
+    skipped = [layer for layer in report["layers"] if "skipped" in layer]
+    if not skipped:
+        return "no Conv was pruned: the model has no Conv"
+    undivided = [layer for layer in skipped if "not divisible by groups" in layer["skipped"]]
+    if undivided:
+        return (f"no Conv was pruned: {len(undivided)} of {len(skipped)} Convs have C_out not divisible by "
+                f"--groups (e.g. {undivided[0]['name']}: {undivided[0]['skipped']}); "
+                "choose a --groups that divides their output channels")
+    reason, count = Counter(layer["skipped"] for layer in skipped).most_common(1)[0]
+    return f"no Conv was pruned: {count} of {len(skipped)} Convs skipped because {reason}"
 
 
 def summary(report: dict, output: str) -> str:
@@ -196,6 +261,13 @@ def summary(report: dict, output: str) -> str:
         lines.append(f"  calibrated on {calib['fit_samples']} inputs: top-1 agreement with the original on "
                      f"{fid['samples']} held-out inputs {100 * fid['uncalibrated']['top1_agreement']:.1f}% -> "
                      f"{100 * fid['calibrated']['top1_agreement']:.1f}%")
+    search = report.get("budget")
+    if search:
+        lines.append(f"  fidelity budget {100 * search['min_agreement']:.0f}% top-1 agreement: "
+                     f"{'met' if search['met'] else 'NOT met'} ({search['note']})")
+    if report.get("sensitivity") and not str(report["sensitivity"]["source"]).startswith("calibration"):
+        lines.append("  fidelity unmeasured: no --calib (cuts ranked by weight norms; expect a large accuracy loss "
+                     "on real models without calibration data)")
     if report["verify"]:
         v = report["verify"]
         lines.append(f"  verify: max relative diff {v['max_rel_diff']:.2e} vs masked original (tolerance {v['tolerance']:g})")

@@ -14,10 +14,11 @@ CLI (wired as ``onnxprune eval``)::
 
 Data: images are float32 ``N x 1 x H x W`` in [0, 1] (the sample models normalise inside
 their graph). ``.npz`` files need ``images`` (uint8 0..255, or float already in [0, 1]; shape
-``N x H x W`` or ``N x C x H x W``) and integer ``labels`` (N). The default data is the full
-10,000-image Fashion-MNIST test set when ``/usr/share/datasets/fashion-mnist/t10k-*.gz`` exists
-(Debian package ``dataset-fashion-mnist``), else the committed class-balanced 2,000-image subset
-``samples/fmnist_eval.npz``; the returned description says which was used.
+``N x H x W`` or ``N x C x H x W``) and integer ``labels`` (N). ``--data`` needs nothing else
+installed. Without it the data is the full 10,000-image Fashion-MNIST test set when
+``/usr/share/datasets/fashion-mnist/t10k-*.gz`` exists (Debian package ``dataset-fashion-mnist``),
+else the class-balanced 2,000-image subset ``samples/fmnist_eval.npz`` of a source checkout (a
+wheel install has neither: pass ``--data``); the returned description says which was used.
 
 Inference uses onnxruntime's CPUExecutionProvider so results do not depend on a GPU.
 No torch import here: torch is not a runtime dependency.
@@ -38,7 +39,7 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
 
-from onnxprune.errors import UserError
+from onnxprune.errors import ArgumentParser, UserError, run_reporting_errors
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
@@ -71,8 +72,9 @@ def _read_idx(path: Path) -> np.ndarray:
         raise UserError(f"cannot read IDX file {path}: {e}") from None
 
 
-def full_test_set_available(fmnist_dir: Path = FMNIST_DIR) -> bool:
-    return (fmnist_dir / FMNIST_TEST_IMAGES).is_file() and (fmnist_dir / FMNIST_TEST_LABELS).is_file()
+def full_test_set_available(fmnist_dir: Union[str, Path, None] = None) -> bool:
+    d = FMNIST_DIR if fmnist_dir is None else Path(fmnist_dir)
+    return (d / FMNIST_TEST_IMAGES).is_file() and (d / FMNIST_TEST_LABELS).is_file()
 
 
 def _to_float_images(images: np.ndarray, source: str) -> np.ndarray:
@@ -124,12 +126,12 @@ def load_npz(path: Union[str, Path]) -> Dataset:
     return Dataset(x, y, f"{path} ({len(x):,} images)")
 
 
-def load_full_test_set(fmnist_dir: Union[str, Path] = FMNIST_DIR) -> Dataset:
+def load_full_test_set(fmnist_dir: Union[str, Path, None] = None) -> Dataset:
     """The full 10,000-image Fashion-MNIST test set from the IDX files."""
-    d = Path(fmnist_dir)
+    d = FMNIST_DIR if fmnist_dir is None else Path(fmnist_dir)
     if not full_test_set_available(d):
         raise UserError(f"full Fashion-MNIST test set not found in {d} (need {FMNIST_TEST_IMAGES} "
-                        f"and {FMNIST_TEST_LABELS}; apt-get install dataset-fashion-mnist)")
+                        f"and {FMNIST_TEST_LABELS}; apt-get install dataset-fashion-mnist, or pass --data X.npz)")
     images = _read_idx(d / FMNIST_TEST_IMAGES)
     labels = _read_idx(d / FMNIST_TEST_LABELS)
     x = _to_float_images(images, str(d))
@@ -152,20 +154,45 @@ def load_dataset(path: Union[str, Path, None] = None, *, prefer: str = "auto") -
     """Evaluation data as ``Dataset(images, labels, description)``.
 
     ``path``: an explicit ``.npz`` (wins over everything). Otherwise ``prefer``: ``"auto"`` uses
-    the full 10k test set when its IDX files are installed, else the committed 2k subset;
-    ``"full"`` requires the full set; ``"subset"`` forces the committed subset.
+    the full 10k test set when its IDX files are installed, else the committed 2k subset (a
+    UserError saying to pass ``--data`` when neither is installed); ``"full"`` requires the full
+    set; ``"subset"`` forces the committed subset.
     """
     if path is not None:
         return load_npz(path)
-    if prefer == "full":
+    if _default_source(prefer) == "full":
         return load_full_test_set()
-    if prefer == "subset":
-        return load_subset()
+    return load_subset()
+
+
+def _default_source(prefer: str) -> str:
+    """``"full"`` or ``"subset"``: the data ``load_dataset(None, prefer=prefer)`` reads."""
+    if prefer in ("full", "subset"):
+        return prefer
     if prefer != "auto":
         raise ValueError(f"prefer must be 'auto', 'full' or 'subset', not {prefer!r}")
     if full_test_set_available():
-        return load_full_test_set()
-    return load_subset()
+        return "full"
+    if not SUBSET_PATH.is_file():
+        raise UserError(f"no evaluation data: pass --data X.npz (the default data is not installed: "
+                        f"neither the Fashion-MNIST test set in {FMNIST_DIR} nor the subset {SUBSET_PATH})")
+    return "subset"
+
+
+def data_files(path: Union[str, Path, None] = None, *, prefer: str = "auto") -> list[Path]:
+    """The files ``load_dataset(path, prefer=prefer)`` would read (its missing-data UserErrors
+    come first), so the CLI can check its outputs against them before loading anything."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise UserError(f"data file not found: {path}")
+        return [Path(path)]
+    if _default_source(prefer) == "full":
+        if not full_test_set_available():
+            load_full_test_set()  # raises its "not found" error
+        return [FMNIST_DIR / FMNIST_TEST_IMAGES, FMNIST_DIR / FMNIST_TEST_LABELS]
+    if not SUBSET_PATH.is_file():
+        load_subset()  # raises its "not found" error
+    return [SUBSET_PATH]
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -387,13 +414,8 @@ def format_report(r: dict) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump; main() turns it into exit 2
-        raise UserError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="onnxprune eval",
         description="Top-1 accuracy of an ONNX classifier on Fashion-MNIST (or any .npz with "
                     "'images' and 'labels'), optionally with fidelity to a reference model.",
@@ -415,34 +437,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``onnxprune eval`` entry point; returns the exit code (0 ok, 2 user error)."""
+    """``onnxprune eval`` entry point; returns the exit code (0 ok, 2 user error, see
+    ``run_reporting_errors``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-        model_path = Path(args.model)
-        if not model_path.is_file():
-            raise UserError(f"model file not found: {model_path}")
-        if args.reference is not None and not Path(args.reference).is_file():
-            raise UserError(f"reference model file not found: {args.reference}")
-        prefer = "full" if args.full else "subset" if args.subset else "auto"
-        data = load_dataset(args.data, prefer=prefer)
-        report = evaluate(model_path, data, reference=args.reference, batch_size=args.batch_size)
-        print(format_report(report))
-        if args.json:
-            try:
-                Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-            except OSError as e:
-                raise UserError(f"cannot write {args.json}: {e.strerror or e}") from None
-            print(f"wrote {args.json}")
-        return 0
-    except UserError as e:
-        msg = " ".join(str(e).split())
-        print(f"onnxprune eval: error: {msg}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
+    except SystemExit as e:  # --help (0) or a usage error (2, its one line already printed)
         return int(e.code or 0) if isinstance(e.code, int) else 0
+    return run_reporting_errors("onnxprune eval", _run, args)
+
+
+def _run(args) -> int:
+    from .model_io import check_paths, write_text_atomic
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        raise UserError(f"model file not found: {model_path}")
+    if args.reference is not None and not Path(args.reference).is_file():
+        raise UserError(f"reference model file not found: {args.reference}")
+    prefer = "full" if args.full else "subset" if args.subset else "auto"
+    data_label = "--data" if args.data is not None else "the evaluation data"
+    inputs = [("MODEL.onnx", args.model), ("--reference", args.reference),
+              *((data_label, str(path)) for path in data_files(args.data, prefer=prefer))]
+    check_paths(inputs, [("--json", args.json)])
+    data = load_dataset(args.data, prefer=prefer)
+    report = evaluate(model_path, data, reference=args.reference, batch_size=args.batch_size)
+    print(format_report(report))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -211,24 +211,57 @@ class MeasuredTable:
         write_text_atomic(path, self.to_json())
 
     @classmethod
-    def load(cls, path, provider: str | None = None) -> "MeasuredTable":
+    def load(cls, path, provider: str | None = None, label: str = "--latency-table") -> "MeasuredTable":
+        """The table at ``path``; any problem is a one-line UserError starting with ``label path``."""
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"--latency-table {path}: no such file")
+            raise UserError(f"{label} {path}: no such file")
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"--latency-table {path}: not valid JSON ({exc})") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of > 4300 digits
+            raise UserError(f"{label} {path}: not valid JSON ({exc})") from None
+        except OSError as exc:
+            raise UserError(f"{label} {path}: cannot read it ({exc.strerror or exc})") from None
         if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
-            raise UserError(f"--latency-table {path}: not an onnxprune latency table "
+            raise UserError(f"{label} {path}: not an onnxprune latency table "
                             f"(expected \"format\": \"{TABLE_FORMAT}\"; make one with 'onnxprune autotune')")
         if data.get("version") != TABLE_VERSION:
-            raise UserError(f"--latency-table {path}: version {data.get('version')} is not supported")
-        if provider is not None and data.get("provider") != provider:
-            raise UserError(f"--latency-table {path} was measured on provider {data.get('provider')!r}, "
+            raise UserError(f"{label} {path}: version {data.get('version')} is not supported")
+        try:
+            table_provider, entries, meta = _check_table(data)
+        except ValueError as exc:
+            raise UserError(f"{label} {path}: {exc} (remake it with 'onnxprune autotune')") from None
+        if provider is not None and table_provider != provider:
+            raise UserError(f"{label} {path} was measured on provider {table_provider!r}, "
                             f"not {provider!r}")
-        entries = {str(k): float(v) for k, v in data.get("entries_us", {}).items()}
-        return cls(data["provider"], entries, data.get("meta", {}))
+        return cls(table_provider, entries, meta)
+
+
+def _check_table(data: dict) -> tuple[str, dict[str, float], dict]:
+    """The provider, entries and meta of a table's JSON; ValueError says what is malformed."""
+    provider = data.get("provider")
+    if not isinstance(provider, str) or provider not in PROFILES:
+        raise ValueError(f"\"provider\" must be one of {', '.join(map(repr, PROFILES))}, got {provider!r}")
+    raw = data.get("entries_us", {})
+    if not isinstance(raw, dict):
+        raise ValueError(f"\"entries_us\" must be an object of op keys to microseconds, "
+                         f"got {type(raw).__name__}")
+    entries = {}
+    for key, value in raw.items():
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond float range
+                pass
+        if number is None or not math.isfinite(number) or number < 0:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ValueError(f"entry {key!r} must be a finite number of microseconds >= 0, got {shown}")
+        entries[str(key)] = number
+    meta = data.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError(f"\"meta\" must be an object, got {type(meta).__name__}")
+    return provider, entries, meta
 
 
 def parse_key(key: str) -> ConvOp | GatherOp | None:

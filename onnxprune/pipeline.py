@@ -41,6 +41,9 @@ class PruneConfig(PlanOptions):
     calib_selection: str = "data"  # kept channels: "data" (data-aware where it refits better) or "weights" (plan)
     calib_layers: str = "all"  # refit "all" layers after the first pruned one, or only the "pruned" ones
     calib_target: str = "residual"  # what a Conv feeding a residual Add is fit to: "residual" (the sum) or "output"
+    # fidelity-aware planning (see fidelity_plan.py, budget.py)
+    planner: str = "fidelity"  # "fidelity": cuts chosen by measured output change per MAC; "speed": rate scan
+    min_agreement: float | str | None = "auto"  # top-1 agreement budget on held-out calibration inputs
 
 
 @dataclass
@@ -83,25 +86,41 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
             snapshots.append(normalize(load_model(ticket)))
         except UserError as exc:
             raise UserError(f"ticket snapshot #{i + 1}: {exc}") from None
+    feeds = None
     if config.calib is not None:
         from .calib_data import load_calibration_inputs
 
-        load_calibration_inputs(config.calib, original, config.calib_size)  # fail before minutes of work
+        feeds = load_calibration_inputs(config.calib, original, config.calib_size)  # fail before minutes of work
     t = _lap(timings, "load", started)
 
     progress.stage("normalizing (folding BatchNormalization and per-channel affine ops)")
     model = normalize(original)
     t = _lap(timings, "normalize", t)
 
-    speed_plan = None
-    if config.plan is None:
-        if config.groups == "auto" or config.target_macs is not None or config.target_speedup is not None:
-            from .speed_plan import describe, plan_speed
+    speed_plan = search = fidelity_planner = None
+    budget = resolve_min_agreement(config)
+    auto = config.plan is None and (config.groups == "auto" or config.target_macs is not None
+                                    or config.target_speedup is not None)
+    if auto and config.planner == "speed":
+        from .speed_plan import describe, plan_speed
 
-            progress.stage(f"choosing groups and kept channels per layer for the {config.provider} provider")
-            speed_plan = plan_speed(model, config)
-            progress.stage(describe(speed_plan))
-            config = replace(config, layer_configs=speed_plan.configs)
+        progress.stage(f"choosing groups and kept channels per layer for the {config.provider} provider")
+        speed_plan = plan_speed(model, config)
+        progress.stage(describe(speed_plan))
+        config = replace(config, layer_configs=speed_plan.configs)
+    elif auto:
+        from .fidelity_plan import FidelityPlanner
+        from .speed_plan import describe
+
+        progress.stage("measuring how much each candidate cut changes the output on the calibration data"
+                       if feeds else "ranking candidate cuts by a data-free proxy (no --calib: fidelity unmeasured)")
+        fidelity_planner = FidelityPlanner(model, config, feeds, progress.layer)
+        target = fidelity_planner.default_target()
+        speed_plan, _ = fidelity_planner.plan(target, config.target_speedup)
+        t = _lap(timings, "sensitivity", t)
+        progress.stage(describe(speed_plan))
+        config = replace(config, layer_configs=speed_plan.configs)
+    if config.plan is None:
         progress.stage("planning")
         plan = plan_model(model, config, snapshots, progress.layer)
     else:
@@ -114,7 +133,19 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
         progress.stage("calibrating: refitting the pruned layers" + (" and the dense ones after them"
                        if config.calib_layers == "all" else "") + " in graph order")
-        model, calibration = calibrate(model, plan, config, progress)
+        calibrated, calibration = calibrate(model, plan, config, progress)
+        if fidelity_planner is not None and budget is not None:
+            from .budget import search_budget
+
+            def plan_and_calibrate(candidate):
+                trial = replace(config, layer_configs=candidate.configs)
+                trial_plan = plan_model(model, trial, snapshots, None)
+                return (trial_plan, *calibrate(model, trial_plan, trial, None))
+
+            search = search_budget(fidelity_planner, target, budget, speed_plan, (plan, calibrated, calibration),
+                                   plan_and_calibrate, progress)
+            speed_plan, (plan, calibrated, calibration) = search.chosen_plan, search.chosen
+        model = calibrated
     t = _lap(timings, "calibrate", t)
 
     progress.stage("rewriting")
@@ -150,12 +181,43 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         "rate": speed_plan.rate, "predicted_speedup": round(speed_plan.predicted_speedup, 3),
         "predicted_macs_ratio": round(speed_plan.macs_ratio, 4), "cost_model": speed_plan.cost_source,
         "notes": speed_plan.notes}
+    if fidelity_planner is not None:
+        report["auto"]["planner"] = "fidelity"
+        report["sensitivity"] = fidelity_planner.sensitivity_report()
+    report["budget"] = None if search is None else search.as_dict()
     report["calibration"] = calibration
     report["speed"] = speed
     _lap(timings, "report", t)
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
     return pruned, Report(report, plan)
+
+
+DEFAULT_MIN_AGREEMENT = 0.95
+
+
+def resolve_min_agreement(config: PruneConfig) -> float | None:
+    """The fidelity budget in force: an explicit ``min_agreement``; with ``"auto"`` (the default)
+    ``DEFAULT_MIN_AGREEMENT`` when calibration data is given and no explicit MACs/speed target
+    is (an explicit target is the user's choice and is kept); else none."""
+    if config.planner not in ("fidelity", "speed"):
+        raise UserError(f"--planner must be 'fidelity' or 'speed', got {config.planner!r}")
+    value = config.min_agreement
+    fidelity_auto = config.plan is None and config.planner == "fidelity" and (
+        config.groups == "auto" or config.target_macs is not None or config.target_speedup is not None)
+    if value == "auto":
+        explicit = config.target_macs is not None or config.target_speedup is not None
+        return DEFAULT_MIN_AGREEMENT if fidelity_auto and config.calib is not None and not explicit else None
+    if value is None:
+        return None
+    value = float(value)
+    if not 0.0 < value <= 1.0:
+        raise UserError(f"--min-agreement is a fraction in (0, 1], got {value}")
+    if config.calib is None:
+        raise UserError("--min-agreement needs --calib (agreement is measured on held-out calibration inputs)")
+    if not fidelity_auto:
+        raise UserError("--min-agreement needs the fidelity planner (--groups auto, no --plan-in, no --planner speed)")
+    return value
 
 
 def _lap(timings: dict, name: str, since: float) -> float:

@@ -14,6 +14,7 @@ Per pruned Conv the plan holds:
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -61,6 +62,8 @@ class LayerPlan:
 
     def validate(self) -> None:
         where = f"plan layer {self.node!r}"
+        if self.c_out < 1 or self.c_in < 1:
+            raise UserError(f"{where}: c_out and c_in must be positive, got {self.c_out} and {self.c_in}")
         if self.groups < 1 or self.c_out % self.groups:
             raise UserError(f"{where}: groups={self.groups} does not divide c_out={self.c_out}")
         if sorted(self.filter_order) != list(range(self.c_out)):
@@ -99,11 +102,60 @@ class Plan:
             raise UserError(f"not an onnxprune plan (expected \"format\": \"{PLAN_FORMAT}\")")
         if data.get("version") != PLAN_VERSION:
             raise UserError(f"plan version {data.get('version')} is not supported (expected {PLAN_VERSION})")
-        try:
-            layers = [LayerPlan(**layer) for layer in data["layers"]]
-        except (KeyError, TypeError) as exc:
-            raise UserError(f"plan layer entry is malformed: {exc}") from None
-        plan = cls(layers=layers, skipped=list(data.get("skipped", [])), options=dict(data.get("options", {})))
+        _check_type("plan", "layers", data.get("layers"), _is_list_of(_is(dict)), "a list of layer objects")
+        _check_type("plan", "skipped", data.get("skipped", []), _is_list_of(_is(dict)), "a list of objects")
+        _check_type("plan", "options", data.get("options", {}), _is(dict), "an object")
+        for layer in data["layers"]:
+            _check_layer_fields(layer)
+        for entry in data.get("skipped", []):
+            for key in ("node", "reason"):
+                _check_type("plan skipped entry", key, entry.get(key), _is(str), "a string")
+        plan = cls(layers=[LayerPlan(**layer) for layer in data["layers"]],
+                   skipped=list(data.get("skipped", [])), options=dict(data.get("options", {})))
         for layer in plan.layers:
             layer.validate()
+        repeated = sorted(name for name, n in Counter(layer.node for layer in plan.layers).items() if n > 1)
+        if repeated:
+            raise UserError(f"plan lists Conv {', '.join(map(repr, repeated))} more than once")
         return plan
+
+
+def _is(kind):
+    return lambda value: isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _is_list_of(check):
+    return lambda value: isinstance(value, list) and all(check(v) for v in value)
+
+
+_INTS = _is_list_of(_is(int))
+# LayerPlan field -> (check, what the JSON value must be)
+_LAYER_FIELDS = {
+    "node": (_is(str), "a string"), "weight": (_is(str), "a string"),
+    "c_out": (_is(int), "an integer"), "c_in": (_is(int), "an integer"),
+    "kernel": (lambda v: _INTS(v) and len(v) == 2, "a list of 2 integers"),
+    "groups": (_is(int), "an integer"), "filter_order": (_INTS, "a list of integers"),
+    "kept_in_channels": (_is_list_of(_INTS), "a list of integer lists"),
+    "clustering_method": (_is(str), "a string"), "criterion": (_is(str), "a string"),
+    "scores": (_is(dict), "an object"),
+}
+_OPTIONAL = {"clustering_method", "criterion", "scores"}
+
+
+def _check_layer_fields(layer: dict) -> None:
+    where = f"plan layer {layer.get('node')!r}" if isinstance(layer.get("node"), str) else "plan layer"
+    unknown = sorted(set(layer) - set(_LAYER_FIELDS))
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    for key, (check, what) in _LAYER_FIELDS.items():
+        if key in layer:
+            _check_type(where, key, layer[key], check, what)
+        elif key not in _OPTIONAL:
+            raise UserError(f"{where}: field {key!r} is missing")
+
+
+def _check_type(where: str, key: str, value, check, what: str) -> None:
+    if not check(value):
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise UserError(f"{where}: {key!r} must be {what}, got {shown}")

@@ -12,7 +12,9 @@ The result is a ``Plan`` (plain data); nothing here touches the graph.
 from __future__ import annotations
 
 import multiprocessing as mp
+import numbers
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -60,6 +62,10 @@ class PlanOptions:
             raise UserError(f"--criterion must be 'tmi' or 'magnitude', got {self.criterion!r}")
         if self.min_channels < 1:
             raise UserError(f"--min-channels must be >= 1, got {self.min_channels}")
+        # The clusterings seed numpy / scikit-learn generators, which take 0 <= seed < 2**32.
+        if isinstance(self.seed, (bool, np.bool_)) or not isinstance(self.seed, numbers.Integral) \
+                or not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be an integer in 0..{2**32 - 1}, got {self.seed!r}")
 
 
 def plan_model(model: onnx.ModelProto, options: PlanOptions, snapshots=(),
@@ -102,14 +108,39 @@ def _plan_layers(jobs: list, options: PlanOptions, progress) -> list[LayerPlan]:
             progress(i, len(jobs), info.name)
             layers.append(plan_layer(info, weight, options, snaps))
     else:
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_ignore_sigint)
+        try:
             futures = [pool.submit(plan_layer, info, weight, options, snaps) for info, weight, snaps in jobs]
             layers = []
             for i, ((info, _, _), future) in enumerate(zip(jobs, futures)):
                 progress(i, len(jobs), info.name)
                 layers.append(future.result())
+        except BaseException:
+            _abandon(pool)
+            raise
+        pool.shutdown()
     progress(len(jobs), len(jobs), "")
     return layers
+
+
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C reaches the whole process group, but only the parent handles it
+    (otherwise every worker prints a KeyboardInterrupt traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _abandon(pool: ProcessPoolExecutor) -> None:
+    """Stop ``pool`` without waiting (on Ctrl-C or an error in the parent): cancel the queued
+    layers and end the workers, whose results nobody will read. ``shutdown(wait=True)`` (what a
+    ``with`` block does) would first plan every queued layer: seconds to minutes."""
+    # Workers still run the layers already handed to them, and at exit the interpreter waits for
+    # those; there is no public way to stop them before Python 3.14 (terminate_workers). shutdown
+    # forgets the processes, so they are listed first.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
 
 
 def _layer_groups(info: ConvInfo, options: PlanOptions) -> int:

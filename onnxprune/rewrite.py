@@ -13,8 +13,9 @@ costs nothing. Rules, per consumer of a permuted tensor (sigma: physical channel
   channels (a residual Add's identity input) makes the permuted ones restore the original order;
 - Flatten / Reshape / Squeeze / Unsqueeze that only drop or add unit dims after the channel
   axis (GlobalAveragePool -> Flatten) pass sigma on;
-- a dense Conv absorbs sigma into its weight's input axis; a depthwise Conv permutes its
-  filters and passes sigma on; a pruned Conv folds it into its Gather indices (so consecutive
+- a dense Conv absorbs sigma into its weight's input axis; a depthwise Conv permutes (or, when
+  its input was narrowed, selects) its filters and bias, sets ``group`` to the channels kept and
+  passes sigma on; a pruned Conv folds it into its Gather indices (so consecutive
   Gathers compose into one);
 - reductions over spatial axes only (ReduceMean as global pooling) pass sigma on;
 - Concat along channels passes on the concatenation of its inputs' permutations;
@@ -306,13 +307,14 @@ class _Rewriter:
             self._set_param(node, 1, weight[:, sigma])
             self.nodes.append(node)
             return True
-        if group == len(sigma) == width == weight.shape[0] and weight.shape[1] == 1:  # depthwise
+        if group == width == weight.shape[0] and weight.shape[1] == 1:  # depthwise: narrows with its input
+            bias = self.index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if len(node.input) > 2 and node.input[2] and bias is None:
+                return False
             self._set_param(node, 1, weight[sigma])
-            if len(node.input) > 2 and node.input[2]:
-                bias = self.index.constant(node.input[2])
-                if bias is None:
-                    return False
+            if bias is not None:
                 self._set_param(node, 2, bias[sigma])
+            set_attr(node, "group", len(sigma))
             self.nodes.append(node)
             self._set_output_perm(node, 0, sigma, width)
             return True

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .analysis import find_prunable_convs, foldable_producer
+from .analysis import find_prunable_convs, foldable_chain
 from .errors import UserError
 from .graph import GraphIndex, get_attr
 from .latency import ConvOp, GatherOp, Profile, load_cost_model, profile
@@ -75,6 +75,8 @@ class Layer:
     prunable: bool = False
     producer: str | None = None  # foldable producer Conv (rewrite drops the Gather / narrows it)
     consumer: str | None = None  # the pruned Conv this layer is the foldable producer of
+    chain: tuple[str, ...] = ()  # depthwise Convs between producer and this layer (narrowed with it)
+    narrowed_by: str | None = None  # for a depthwise Conv on such a chain: the consumer that narrows it
 
 
 @dataclass
@@ -90,7 +92,7 @@ class Outcome:
 @dataclass
 class SpeedPlan:
     configs: dict[str, dict]
-    rate: float
+    rate: float | None  # the speed planner's global rate; None for fidelity plans (no single rate)
     predicted_speedup: float
     macs_ratio: float
     dense_time_us: float
@@ -101,7 +103,8 @@ class SpeedPlan:
 
 def describe(plan: SpeedPlan) -> str:
     pruned = sum(1 for c in plan.configs.values() if "skip" not in c)
-    text = (f"auto: rate {plan.rate:.2f}, {pruned}/{len(plan.configs)} Convs pruned, MACs -"
+    how = f"rate {plan.rate:.2f}" if plan.rate is not None else "cuts chosen by fidelity cost"
+    text = (f"auto: {how}, {pruned}/{len(plan.configs)} Convs pruned, MACs -"
             f"{100 * (1 - plan.macs_ratio):.1f}%, predicted speedup {plan.predicted_speedup:.2f}x "
             f"({plan.cost_source} cost model)")
     return "; ".join([text] + plan.notes)
@@ -202,10 +205,12 @@ def collect_layers(model: onnx.ModelProto, config) -> tuple[dict[str, Layer], di
                                   int(x[2]), int(x[3]), int(y[2]), int(y[3]), prunable=node.name in prunable_names)
     for layer in layers.values():
         if layer.prunable:
-            producer = foldable_producer(index, layer.name)
-            if producer in layers and layers[producer].consumer is None:
-                layer.producer = producer
+            producer, chain = foldable_chain(index, layer.name)
+            if producer in layers and layers[producer].consumer is None and all(d in layers for d in chain):
+                layer.producer, layer.chain = producer, tuple(chain)
                 layers[producer].consumer = layer.name
+                for name in chain:
+                    layers[name].narrowed_by = layer.name
     total, per_node = count_macs(model)
     conv_total = sum(per_node.get(name, 0) for name in layers)
     return layers, skipped, total - conv_total
@@ -265,15 +270,22 @@ class _Planner:
         return not (option.groups == 1 or option.disjoint)
 
     def out_channels(self, name: str, state: dict[str, Option]) -> int:
-        layer = self.layers[name]
-        consumer = layer.consumer
-        option = state.get(consumer) if consumer else None
+        consumer = self.layers[name].consumer
+        return (self.folded_width(consumer, state) if consumer else None) or self.layers[name].c_out
+
+    def folded_width(self, consumer: str, state: dict[str, Option]) -> int | None:
+        """Channels a G=1 consumer keeps when its selection folds into the producer chain, else None."""
+        option = state.get(consumer)
         if option is not None and option.groups == 1 and not self.needs_gather(consumer, state):
             return option.n_keep
-        return layer.c_out
+        return None
 
     def conv_cost(self, name: str, state: dict[str, Option]) -> tuple[float, int]:
         layer = self.layers[name]
+        if layer.narrowed_by is not None:  # a depthwise Conv on a folded chain runs the kept channels only
+            n = self.folded_width(layer.narrowed_by, state) or layer.c_out
+            op = ConvOp(n, n, n, layer.kernel, layer.stride, layer.h_out, layer.w_out)
+            return self.cost.conv_us(op), n * layer.kernel[0] * layer.kernel[1] * layer.h_out * layer.w_out
         option = state.get(name)
         groups, n = (option.groups, option.n_keep) if option else (layer.groups, layer.c_in // layer.groups)
         c_out = self.out_channels(name, state)
@@ -285,7 +297,9 @@ class _Planner:
 
     def affected(self, name: str) -> list[str]:
         layer = self.layers[name]
-        return [n for n in (name, layer.producer, layer.consumer) if n]
+        consumer = self.layers[layer.consumer] if layer.consumer else None
+        chains = layer.chain + (consumer.chain if consumer else ())
+        return [n for n in (name, layer.producer, layer.consumer) if n] + list(chains)
 
     def local_time(self, name: str, state: dict[str, Option]) -> float:
         return sum(self.conv_cost(n, state)[0] for n in self.affected(name))
@@ -301,7 +315,11 @@ class _Planner:
 
     def best_option(self, name: str, rate: float, state: dict[str, Option]) -> Option | None:
         layer = self.layers[name]
-        n = align_channels((1.0 - rate) * layer.c_in, self.prof.align, layer.c_in)
+        return self.best_option_at(name, align_channels((1.0 - rate) * layer.c_in, self.prof.align, layer.c_in), state)
+
+    def best_option_at(self, name: str, n: int, state: dict[str, Option]) -> Option | None:
+        """The fastest configuration keeping ``n`` input channels, or None if none saves ``MIN_SAVING``."""
+        layer = self.layers[name]
         trial = dict(state)
         trial.pop(name, None)
         dense_time = self.local_time(name, trial)

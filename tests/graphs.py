@@ -201,10 +201,22 @@ def depthwise_separable(**kw):
     return b
 
 
+def inverted_residual(**kw):
+    """MobileNetV2's block: expand 1×1 -> depthwise 3×3 -> linear project 1×1, residual Add."""
+    b = GraphBuilder(**kw)
+    x = b.relu(b.bn(b.conv("input", 32, bias=False)))
+    y = b.relu(b.bn(b.conv(x, 96, k=1, bias=False)))  # expand
+    y = b.relu(b.bn(b.conv(y, 96, group=96, bias=False)))  # depthwise
+    y = b.bn(b.conv(y, 32, k=1, bias=False))  # project: pruning its inputs narrows the whole chain
+    x = b.add(y, x)
+    b.output(b.gemm(b.gap_flatten(x), 10))
+    return b
+
+
 FAMILIES = {
     "vgg": vgg, "resnet_basic": resnet_basic, "resnet_basic_folded": lambda **kw: resnet_basic(bn=False, **kw),
     "bottleneck": bottleneck, "fan_out": fan_out, "concat": concat_branches,
-    "depthwise_separable": depthwise_separable,
+    "depthwise_separable": depthwise_separable, "inverted_residual": inverted_residual,
 }
 
 

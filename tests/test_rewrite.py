@@ -3,7 +3,7 @@
 import onnx
 import pytest
 
-from graphs import FAMILIES, resnet_basic, vgg
+from graphs import FAMILIES, inverted_residual, resnet_basic, vgg
 from onnxprune import kernel_selection
 from onnxprune.pipeline import PruneConfig, prune
 from oracle import feeds_for, rel_diff, run, zero_pruned_kernels
@@ -202,3 +202,28 @@ def test_stale_value_info_of_weights_and_narrowed_tensors_is_dropped():
     pruned, report = prune(model, PruneConfig(rate=0.5, groups=1))
     onnx.checker.check_model(pruned, full_check=True)
     assert report["verify"]["passed"]
+
+
+def test_g1_cut_of_a_project_conv_narrows_the_depthwise_chain_without_a_gather():
+    """Keeping n of the project Conv's inputs drops the other hidden channels everywhere: the
+    expand Conv computes n filters, the depthwise Conv runs n channels, and no Gather is left."""
+    model = inverted_residual().model()
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    project = convs[3]
+    configs = {name: {"skip": "test: only the project Conv is cut"} for name in convs if name != project}
+    configs[project] = {"groups": 1, "n_keep": 48}
+    pruned, report = prune(model, PruneConfig(groups=1, layer_configs=configs))
+    assert [layer.node for layer in report.plan.layers] == [project]
+    assert not [n for n in pruned.graph.node if n.op_type == "Gather"]
+    depthwise = [n for n in pruned.graph.node if n.op_type == "Conv"
+                 and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert [a.i for a in depthwise[0].attribute if a.name == "group"] == [48]
+    feeds = feeds_for(model)
+    reference = run(zero_pruned_kernels(model, report.plan.layers), feeds)
+    assert rel_diff(reference, run(pruned, feeds)) < 1e-4
+    assert report["macs_after"] < report["macs_before"] - builder_hidden_macs_saved()
+
+
+def builder_hidden_macs_saved():
+    """MACs the expand and depthwise Convs no longer spend on 48 of 96 hidden channels (16×16)."""
+    return 48 * 32 * 16 * 16 + 48 * 9 * 16 * 16 - 1

@@ -100,7 +100,7 @@ def test_disjoint_groups_are_offered_where_the_rate_allows():
 
 
 def test_end_to_end_auto_prune_verifies_and_matches_predicted_macs(model):
-    config = PruneConfig(groups="auto", target_macs=0.6)
+    config = PruneConfig(groups="auto", target_macs=0.6, planner="speed")
     plan = plan_speed(model, config)
     pruned, report = prune(wide_resnet(), config)
     assert report["verify"]["passed"]

@@ -1,0 +1,552 @@
+"""Run an ONNX CNN graph as a ``torch.nn.Module`` whose trainable tensors are its initializers.
+
+Used by ``distill.py`` to fine-tune a pruned model's weights while its graph stays fixed.
+
+Why our own interpreter rather than onnx2torch: onnx2torch converts the pruned graphs correctly,
+but it imports torchvision (a second heavy dependency pinned to the exact torch build), it names
+parameters after *nodes* (``layers/0/conv1/Conv.weight``), not after the initializers we must
+write back, a ``Gemm`` becomes an ``nn.Linear`` whose weight layout depends on ``transB``, and an
+initializer shared by two nodes becomes two independent parameters. Writing weights back would
+need to undo each converter's choices. Here every initializer is one tensor keyed by its ONNX
+name, ops are evaluated in graph order with ``torch.nn.functional``, and writing back is a
+name-for-name replacement (``export``).
+
+Rules:
+- float initializers read as a ``Conv`` weight/bias or a ``Gemm`` B/C are ``nn.Parameter`` (the
+  ``trainable`` argument can narrow or widen that set); all other initializers and ``Constant``
+  nodes are frozen tensors (normalization constants, Gather indices, shapes, BN statistics);
+- parameters are held in float32 whatever their stored float dtype; ``export`` casts back;
+- ops outside ``SUPPORTED_OPS`` raise ``UnsupportedModel`` listing them when the module is
+  built, so a caller can skip distillation with that message;
+- ``BatchNormalization`` and ``Dropout`` run in inference mode (the graph is an inference graph).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # pragma: no cover - exercised only without torch
+    torch = None
+    F = None
+
+
+class UnsupportedModel(Exception):
+    """The graph holds something the torch bridge cannot evaluate; the message says what."""
+
+
+def require_torch():
+    if torch is None:
+        raise ImportError("distillation needs PyTorch: pip install onnxprune[distill] "
+                          "(or pip install torch)")
+    return torch
+
+
+TRAINABLE_SLOTS = {"Conv": (1, 2), "Gemm": (1, 2)}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def default_trainable(model: onnx.ModelProto) -> list[str]:
+    """Float initializers read as a Conv weight/bias or a Gemm B/C, in initializer order."""
+    graph_inputs = {i.name for i in model.graph.input}
+    slots = set()
+    for node in model.graph.node:
+        for position in TRAINABLE_SLOTS.get(node.op_type, ()):
+            if position < len(node.input) and node.input[position]:
+                slots.add(node.input[position])
+    return [t.name for t in model.graph.initializer
+            if t.name in slots and t.name not in graph_inputs and t.data_type in _FLOAT_TYPES]
+
+
+class OnnxModule(torch.nn.Module if torch is not None else object):
+    """``model`` as a torch module: ``forward(*inputs)`` -> tuple of graph outputs.
+
+    ``parameter(name)`` gives the ``nn.Parameter`` for the initializer ``name``; ``export()``
+    returns a copy of the ModelProto with the trained values written back under the same names.
+    """
+
+    def __init__(self, model: onnx.ModelProto, trainable: list[str] | None = None):
+        require_torch()
+        super().__init__()
+        self.model = model
+        graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        if graph.sparse_initializer:
+            raise UnsupportedModel("sparse initializers are not supported")
+        unsupported = sorted({f"{n.domain + '.' if n.domain not in ('', 'ai.onnx') else ''}{n.op_type}"
+                              for n in graph.node
+                              if n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED_OPS})
+        if unsupported:
+            raise UnsupportedModel(f"the torch bridge does not evaluate op(s) {', '.join(unsupported)}")
+        init_names = {t.name for t in graph.initializer}
+        self.input_names = [i.name for i in graph.input if i.name not in init_names]
+        self.output_names = [o.name for o in graph.output]
+        trainable = default_trainable(model) if trainable is None else list(trainable)
+        wanted = set(trainable)
+        self._param_keys: dict[str, str] = {}
+        self._param_dtypes: dict[str, int] = {}
+        self._consts: dict[str, torch.Tensor] = {}
+        self.params = torch.nn.ParameterList()
+        for tensor in graph.initializer:
+            value = numpy_helper.to_array(tensor)
+            if tensor.name in wanted:
+                if tensor.data_type not in _FLOAT_TYPES:
+                    raise UnsupportedModel(f"initializer {tensor.name!r} is not a float tensor and cannot be trained")
+                self._param_keys[tensor.name] = len(self.params)
+                self._param_dtypes[tensor.name] = tensor.data_type
+                self.params.append(torch.nn.Parameter(torch.from_numpy(np.array(value, dtype=np.float32))))
+            else:
+                self._consts[tensor.name] = _to_torch(value)
+        missing = wanted - set(self._param_keys)
+        if missing:
+            raise UnsupportedModel(f"trainable tensor(s) {sorted(missing)} are not initializers")
+        self.nodes = []  # (node, attributes, op, input names)
+        available = set(self.input_names) | init_names
+        for node in graph.node:
+            for name in node.input:
+                if name and name not in available:
+                    raise UnsupportedModel(f"node {node.name or node.op_type!r} reads {name!r} before it is "
+                                           f"produced (graph not in topological order or uses subgraphs)")
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "Constant":
+                self._consts[node.output[0]] = _constant_value(node, attrs)
+            else:
+                self.nodes.append((node, attrs, SUPPORTED_OPS[node.op_type], list(node.input)))
+            available.update(o for o in node.output if o)
+        self._fuse_gather_grouped_convs()
+
+    def _fuse_gather_grouped_convs(self):
+        """Evaluate ``Gather(axis=1, constant indices) -> Conv(group=G>1)`` as one dense Conv.
+
+        PyTorch's CPU grouped convolution with few, unaligned channels per group is 5-30x slower
+        than a dense one (forward and backward), which would make training the G=8 rewrites
+        impractical. The pair computes exactly a dense Conv over the Gather's *source* whose
+        weight is the grouped weight scattered to the source channels it reads (zeros elsewhere):
+        the masked dense layer. Same products, plus exact zeros; the trainable tensor stays the
+        grouped weight (the scatter is differentiable). Grouped Convs without such a Gather are
+        run as a block-diagonal dense Conv when G <= 16, natively otherwise (depthwise always).
+        """
+        producers = {o: entry for entry in self.nodes for o in entry[0].output if o}
+        readers: dict[str, int] = {}
+        for _, _, _, inputs in self.nodes:
+            for name in inputs:
+                readers[name] = readers.get(name, 0) + 1
+        for name in self.output_names:
+            readers[name] = readers.get(name, 0) + 1
+        fused_gathers = {}
+        for i, (node, attrs, op, inputs) in enumerate(self.nodes):
+            group = int(attrs.get("group", 1))
+            if node.op_type != "Conv" or group == 1 or inputs[1] not in self._param_keys | self._consts.keys():
+                continue
+            weight = self.parameter(inputs[1]) if inputs[1] in self._param_keys else self._consts[inputs[1]]
+            if weight.dim() < 3 or weight.shape[1] == 1:  # depthwise-like: torch's own kernel is fine
+                continue
+            gather = producers.get(inputs[0])
+            indices = None
+            if gather is not None and gather[0].op_type == "Gather" and gather[3][1] in self._consts:
+                indices = self._consts[gather[3][1]]
+                axis = int(gather[1].get("axis", 0))
+                if axis != 1 or indices.dim() != 1 or indices.numel() != weight.shape[1] * group:
+                    indices = None
+            if indices is not None:
+                self.nodes[i] = (node, attrs, _make_scattered_conv(indices, group), [gather[3][0]] + inputs[1:])
+                fused_gathers[gather[0].output[0]] = fused_gathers.get(gather[0].output[0], 0) + 1
+            elif group <= 16:
+                self.nodes[i] = (node, attrs, _make_scattered_conv(None, group), inputs)
+        # a Gather whose every reader was fused is not evaluated at all
+        self.nodes = [entry for entry in self.nodes
+                      if not (entry[0].op_type == "Gather" and entry[0].output[0] in fused_gathers
+                              and fused_gathers[entry[0].output[0]] == readers.get(entry[0].output[0], 0))]
+
+    # -- parameters ---------------------------------------------------------------------
+
+    @property
+    def trainable_names(self) -> list[str]:
+        return list(self._param_keys)
+
+    def parameter(self, name: str) -> torch.nn.Parameter:
+        return self.params[self._param_keys[name]]
+
+    def export(self) -> onnx.ModelProto:
+        """Copy of the source model with every trainable initializer replaced by its value now."""
+        out = onnx.ModelProto()
+        out.CopyFrom(self.model)
+        for tensor in out.graph.initializer:
+            if tensor.name not in self._param_keys:
+                continue
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(self._param_dtypes[tensor.name])
+            value = self.parameter(tensor.name).detach().cpu().numpy().astype(dtype)
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+        return out
+
+    # -- evaluation ---------------------------------------------------------------------
+
+    def forward(self, *inputs):
+        if len(inputs) == 1 and isinstance(inputs[0], dict):
+            feeds = inputs[0]
+        else:
+            if len(inputs) != len(self.input_names):
+                raise ValueError(f"expected {len(self.input_names)} inputs, got {len(inputs)}")
+            feeds = dict(zip(self.input_names, inputs))
+        env = dict(self._consts)
+        for name, index in self._param_keys.items():
+            env[name] = self.params[index]
+        for name in self.input_names:
+            value = feeds[name]
+            env[name] = value if isinstance(value, torch.Tensor) else _to_torch(np.asarray(value))
+        for node, attrs, op, input_names in self.nodes:
+            args = [env[name] if name else None for name in input_names]
+            try:
+                results = op(self, args, attrs, node)
+            except UnsupportedModel:
+                raise
+            except Exception as exc:
+                raise UnsupportedModel(f"node {node.name or node.op_type!r} ({node.op_type}) failed in the "
+                                       f"torch bridge: {type(exc).__name__}: {exc}") from exc
+            if not isinstance(results, tuple):
+                results = (results,)
+            for name, value in zip(node.output, results):
+                if name:
+                    env[name] = value
+        return tuple(env[name] for name in self.output_names)
+
+
+def _to_torch(value: np.ndarray):
+    value = np.asarray(value)
+    if value.dtype == np.float64 or value.dtype == np.float16:
+        value = value.astype(np.float32)
+    return torch.from_numpy(np.array(value))  # own copy, writable
+
+
+def _constant_value(node, attrs):
+    if "value" in attrs:
+        return _to_torch(numpy_helper.to_array(attrs["value"]))
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return _to_torch(np.asarray(attrs[key], dtype=dtype))
+    raise UnsupportedModel(f"Constant {node.name!r}: unsupported value attribute {sorted(attrs)}")
+
+
+def _ints(t) -> list[int]:
+    return [int(v) for v in (t.tolist() if isinstance(t, torch.Tensor) else t)]
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _torch_pad(begins: list[int], ends: list[int]) -> list[int]:
+    """ONNX per-axis (begin, end) pads -> F.pad's last-axis-first list, trimmed of leading zero axes."""
+    rank = len(begins)
+    first = next((i for i in range(rank) if begins[i] or ends[i]), rank)
+    pad = []
+    for i in reversed(range(first, rank)):
+        pad += [begins[i], ends[i]]
+    return pad
+
+
+def _spatial_pads(x, attrs, kernel, strides, dilations) -> tuple[list[int], list[int]]:
+    spatial = x.dim() - 2
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("NOTSET", ""):
+        pads = list(attrs.get("pads", [0] * (2 * spatial)))
+        return pads[:spatial], pads[spatial:]
+    if auto_pad == "VALID":
+        return [0] * spatial, [0] * spatial
+    begins, ends = [], []
+    for i in range(spatial):
+        size = x.shape[2 + i]
+        out = math.ceil(size / strides[i])
+        total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
+        small = total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else total - small)
+        ends.append(total - begins[-1])
+    return begins, ends
+
+
+# -- ops: each takes (module, inputs, attributes, node) -------------------------------------
+
+def _conv(m, a, attrs, node):
+    x, w = a[0], a[1]
+    b = a[2] if len(a) > 2 else None
+    spatial = w.dim() - 2
+    if spatial not in (1, 2, 3):
+        raise UnsupportedModel(f"Conv {node.name!r} with {spatial} spatial dims")
+    kernel = list(attrs.get("kernel_shape", w.shape[2:]))
+    strides = list(attrs.get("strides", [1] * spatial))
+    dilations = list(attrs.get("dilations", [1] * spatial))
+    begins, ends = _spatial_pads(x, attrs, kernel, strides, dilations)
+    padding = begins
+    if begins != ends:
+        x = F.pad(x, _torch_pad([0, 0] + begins, [0, 0] + ends))
+        padding = [0] * spatial
+    fn = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    return fn(x, w, b, stride=strides, padding=padding, dilation=dilations, groups=int(attrs.get("group", 1)))
+
+
+def _make_scattered_conv(indices, group: int):
+    """Conv op computing a grouped Conv as a dense one (see ``OnnxModule._fuse_gather_grouped_convs``).
+
+    ``indices``: the fused Gather's channel indices (the op then receives the Gather's source),
+    or None for a plain block-diagonal expansion of the grouped weight.
+    """
+    cache = {}
+
+    def selection(per_group: int, channels: int, dtype):
+        key = (channels, dtype)
+        if key not in cache:
+            if indices is None:
+                rows = torch.arange(group * per_group)
+            else:
+                rows = torch.where(indices < 0, indices + channels, indices).long()
+            select = torch.zeros(group * per_group, channels, dtype=dtype)
+            select[torch.arange(group * per_group), rows] = 1.0
+            cache[key] = select.reshape(group, per_group, channels)
+        return cache[key]
+
+    def op(m, a, attrs, node):
+        x, w = a[0], a[1]
+        c_out, per_group = w.shape[0], w.shape[1]
+        grouped = w.reshape(group, c_out // group, per_group, -1)
+        dense = torch.einsum("gojk,gjc->gock", grouped, selection(per_group, x.shape[1], w.dtype))
+        dense = dense.reshape((c_out, x.shape[1]) + tuple(w.shape[2:]))
+        return _conv(m, [x, dense] + list(a[2:]), {**attrs, "group": 1}, node)
+
+    return op
+
+
+def _pool(m, a, attrs, node):
+    x = a[0]
+    if len(node.output) > 1 and node.output[1]:
+        raise UnsupportedModel(f"{node.op_type} {node.name!r}: the Indices output is not supported")
+    spatial = x.dim() - 2
+    kernel = list(attrs["kernel_shape"])
+    strides = list(attrs.get("strides", [1] * spatial))
+    dilations = list(attrs.get("dilations", [1] * spatial))
+    begins, ends = _spatial_pads(x, attrs, kernel, strides, dilations)
+    ceil = bool(attrs.get("ceil_mode", 0))
+    is_max = node.op_type == "MaxPool"
+    symmetric = begins == ends and all(2 * p <= k for p, k in zip(begins, kernel))
+    padding = begins
+    if not symmetric:
+        if not is_max and not attrs.get("count_include_pad", 0):
+            raise UnsupportedModel(f"AveragePool {node.name!r}: asymmetric pads without count_include_pad")
+        x = F.pad(x, _torch_pad([0, 0] + begins, [0, 0] + ends), value=-math.inf if is_max else 0.0)
+        padding = [0] * spatial
+    if is_max:
+        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[spatial - 1]
+        return fn(x, kernel, strides, padding, dilations, ceil_mode=ceil)
+    if any(d != 1 for d in dilations):
+        raise UnsupportedModel(f"AveragePool {node.name!r}: dilations are not supported")
+    fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial - 1]
+    return fn(x, kernel, strides, padding, ceil_mode=ceil, count_include_pad=bool(attrs.get("count_include_pad", 0)))
+
+
+def _gather(m, a, attrs, node):
+    data, idx = a[0], a[1].long()
+    axis = _axis(int(attrs.get("axis", 0)), data.dim())
+    size = data.shape[axis]
+    idx = torch.where(idx < 0, idx + size, idx)
+    out = torch.index_select(data, axis, idx.reshape(-1))
+    return out.reshape(tuple(data.shape[:axis]) + tuple(idx.shape) + tuple(data.shape[axis + 1:]))
+
+
+def _clip(m, a, attrs, node):
+    if m.opset < 11:
+        low, high = attrs.get("min"), attrs.get("max")
+    else:
+        low = float(a[1]) if len(a) > 1 and a[1] is not None else None
+        high = float(a[2]) if len(a) > 2 and a[2] is not None else None
+    return torch.clamp(a[0], min=low, max=high)
+
+
+def _div(m, a, attrs, node):
+    x, y = a
+    if not x.is_floating_point() and not y.is_floating_point():
+        return torch.div(x, y, rounding_mode="trunc")
+    return x / y
+
+
+def _pad(m, a, attrs, node):
+    x = a[0]
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if m.opset < 11:
+        pads, value = list(attrs["pads"]), float(attrs.get("value", 0.0))
+    else:
+        pads = _ints(a[1])
+        value = float(a[2]) if len(a) > 2 and a[2] is not None and a[2].numel() else 0.0
+    rank = x.dim()
+    if len(a) > 3 and a[3] is not None:  # axes (opset 18)
+        axes = [_axis(v, rank) for v in _ints(a[3])]
+        full = [0] * (2 * rank)
+        for i, ax in enumerate(axes):
+            full[ax], full[rank + ax] = pads[i], pads[len(axes) + i]
+        pads = full
+    pad = _torch_pad(pads[:rank], pads[rank:])
+    if not pad:
+        return x
+    if mode == "constant":
+        return F.pad(x, pad, value=value)
+    torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(mode)
+    if torch_mode is None or len(pad) // 2 > rank - 2:
+        raise UnsupportedModel(f"Pad {node.name!r}: mode {mode!r} on these axes is not supported")
+    return F.pad(x, pad, mode=torch_mode)
+
+
+def _flatten(m, a, attrs, node):
+    x = a[0]
+    axis = _axis(int(attrs.get("axis", 1)), x.dim())
+    return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+
+
+def _gemm(m, a, attrs, node):
+    x, w = a[0], a[1]
+    if attrs.get("transA", 0):
+        x = x.t()
+    if attrs.get("transB", 0):
+        w = w.t()
+    y = float(attrs.get("alpha", 1.0)) * (x @ w)
+    if len(a) > 2 and a[2] is not None:
+        y = y + float(attrs.get("beta", 1.0)) * a[2]
+    return y
+
+
+def _reshape(m, a, attrs, node):
+    x, shape = a[0], _ints(a[1])
+    if not attrs.get("allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _axes_arg(m, a, attrs, since: int):
+    if m.opset >= since:
+        return _ints(a[1]) if len(a) > 1 and a[1] is not None else None
+    return list(attrs["axes"]) if "axes" in attrs else None
+
+
+def _reduce_mean(m, a, attrs, node):
+    x = a[0]
+    axes = _axes_arg(m, a, attrs, 18)
+    keep = bool(attrs.get("keepdims", 1))
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            return x
+        axes = list(range(x.dim()))
+    return x.mean(dim=[_axis(v, x.dim()) for v in axes], keepdim=keep)
+
+
+def _batch_norm(m, a, attrs, node):
+    if len(node.output) > 1 and any(node.output[1:]):
+        raise UnsupportedModel(f"BatchNormalization {node.name!r} in training mode")
+    x, scale, bias, mean, var = a[:5]
+    return F.batch_norm(x, mean, var, scale, bias, training=False, eps=float(attrs.get("epsilon", 1e-5)))
+
+
+def _softmax(m, a, attrs, node, log=False):
+    x = a[0]
+    fn = torch.log_softmax if log else torch.softmax
+    if m.opset >= 13:
+        return fn(x, dim=int(attrs.get("axis", -1)))
+    axis = _axis(int(attrs.get("axis", 1)), x.dim())
+    flat = x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+    return fn(flat, dim=1).reshape(x.shape)
+
+
+def _squeeze(m, a, attrs, node):
+    x = a[0]
+    axes = _axes_arg(m, a, attrs, 13)
+    if axes is None:
+        return x.squeeze()
+    for ax in sorted((_axis(v, x.dim()) for v in axes), reverse=True):
+        x = x.squeeze(ax)
+    return x
+
+
+def _unsqueeze(m, a, attrs, node):
+    x = a[0]
+    axes = _axes_arg(m, a, attrs, 13)
+    rank = x.dim() + len(axes)
+    for ax in sorted(_axis(v, rank) for v in axes):
+        x = x.unsqueeze(ax)
+    return x
+
+
+def _shape(m, a, attrs, node):
+    dims = list(a[0].shape)
+    start, end = attrs.get("start", 0), attrs.get("end")
+    return torch.tensor(dims[start:end], dtype=torch.int64)
+
+
+_TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32 if torch else None,
+                 onnx.TensorProto.DOUBLE: torch.float32 if torch else None,  # computed in fp32
+                 onnx.TensorProto.FLOAT16: torch.float32 if torch else None,
+                 onnx.TensorProto.INT64: torch.int64 if torch else None,
+                 onnx.TensorProto.INT32: torch.int32 if torch else None,
+                 onnx.TensorProto.BOOL: torch.bool if torch else None}
+
+
+def _cast(m, a, attrs, node):
+    dtype = _TORCH_DTYPES.get(int(attrs["to"]))
+    if dtype is None:
+        raise UnsupportedModel(f"Cast {node.name!r} to ONNX type {attrs['to']}")
+    return a[0].to(dtype)
+
+
+def _unary(fn):
+    return lambda m, a, attrs, node: fn(a[0])
+
+
+def _binary(fn):
+    return lambda m, a, attrs, node: fn(a[0], a[1])
+
+
+SUPPORTED_OPS = {
+    "Conv": _conv,
+    "Gather": _gather,
+    "Relu": _unary(F.relu) if F else None,
+    "Clip": _clip,
+    "Add": _binary(torch.add) if torch else None,
+    "Sub": _binary(torch.sub) if torch else None,
+    "Mul": _binary(torch.mul) if torch else None,
+    "Div": _div,
+    "Pow": _binary(torch.pow) if torch else None,
+    "Sqrt": _unary(torch.sqrt) if torch else None,
+    "Pad": _pad,
+    "GlobalAveragePool": lambda m, a, attrs, node: a[0].mean(dim=list(range(2, a[0].dim())), keepdim=True),
+    "GlobalMaxPool": lambda m, a, attrs, node: a[0].amax(dim=list(range(2, a[0].dim())), keepdim=True),
+    "Flatten": _flatten,
+    "Gemm": _gemm,
+    "MatMul": _binary(torch.matmul) if torch else None,
+    "Reshape": _reshape,
+    "Concat": lambda m, a, attrs, node: torch.cat([t for t in a if t is not None], dim=int(attrs["axis"])),
+    "ReduceMean": _reduce_mean,
+    "Sigmoid": _unary(torch.sigmoid) if torch else None,
+    "Tanh": _unary(torch.tanh) if torch else None,
+    "HardSigmoid": lambda m, a, attrs, node: torch.clamp(
+        float(attrs.get("alpha", 0.2)) * a[0] + float(attrs.get("beta", 0.5)), 0.0, 1.0),
+    "HardSwish": _unary(F.hardswish) if F else None,
+    "LeakyRelu": lambda m, a, attrs, node: F.leaky_relu(a[0], float(attrs.get("alpha", 0.01))),
+    "Softmax": _softmax,
+    "LogSoftmax": lambda m, a, attrs, node: _softmax(m, a, attrs, node, log=True),
+    "BatchNormalization": _batch_norm,
+    "MaxPool": _pool,
+    "AveragePool": _pool,
+    "Identity": lambda m, a, attrs, node: a[0],
+    "Dropout": lambda m, a, attrs, node: a[0],
+    "Transpose": lambda m, a, attrs, node: a[0].permute(
+        list(attrs.get("perm", list(reversed(range(a[0].dim())))))),
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Shape": _shape,
+    "Cast": _cast,
+    "Constant": None,  # folded into constants when the module is built
+}

@@ -1,0 +1,275 @@
+"""Fidelity-aware planning: the knapsack is exact, measured costs behave, targets and the rate-0
+identity hold, and the fidelity budget picks the deepest plan that meets it (or says it cannot)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from onnxprune import allocate, budget
+from onnxprune.allocate import Candidate
+from onnxprune.errors import UserError
+from onnxprune.fidelity_plan import FidelityPlanner
+from onnxprune.normalize import normalize
+from onnxprune.pipeline import PruneConfig, prune, resolve_min_agreement
+from onnxprune.sensitivity import measure
+from onnxprune.speed_plan import Option
+from graphs import GraphBuilder
+
+SIZE = 16  # small images and 32/64 channels keep the calibration passes of these tests fast
+
+
+def wide_resnet():
+    """Stem, one 32-channel basic block, a stride-2 64-channel pair, GAP+Gemm (3×3 Convs)."""
+    b = GraphBuilder(size=SIZE)
+    x = b.relu(b.bn(b.conv("input", 32, bias=False)))
+    y = b.relu(b.bn(b.conv(x, 32, bias=False)))
+    y = b.bn(b.conv(y, 32, bias=False))
+    x = b.relu(b.add(y, x))
+    y = b.relu(b.bn(b.conv(x, 64, stride=2, bias=False)))
+    y = b.relu(b.bn(b.conv(y, 64, bias=False)))
+    y = b.relu(b.bn(b.conv(y, 64, bias=False)))
+    b.output(b.gemm(b.gap_flatten(y), 10))
+    return b.model()
+
+
+def calib(n=40, size=SIZE, seed=3, channels=3):
+    rng = np.random.default_rng(seed)
+    return {"input": np.abs(rng.standard_normal((n, 3, size, size))).astype(np.float32)}
+
+
+# -- the knapsack ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knapsack_matches_brute_force_on_the_quantised_problem(seed):
+    rng = np.random.default_rng(seed)
+    table = {f"L{i}": [Candidate(n, Option(1, n), int(rng.integers(1, 400)), 0.0, float(rng.random()))
+                       for n in range(int(rng.integers(1, 4)))] for i in range(5)}
+    need = float(rng.integers(100, 900))
+    state, feasible = allocate._knapsack(table, need, by_time=False)
+    unit = need / allocate.BINS
+    best = None
+    for combo in itertools.product(*[[None] + cands for cands in table.values()]):
+        saving = sum(int(c.saving_macs // unit) for c in combo if c)
+        if saving >= allocate.BINS:
+            cost = sum(c.cost for c in combo if c)
+            best = cost if best is None else min(best, cost)
+    assert feasible == (best is not None)
+    if best is not None:
+        got = sum(next(c.cost for c in table[name] if c.option == option) for name, option in state.items())
+        assert got == pytest.approx(best, abs=1e-12)
+        assert sum(int(next(c for c in table[n] if c.option == o).saving_macs // unit)
+                   for n, o in state.items()) >= allocate.BINS
+
+
+def test_candidate_widths_are_aligned_spread_and_below_c_in():
+    assert allocate.candidate_widths(24, 16) == [16]
+    assert allocate.candidate_widths(16, 16) == []
+    widths = allocate.candidate_widths(960, 16)
+    assert len(widths) == allocate.MAX_WIDTHS and widths[0] == 16 and widths[-1] == 944
+    assert all(w % 16 == 0 and w < 960 for w in widths)
+
+
+# -- measured sensitivities -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def measured():
+    model = normalize(wide_resnet())
+    planner = FidelityPlanner(model, PruneConfig(), calib())
+    return model, planner
+
+
+def test_measured_costs_are_monotone_and_zero_when_dense(measured):
+    _, planner = measured
+    assert planner.measured and planner.sensitivity.layers
+    for sens in planner.sensitivity.layers.values():
+        assert all(a >= b - 1e-12 for a, b in zip(sens.cost, sens.cost[1:]))  # narrower never cheaper
+        assert sens.cost_at(sens.c_in) == 0.0
+        assert all(0.0 <= r <= 1.0 + 1e-9 for r in sens.rel_err)
+        assert len(sens.measured) >= 1
+
+
+def test_duplicated_input_channels_cost_nothing_to_drop(measured):
+    """A layer whose input holds every channel twice refits exactly at half width (oracle)."""
+    model, _ = measured
+    import onnx
+    from onnxprune.graph import GraphIndex, set_initializer
+
+    dup = onnx.ModelProto()
+    dup.CopyFrom(model)
+    index = GraphIndex(dup.graph)
+    convs = [n for n in dup.graph.node if n.op_type == "Conv"]
+    first, second = convs[0], convs[1]  # stem (32 filters) -> first block conv
+    w = index.constant(first.input[1]).copy()
+    w[16:] = w[:16]  # filters 16..31 repeat 0..15, so channels c and c+16 of its output are equal
+    set_initializer(dup.graph, first.input[1], w)
+    bias = index.constant(first.input[2]).copy()
+    bias[16:] = bias[:16]
+    set_initializer(dup.graph, first.input[2], bias)
+    sens = measure(dup, calib(), {second.name: [8, 16, 24]}).layers[second.name]
+    plain = measure(model, calib(), {second.name: [8, 16, 24]}).layers[second.name]
+    # only the ridge prior towards the original kernels keeps the duplicated case from exactly 0
+    assert sens.rel_err[1] < 1e-3 and sens.rel_err[2] < 1e-3
+    assert plain.rel_err[1] > 10 * sens.rel_err[1]
+    assert sens.rel_err[0] > 10 * sens.rel_err[1]
+
+
+# -- planning to targets ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [0.9, 0.75])
+def test_fidelity_plan_meets_the_macs_target_and_the_output_has_those_macs(target):
+    config = PruneConfig(target_macs=target, calib=calib(), min_agreement=None)
+    pruned, report = prune(wide_resnet(), config)
+    assert report["verify"]["passed"]
+    ratio = report["macs_after"] / report["macs_before"]
+    assert ratio <= target + 0.005
+    assert ratio == pytest.approx(report["auto"]["predicted_macs_ratio"], abs=1e-3)
+    assert report["auto"]["planner"] == "fidelity" and report["sensitivity"]["source"] == "calibration data"
+
+
+def test_an_unreachable_target_gives_the_deepest_plan_and_says_so():
+    _, report = prune(wide_resnet(), PruneConfig(target_macs=0.2, calib=calib(), min_agreement=None))
+    assert any("not reachable" in note for note in report["auto"]["notes"])
+    deepest = report["macs_after"] / report["macs_before"]
+    _, shallower = prune(wide_resnet(), PruneConfig(target_macs=0.8, calib=calib(), min_agreement=None))
+    assert deepest < shallower["macs_after"] / shallower["macs_before"]
+
+
+def test_without_data_the_plan_says_fidelity_is_unmeasured():
+    _, report = prune(wide_resnet(), PruneConfig(target_macs=0.7))
+    assert report["sensitivity"]["source"].startswith("weights")
+    assert any("fidelity unmeasured" in note for note in report["auto"]["notes"])
+    assert report["macs_after"] / report["macs_before"] <= 0.705
+
+
+@pytest.mark.parametrize("data", [None, "calib"])
+def test_rate_zero_and_target_one_are_the_identity(data):
+    for config in (PruneConfig(rate=0.0), PruneConfig(target_macs=1.0)):
+        if data:
+            config.calib, config.min_agreement = calib(), None
+        _, report = prune(wide_resnet(), config)
+        assert report["convs_pruned"] == 0
+        assert report["macs_after"] == report["macs_before"]
+
+
+# -- the fidelity budget ---------------------------------------------------------------------
+
+class FakePlan:
+    def __init__(self, target):
+        self.macs_ratio, self.predicted_speedup, self.configs = target, 1.0 / max(target, 0.1), {}
+
+
+class FakePlanner:
+    def plan(self, target):
+        return FakePlan(target), None
+
+
+def fake_calibrate(agreement_of_target):
+    def run(speed_plan):
+        a = agreement_of_target(speed_plan.macs_ratio)
+        return ("plan", "model", {"fidelity": {"calibrated": {"top1_agreement": a, "mean_kl": 1 - a}}})
+    return run
+
+
+def test_budget_search_returns_the_deepest_grid_plan_that_meets_it():
+    run = fake_calibrate(lambda t: min(1.0, 0.5 + t))  # agreement grows as fewer MACs are cut
+    first = FakePlan(0.3)
+    result = budget.search_budget(FakePlanner(), 0.3, 0.95, first, run(first), run)
+    assert result.met
+    grid = budget.target_grid(0.3)
+    meeting = [t for t in grid if 0.5 + t >= 0.95]
+    assert result.chosen_target == pytest.approx(min(meeting))
+    assert all(t["meets_budget"] == (t["top1_agreement"] >= 0.95) for t in result.trials)
+    assert len(result.trials) <= 1 + int(np.ceil(np.log2(len(grid)))) + 1
+
+
+def test_budget_met_at_the_requested_depth_costs_one_trial():
+    run = fake_calibrate(lambda t: 0.99)
+    first = FakePlan(0.5)
+    result = budget.search_budget(FakePlanner(), 0.5, 0.95, first, run(first), run)
+    assert result.met and result.chosen_target == 0.5 and len(result.trials) == 1
+
+
+def test_unmeetable_budget_ends_dense_and_says_so():
+    run = fake_calibrate(lambda t: 1.0 if t >= 1.0 else 0.5)
+    first = FakePlan(0.6)
+    result = budget.search_budget(FakePlanner(), 0.6, 0.99, first, run(first), run)
+    assert result.chosen_target == 1.0 and "left dense" in result.note
+
+
+def test_min_agreement_end_to_end_reports_the_curve():
+    config = PruneConfig(calib=calib(64), min_agreement=0.9, rate=0.6)
+    _, report = prune(wide_resnet(), config)
+    search = report["budget"]
+    assert search["min_agreement"] == 0.9 and search["trials"]
+    agreement = report["calibration"]["fidelity"]["calibrated"]["top1_agreement"]
+    assert (agreement >= 0.9) == search["met"]
+    assert report["verify"]["passed"]
+
+
+def test_min_agreement_options_are_checked():
+    with pytest.raises(UserError, match="needs --calib"):
+        resolve_min_agreement(PruneConfig(min_agreement=0.9))
+    with pytest.raises(UserError, match="fraction"):
+        resolve_min_agreement(PruneConfig(min_agreement=1.5, calib=calib()))
+    with pytest.raises(UserError, match="fidelity planner"):
+        resolve_min_agreement(PruneConfig(min_agreement=0.9, calib=calib(), groups=8))
+    assert resolve_min_agreement(PruneConfig(calib=calib())) == 0.95  # the default with data
+    assert resolve_min_agreement(PruneConfig(calib=calib(), target_macs=0.7)) is None  # explicit target wins
+    assert resolve_min_agreement(PruneConfig()) is None
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def test_cli_min_agreement_runs_the_budget_and_reports_it(tmp_path, capsys):
+    import json
+
+    import onnx
+
+    from onnxprune.cli import main
+
+    src, out, report = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(wide_resnet(), src)
+    np.savez(tmp_path / "c.npz", input=calib(48)["input"])
+    code = main([str(src), str(out), "--calib", str(tmp_path / "c.npz"), "--min-agreement", "0.9",
+                 "--rate", "0.5", "--report", str(report), "-q"])
+    assert code == 0 and out.exists()
+    data = json.loads(report.read_text())
+    assert data["budget"]["min_agreement"] == 0.9 and data["auto"]["planner"] == "fidelity"
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "most"])
+def test_cli_rejects_a_bad_min_agreement(tmp_path, capsys, value):
+    import onnx
+
+    from onnxprune.cli import main
+
+    src = tmp_path / "m.onnx"
+    onnx.save(wide_resnet(), src)
+    with pytest.raises(SystemExit) as exc:
+        main([str(src), str(tmp_path / "o.onnx"), "--min-agreement", value])
+    assert exc.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_min_agreement_off_and_speed_planner_parse():
+    from onnxprune.cli import build_parser
+
+    args = build_parser().parse_args(["a.onnx", "b.onnx", "--min-agreement", "off", "--planner", "speed"])
+    assert args.min_agreement is None and args.planner == "speed"
+    assert build_parser().parse_args(["a.onnx", "b.onnx"]).min_agreement == "auto"
+
+
+def test_predicted_macs_count_the_narrowed_depthwise_chain():
+    """A G=1 cut of a project Conv narrows expand + depthwise too: the planner's MACs prediction
+    must equal what the rewritten model really computes."""
+    from graphs import inverted_residual
+
+    model = inverted_residual(size=SIZE).model()
+    _, report = prune(model, PruneConfig(target_macs=0.7, calib=calib(channels=3), min_agreement=None))
+    assert report["verify"]["passed"]
+    cut = [layer for layer in report["layers"] if "groups" in layer and layer["groups"] == 1]
+    assert cut, "expected a G=1 cut"
+    assert report["macs_after"] / report["macs_before"] == pytest.approx(report["auto"]["predicted_macs_ratio"],
+                                                                         abs=1e-3)
