@@ -262,9 +262,11 @@ def plot(results: dict, path: Path) -> None:
         front = pareto_front(pts)
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", c="tab:orange", zorder=2,
                 label="Pareto front")
-        for (x, y), name, mr in zip(pts, names, macs):
-            ax.annotate(f"{name}\nMACs {mr:.2f}" if mr is not None else name, (x, y), fontsize=7,
-                        xytext=(4, -10), textcoords="offset points")
+        offsets = [(5, -12), (5, 4), (5, -26), (5, 16)]
+        for i, ((x, y), name, mr) in enumerate(zip(pts, names, macs)):
+            ax.annotate(f"{name} (MACs {mr:.2f})" if mr is not None else name, (x, y), fontsize=7,
+                        xytext=offsets[i % len(offsets)], textcoords="offset points")
+        ax.margins(x=0.35, y=0.08)
         ax.set_xlabel("latency ratio pruned / dense (ORT CPU, batch 1; lower is faster)")
         ax.set_ylabel(f"top-1 agreement with dense ({r['eval']['samples']} photo crops)")
         ax.set_title(model)

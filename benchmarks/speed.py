@@ -158,13 +158,15 @@ def build_variants(name: str, folder: Path, args) -> tuple[list, list]:
     labels.append("onnxprune G=8 r=0.4375"), models.append(g8), notes.append("paper setting"), slugs.append("g8")
 
     for provider in args.auto_for or [args.provider]:
-        t = time.perf_counter()
-        auto, report = prune(dense, PruneConfig(groups="auto", target_macs=target, provider=provider,
-                                                latency_table=args.latency_table, verify=False))
-        pruned = sum(1 for layer in report["layers"] if "skipped" not in layer)
-        log(f"{name}: auto ({provider}) pruned in {time.perf_counter() - t:.0f}s")
-        labels.append(f"onnxprune --groups auto --provider {provider}"), models.append(auto)
-        notes.append(f"{pruned} Convs pruned"), slugs.append(f"auto-{provider}")
+        for planner in args.planners:
+            t = time.perf_counter()
+            auto, report = prune(dense, PruneConfig(groups="auto", target_macs=target, provider=provider,
+                                                    latency_table=args.latency_table, verify=False,
+                                                    planner=planner))
+            pruned = sum(1 for layer in report["layers"] if "skipped" not in layer)
+            log(f"{name}: auto ({provider}, {planner} planner) pruned in {time.perf_counter() - t:.0f}s")
+            labels.append(f"onnxprune auto --planner {planner} --provider {provider}"), models.append(auto)
+            notes.append(f"{pruned} Convs pruned"), slugs.append(f"auto-{provider}-{planner}")
 
     if "onnxsim" in args.peers:
         t = time.perf_counter()
@@ -191,6 +193,9 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--repeat", type=int, default=12, help="timed runs per model and batch (default 12)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--planners", nargs="+", choices=["fidelity", "speed"], default=["fidelity", "speed"],
+                        help="auto planners to build (fidelity is the default; without data it ranks cuts by a "
+                             "weight-norm proxy)")
     parser.add_argument("--full-planner", action="store_true",
                         help="plan G=8 with clustering + greedy kernel selection (slow on ResNet-50; same shapes)")
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",

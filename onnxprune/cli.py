@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fidelity budget: the deepest plan (not deeper than --rate/--target-macs) whose top-1 "
                           "agreement with the input model on held-out calibration inputs is at least P; 'off' "
                           "disables it (default: 0.95 with --calib and no --target-macs/--target-speedup, else off)")
+    fid.add_argument("--distill", action="store_true",
+                     help="after pruning and refit, fine-tune the kept weights (structure fixed) so the output "
+                          "matches the input model's on the --calib images, with augmentation, on the CPU "
+                          "(needs PyTorch: pip install 'onnxprune[distill]')")
+    fid.add_argument("--distill-time", type=float, default=300.0, metavar="SECONDS",
+                     help="training time for --distill (default 300); the step count it allowed is in the report")
+    fid.add_argument("--distill-steps", type=int, metavar="N",
+                     help="a fixed number of --distill steps instead of a time budget (byte-identical output)")
     calib = p.add_argument_group("calibration-data recovery")
     calib.add_argument("--calib", metavar="DATA",
                        help="unlabelled inputs (.npz with one array per input name or a single array, .npy, "
@@ -210,7 +218,8 @@ def _run(args) -> int:
                          latency_table=args.latency_table, check_speed=args.check_speed,
                          calib=args.calib, calib_size=args.calib_size, calib_selection=args.calib_selection,
                          calib_layers=args.calib_layers, calib_target=args.calib_target,
-                         planner=args.planner, min_agreement=args.min_agreement)
+                         planner=args.planner, min_agreement=args.min_agreement, distill=args.distill,
+                         distill_time=args.distill_time, distill_steps=args.distill_steps)
     config.check()
     model = load_model(args.input)
     _check_exclude(model, args.exclude)
@@ -261,6 +270,14 @@ def summary(report: dict, output: str) -> str:
         lines.append(f"  calibrated on {calib['fit_samples']} inputs: top-1 agreement with the original on "
                      f"{fid['samples']} held-out inputs {100 * fid['uncalibrated']['top1_agreement']:.1f}% -> "
                      f"{100 * fid['calibrated']['top1_agreement']:.1f}%")
+    distilled = report.get("distill")
+    if distilled and "skipped" in distilled:
+        lines.append(f"  distillation skipped: {distilled['skipped']}")
+    elif distilled and distilled.get("holdout"):
+        before, after = distilled["holdout"]["before"], distilled["holdout"]["after"]
+        lines.append(f"  distilled {distilled['steps_done']} steps ({distilled['train_s']:.0f} s): top-1 agreement on "
+                     f"{distilled['images']['holdout']} held-out inputs {100 * before['top1_agreement']:.1f}% -> "
+                     f"{100 * after['top1_agreement']:.1f}%")
     search = report.get("budget")
     if search:
         lines.append(f"  fidelity budget {100 * search['min_agreement']:.0f}% top-1 agreement: "

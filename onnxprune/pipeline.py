@@ -44,6 +44,10 @@ class PruneConfig(PlanOptions):
     # fidelity-aware planning (see fidelity_plan.py, budget.py)
     planner: str = "fidelity"  # "fidelity": cuts chosen by measured output change per MAC; "speed": rate scan
     min_agreement: float | str | None = "auto"  # top-1 agreement budget on held-out calibration inputs
+    # label-free distillation after the rewrite (see distill.py; needs torch and calib)
+    distill: bool = False
+    distill_time: float = 300.0  # seconds of training (probe + steps); the step count is reported
+    distill_steps: int | None = None  # a fixed step count instead of the time budget (reproducible bytes)
 
 
 @dataclass
@@ -86,6 +90,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
             snapshots.append(normalize(load_model(ticket)))
         except UserError as exc:
             raise UserError(f"ticket snapshot #{i + 1}: {exc}") from None
+    _check_distill(config)
     feeds = None
     if config.calib is not None:
         from .calib_data import load_calibration_inputs
@@ -168,6 +173,11 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
                                f"{verified.max_rel_diff:.3g} (relative), tolerance {verified.tolerance:g}")
     t = _lap(timings, "verify", t)
 
+    distilled = None
+    if config.distill:
+        pruned, distilled = _distill(pruned, original, feeds, config, progress)
+    t = _lap(timings, "distill", t)
+
     speed = None
     if config.check_speed:
         from .bench import check_speed
@@ -186,6 +196,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         report["sensitivity"] = fidelity_planner.sensitivity_report()
     report["budget"] = None if search is None else search.as_dict()
     report["calibration"] = calibration
+    report["distill"] = distilled
     report["speed"] = speed
     _lap(timings, "report", t)
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -218,6 +229,46 @@ def resolve_min_agreement(config: PruneConfig) -> float | None:
     if not fidelity_auto:
         raise UserError("--min-agreement needs the fidelity planner (--groups auto, no --plan-in, no --planner speed)")
     return value
+
+
+def _check_distill(config: PruneConfig) -> None:
+    """--distill's needs, checked before minutes of planning."""
+    if not config.distill:
+        return
+    if config.calib is None:
+        raise UserError("--distill needs --calib (the unlabelled images it trains on)")
+    if config.distill_steps is not None and config.distill_steps < 1:
+        raise UserError(f"--distill-steps must be >= 1, got {config.distill_steps}")
+    if config.distill_steps is None and not config.distill_time > 0:
+        raise UserError(f"--distill-time must be positive, got {config.distill_time}")
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise UserError("--distill needs PyTorch: pip install 'onnxprune[distill]'")
+
+
+def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
+    """Fine-tune the rewritten model's weights towards the original's outputs (structure fixed).
+
+    Runs after verification: the exactness oracle has proven the *structure* (the rewrite equals
+    the masked original), and distillation may then only change weight values — checked here
+    with ``distill.structure_problems`` (same nodes, names, shapes, dtypes; only Conv/Gemm
+    weights and biases differ)."""
+    from .distill import UnsupportedModel, distill, structure_problems
+
+    how = f"{config.distill_steps} steps" if config.distill_steps else f"{config.distill_time:g} s"
+    progress.stage(f"distilling: fine-tuning the pruned weights towards the original's outputs ({how})")
+    try:
+        student, report = distill(pruned, original, feeds, seed=config.seed,
+                                  steps=config.distill_steps,
+                                  time_budget_s=None if config.distill_steps else config.distill_time)
+    except UnsupportedModel as exc:
+        progress.stage(f"distillation skipped: {exc}")
+        return pruned, {"skipped": str(exc)}
+    problems = structure_problems(pruned, student)
+    if problems:
+        raise RuntimeError(f"internal error: distillation changed the model's structure: {problems[0]}")
+    return student, report
 
 
 def _lap(timings: dict, name: str, since: float) -> float:

@@ -7,6 +7,7 @@ CI has no generated files, so it is skipped there.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import zlib
 from pathlib import Path
@@ -15,10 +16,19 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import fidelity  # noqa: E402
-import photos  # noqa: E402
+
+def _load(name: str, path: Path):
+    """Import a benchmarks/ script under a private name (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+photos = _load("_onnxprune_bench_photos", ROOT / "benchmarks" / "photos.py")
+fidelity = _load("_onnxprune_bench_fidelity", ROOT / "benchmarks" / "fidelity.py")
 
 GENERATED = ROOT / "samples" / "generated"
 

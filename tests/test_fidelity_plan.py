@@ -273,3 +273,26 @@ def test_predicted_macs_count_the_narrowed_depthwise_chain():
     assert cut, "expected a G=1 cut"
     assert report["macs_after"] / report["macs_before"] == pytest.approx(report["auto"]["predicted_macs_ratio"],
                                                                          abs=1e-3)
+
+
+# -- distillation in the pipeline -----------------------------------------------------------------
+
+def test_distill_in_the_pipeline_changes_only_weights_and_is_reproducible():
+    pytest.importorskip("torch")
+    from onnxprune.distill import structure_problems
+
+    base = dict(target_macs=0.75, calib=calib(48), min_agreement=None)
+    plain, _ = prune(wide_resnet(), PruneConfig(**base))
+    first, report = prune(wide_resnet(), PruneConfig(**base, distill=True, distill_steps=3))
+    second, _ = prune(wide_resnet(), PruneConfig(**base, distill=True, distill_steps=3))
+    assert report["distill"]["steps_done"] == 3
+    assert structure_problems(plain, first) == []
+    assert first.SerializeToString() == second.SerializeToString()
+    assert first.SerializeToString() != plain.SerializeToString()
+
+
+def test_distill_options_are_checked_before_any_work():
+    with pytest.raises(UserError, match="needs --calib"):
+        prune(wide_resnet(), PruneConfig(distill=True))
+    with pytest.raises(UserError, match="distill-steps"):
+        prune(wide_resnet(), PruneConfig(distill=True, calib=calib(), distill_steps=0))
