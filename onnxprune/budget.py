@@ -84,7 +84,8 @@ def search_budget(planner, requested: float | None, budget: float, first_plan, f
 
     if agreement_of(first_result[2]) is None:
         return BudgetSearch(budget, deepest, first_plan, first_result, deepest, False, [],
-                            "the model's first output is not class scores: agreement cannot be measured, budget ignored")
+                            "the model's first output is not class scores: agreement cannot be measured, "
+                            "budget ignored")
     if evaluate(0):
         return BudgetSearch(budget, deepest, first_plan, first_result, grid[0], True, trials,
                             "the requested depth meets the budget")

@@ -554,8 +554,8 @@ def refit_weights(layer: LayerPlan, weight: np.ndarray, bias: np.ndarray, x: np.
         b0 = bias[rows].astype(np.float64)
         candidates = [list(planned)]
         if select:
-            chosen = greedy_channels(m if m_train is None else m_train, rows, k2, len(planned), ridge, greedy == "greedy",
-                                     chunk=max(1, len(channels) // GREEDY_STEPS))
+            chosen = greedy_channels(m if m_train is None else m_train, rows, k2, len(planned), ridge,
+                                     greedy == "greedy", chunk=max(1, len(channels) // GREEDY_STEPS))
             if chosen != candidates[0]:
                 candidates.append(chosen)
         best = None

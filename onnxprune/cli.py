@@ -287,7 +287,8 @@ def summary(report: dict, output: str) -> str:
                      "on real models without calibration data)")
     if report["verify"]:
         v = report["verify"]
-        lines.append(f"  verify: max relative diff {v['max_rel_diff']:.2e} vs masked original (tolerance {v['tolerance']:g})")
+        lines.append(f"  verify: max relative diff {v['max_rel_diff']:.2e} vs masked original "
+                     f"(tolerance {v['tolerance']:g})")
     lines.append(f"  wrote {output}")
     return "\n".join(lines)
 

@@ -50,42 +50,51 @@ EVAL_BATCH = 32
 
 
 def distill(student, teacher, images, *, time_budget_s: float | None = None, steps: int | None = None,
-            seed: int = 0, lr: float = 1e-4, batch_size: int = 32, holdout: float = 0.2,
+            seed: int = 0, lr: float = 1e-5, batch_size: int = 32, optimizer: str = "adam",
             loss: str = "kl", temperature: float = 1.0, zoom: tuple[float, float] = (0.8, 1.05),
-            max_shift: float = 0.1, flip: bool = True, augment_prob: float = 0.5, eval_limit: int = 512, trainable: list | None = None,
-            optimizer: str = "adam", eval_images=None, threads: int | None = None,
+            max_shift: float = 0.1, flip: bool = True, augment_prob: float = 0.5, holdout: float = 0.2,
+            eval_images=None, eval_limit: int = 512, trainable: list | None = None, threads: int | None = None,
             progress=None) -> tuple[onnx.ModelProto, dict]:
     """Fine-tune ``student``'s weights towards ``teacher``'s outputs -> ``(student', report)``.
 
     ``student``/``teacher``: ModelProto or path; same inputs and first-output shape. ``images``:
     ``{input name: array}``, one array (single-input model) or a calibration path, as for
     ``--calib`` (uint8 is scaled to [0, 1]). Exactly one of ``time_budget_s`` (seconds for the
-    probe and the training steps) and ``steps`` must be given. ``progress``: an object with ``stage(msg)`` /
-    ``layer(done, total, name)`` (as ``pipeline.Progress``) or a callable ``(step, steps, loss)``.
-    ``eval_images``: held-out images given separately (same forms as ``images``); then all of
-    ``images`` are trained on and ``holdout`` is ignored. ``optimizer``: ``"adam"`` or ``"sgd"``
-    (momentum 0.9, Nesterov).
-    ``threads``: torch intra-op threads for this call (restored afterwards; default: unchanged).
-    Raises ``UnsupportedModel`` when the student graph cannot run in the torch bridge, and
-    ``ImportError`` when torch is missing.
+    probe and the training steps) and ``steps`` must be given; ``report["options"]`` plus
+    ``steps=report["steps"]`` reproduce a run.
+    ``optimizer``: ``"adam"`` or ``"sgd"`` (momentum 0.9, Nesterov). ``augment_prob``: chance
+    that a sample is augmented (the others are used as they are); for data whose orientation or
+    framing carries meaning (Fashion-MNIST: centred items, shoes facing left) use ``flip=False``
+    and a small ``max_shift``, or ``augment_prob=0``.
+    ``eval_images``: held-out images given separately (same forms as ``images``), e.g. crops of
+    other photographs; then all of ``images`` are trained on and ``holdout`` is ignored.
+    ``trainable``: initializer names to train (default: Conv/Gemm weights and biases).
+    ``threads``: torch intra-op threads for this call (restored afterwards; default: unchanged;
+    1 is much faster than 2 on a CPU that other processes keep busy).
+    ``progress``: an object with ``stage(msg)`` / ``layer(done, total, name)`` (as
+    ``pipeline.Progress``) or a callable ``(step, steps, loss)``.
+    Raises ``UnsupportedModel`` when the student graph cannot run in the torch bridge,
+    ``ImportError`` when torch is missing, ``ValueError`` for bad options.
     """
+    options = dict(locals())
     torch = require_torch()
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _distill(student, teacher, images, time_budget_s=time_budget_s, steps=steps, seed=seed, lr=lr,
-                        batch_size=batch_size, holdout=holdout, loss=loss, temperature=temperature, zoom=zoom,
-                        max_shift=max_shift, flip=flip, augment_prob=augment_prob, eval_limit=eval_limit, trainable=trainable,
-                        optimizer=optimizer, eval_images=eval_images, progress=progress)
+        return _distill(**options)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_size, holdout, loss,
-             temperature, zoom, max_shift, flip, augment_prob, eval_limit, trainable, optimizer, eval_images, progress):
+def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_size, optimizer, loss,
+             temperature, zoom, max_shift, flip, augment_prob, holdout, eval_images, eval_limit, trainable,
+             threads, progress):
     import torch
 
+    recorded = {"seed": seed, "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "loss": loss,
+                "temperature": temperature, "zoom": list(zoom), "max_shift": max_shift, "flip": flip,
+                "augment_prob": augment_prob, "holdout": holdout, "eval_limit": eval_limit}
     from .model_io import load_model
 
     started = time.perf_counter()
@@ -97,6 +106,8 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     if loss not in ("kl", "mse"):
         raise ValueError(f"loss must be 'kl' or 'mse', got {loss!r}")
+    if batch_size < 1 or eval_limit < 1:
+        raise ValueError("batch_size and eval_limit must be >= 1")
     student = student if isinstance(student, onnx.ModelProto) else load_model(student)
     teacher = teacher if isinstance(teacher, onnx.ModelProto) else load_model(teacher)
     say = _Say(progress)
@@ -120,7 +131,10 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
 
     say.stage("distillation: building the torch student and checking it against ONNX Runtime")
     module = OnnxModule(student, trainable if trainable is not None else default_trainable(student))
-    teacher_sess, student_sess = _session(teacher), _session(student)
+    teacher_sess, student_sess = _session(teacher, threads), _session(student, threads)
+    teacher_inputs = sorted(i.name for i in teacher_sess.get_inputs())
+    if teacher_inputs != sorted(input_names):
+        raise ValueError(f"teacher inputs {teacher_inputs} differ from the student's {sorted(input_names)}")
 
     t_eval = time.perf_counter()
     t_hold = _logits(teacher_sess, hold)
@@ -128,6 +142,9 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
     before_hold = _logits(student_sess, hold)
     before_train = _logits(student_sess, train_eval)
     eval_s = time.perf_counter() - t_eval
+    if t_hold.shape[1:] != before_hold.shape[1:] or t_train.shape[1:] != before_train.shape[1:]:
+        raise ValueError(f"teacher output shape {t_train.shape[1:]} differs from the student's "
+                         f"{before_train.shape[1:]}")
     check = {k: v[:4] for k, v in (hold if n_hold else train).items()}
     with torch.no_grad():
         bridged = module(*[torch.from_numpy(check[k]) for k in input_names])[0].numpy()
@@ -136,13 +153,14 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
         raise UnsupportedModel(f"the torch bridge differs from ONNX Runtime by {bridge_diff:.3g} (relative)")
 
     params = [module.parameter(name) for name in module.trainable_names]
-    optimizer = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else \
+    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else \
         torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
     sampler = _Batches(len(train_idx), batch_size, rng)
     train_t = {k: torch.from_numpy(v) for k, v in train.items()}
 
     def step_loss(step_rng, index):
-        batch = _augment({k: v[index] for k, v in train_t.items()}, step_rng, zoom, max_shift, flip, augment_prob)
+        batch = {k: v[index] for k, v in train_t.items()}
+        batch = _augment(batch, step_rng, zoom, max_shift, flip, augment_prob)
         target = torch.from_numpy(teacher_sess.run([teacher_sess.get_outputs()[0].name],
                                                    {k: v.numpy() for k, v in batch.items()})[0])
         output = module(*[batch[k] for k in input_names])[0]
@@ -158,9 +176,9 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
             t = time.perf_counter()
             index = probe_rng.choice(len(train_idx), size=min(batch_size, len(train_idx)), replace=False)
             value = step_loss(probe_rng, torch.from_numpy(np.sort(index)))
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             value.backward()
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t)
         probe_s = float(np.median(times[1:])) * 1.03 + 0.002  # optimizer update and bookkeeping
         left = time_budget_s - (time.perf_counter() - budget_started)
@@ -175,15 +193,15 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
     for step in range(steps):
         scale = (step + 1) / warmup if step < warmup else \
             0.5 * (1.0 + math.cos(math.pi * (step - warmup + 1) / max(1, steps - warmup + 1)))
-        for group in optimizer.param_groups:
+        for group in opt.param_groups:
             group["lr"] = lr * scale
         value = step_loss(rng, sampler.next())
         if not torch.isfinite(value):
             diverged = True
             break
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         value.backward()
-        optimizer.step()
+        opt.step()
         losses.append(float(value.detach()))
         done = step + 1
         say.step(done, steps, losses[-1])
@@ -198,7 +216,7 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
     if diverged:  # the weights may hold NaNs: return the student unchanged
         module, done = OnnxModule(student, module.trainable_names), 0
     distilled = module.export() if done else _copy(student)
-    after_sess = _session(distilled)
+    after_sess = _session(distilled, threads)
     after_hold = _logits(after_sess, hold)
     after_train = _logits(after_sess, train_eval)
     with torch.no_grad():
@@ -211,10 +229,11 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
     report = {
         "steps": steps, "steps_done": done, "truncated": truncated, "diverged": diverged,
         "epochs": round(done * min(batch_size, len(train_idx)) / max(1, len(train_idx)), 3),
-        "batch_size": batch_size, "lr": lr, "optimizer": type(optimizer).__name__.lower(), "loss": loss, "temperature": temperature, "seed": seed,
-        "time_budget_s": time_budget_s, "probe_step_s": None if probe_s is None else round(probe_s, 4),
+        "options": recorded, "time_budget_s": time_budget_s,
+        "probe_step_s": None if probe_s is None else round(probe_s, 4),
         "train_s": round(train_s, 3), "probe_and_train_s": round(budget_s, 3),
-        "eval_s": round(eval_s + time.perf_counter() - t_eval, 3), "wall_s": round(time.perf_counter() - started, 3),
+        "eval_s": round(eval_s + time.perf_counter() - t_eval, 3),
+        "wall_s": round(time.perf_counter() - started, 3),
         "torch_threads": torch.get_num_threads(),
         "images": {"train": int(len(train_idx)), "holdout": int(n_hold), "train_eval": len(t_train)},
         "trainable_tensors": len(params), "trainable_values": int(sum(p.numel() for p in params)),
@@ -225,8 +244,7 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
         "train": {"before": _agreement(t_train, before_train, temperature),
                   "after": _agreement(t_train, after_train, temperature)},
     }
-    if n_hold:
-        report["improved"] = report["holdout"]["after"]["kl"] < report["holdout"]["before"]["kl"]
+    report["improved"] = report["holdout"]["after"]["kl"] < report["holdout"]["before"]["kl"] if n_hold else None
     return distilled, report
 
 
@@ -346,10 +364,14 @@ def _loss(output, target, kind, temperature):
     return kl.mean() * temperature ** 2
 
 
-def _session(model):
-    from .verify import session
+def _session(model, threads=None):
+    import onnxruntime as ort
 
-    return session(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _logits(sess, feeds: dict) -> np.ndarray:

@@ -254,12 +254,16 @@ def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
     the masked original), and distillation may then only change weight values — checked here
     with ``distill.structure_problems`` (same nodes, names, shapes, dtypes; only Conv/Gemm
     weights and biases differ)."""
+    from .calibrate import split_holdout
     from .distill import UnsupportedModel, distill, structure_problems
 
+    # the calibration's held-out slice stays held out: trained on the fit part, measured on it
+    fit, held = split_holdout(feeds)
     how = f"{config.distill_steps} steps" if config.distill_steps else f"{config.distill_time:g} s"
     progress.stage(f"distilling: fine-tuning the pruned weights towards the original's outputs ({how})")
     try:
-        student, report = distill(pruned, original, feeds, seed=config.seed,
+        student, report = distill(pruned, original, fit, eval_images=held if len(next(iter(held.values()))) else None,
+                                  seed=config.seed,
                                   steps=config.distill_steps,
                                   time_budget_s=None if config.distill_steps else config.distill_time)
     except UnsupportedModel as exc:

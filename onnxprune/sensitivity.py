@@ -13,9 +13,10 @@ How, with calibration data (``measure``):
 2. Block forward selection on those moments (``calibrate.greedy_channels``, adding up to
    C_in/``calibrate.GREEDY_STEPS`` channels per step; redundant channels can share a step on
    wide layers) orders the input channels so that every prefix explains as much of the output
-   as the greedy can; because the order is nested, the least-squares refit error at every candidate width n is read off the
-   same moments (``calibrate.solve_group`` / ``squared_error``): ``rel_err(n)``, the error the
-   refit leaves in this layer's output, relative to the output's energy.
+   as the greedy can; because the order is nested, the least-squares refit error at every
+   candidate width n is read off the same moments (``calibrate.solve_group`` /
+   ``squared_error``): ``rel_err(n)``, the error the refit leaves in this layer's output,
+   relative to the output's energy.
 3. Output sensitivity: at a few widths per layer the refit layer is substituted into the dense
    model (only this layer changed; weights fed as inputs of one ORT session per layer that runs
    only the nodes from this layer on, from cached held-out activations) and the

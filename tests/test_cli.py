@@ -13,13 +13,6 @@ from graphs import resnet_basic
 from onnxprune.cli import main
 
 
-@pytest.fixture
-def model_path(tmp_path):
-    path = tmp_path / "in.onnx"
-    onnx.save(resnet_basic().model(), path)
-    return path
-
-
 def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

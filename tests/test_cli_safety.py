@@ -2,7 +2,6 @@
 all at once with normal modes, every refusal is one line on stderr with exit status 2."""
 
 import errno
-import hashlib
 import json
 import os
 import stat
@@ -21,15 +20,7 @@ from onnxprune.errors import one_line
 from onnxprune.model_io import text_writer, write_files
 
 
-@pytest.fixture
-def model_path(tmp_path):
-    path = tmp_path / "in.onnx"
-    onnx.save(resnet_basic().model(), path)
-    return path
-
-
-def _digest(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from test_cli import _digest
 
 
 def _files(folder):

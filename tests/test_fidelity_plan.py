@@ -14,23 +14,13 @@ from onnxprune.normalize import normalize
 from onnxprune.pipeline import PruneConfig, prune, resolve_min_agreement
 from onnxprune.sensitivity import measure
 from onnxprune.speed_plan import Option
-from graphs import GraphBuilder
+from test_speed_plan import wide_resnet as _wide_resnet
 
 SIZE = 16  # small images and 32/64 channels keep the calibration passes of these tests fast
 
 
 def wide_resnet():
-    """Stem, one 32-channel basic block, a stride-2 64-channel pair, GAP+Gemm (3×3 Convs)."""
-    b = GraphBuilder(size=SIZE)
-    x = b.relu(b.bn(b.conv("input", 32, bias=False)))
-    y = b.relu(b.bn(b.conv(x, 32, bias=False)))
-    y = b.bn(b.conv(y, 32, bias=False))
-    x = b.relu(b.add(y, x))
-    y = b.relu(b.bn(b.conv(x, 64, stride=2, bias=False)))
-    y = b.relu(b.bn(b.conv(y, 64, bias=False)))
-    y = b.relu(b.bn(b.conv(y, 64, bias=False)))
-    b.output(b.gemm(b.gap_flatten(y), 10))
-    return b.model()
+    return _wide_resnet(size=SIZE, width=32)
 
 
 def calib(n=40, size=SIZE, seed=3, channels=3):

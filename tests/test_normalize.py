@@ -24,7 +24,8 @@ def test_batchnorm_folds_into_conv_and_outputs_match():
 def test_weight_name_kept_when_unshared():
     model = resnet_basic(bn=True).model()
     folded = normalize(model)
-    conv_weights = lambda m: [n.input[1] for n in m.graph.node if n.op_type == "Conv"]
+    def conv_weights(m):
+        return [n.input[1] for n in m.graph.node if n.op_type == "Conv"]
     assert conv_weights(model) == conv_weights(folded)
 
 

@@ -11,16 +11,16 @@ from onnxprune.pipeline import PruneConfig, prune
 from onnxprune.speed_plan import Layer, Option, candidate_options, plan_speed
 
 
-def wide_resnet(size=32):
-    """Stem, one 64-channel basic block, a stride-2 128-channel pair, GAP+Gemm."""
+def wide_resnet(size=32, width=64):
+    """Stem, one ``width``-channel basic block, a stride-2 2·``width``-channel pair, GAP+Gemm."""
     b = GraphBuilder(size=size)
-    x = b.relu(b.bn(b.conv("input", 64, bias=False)))
-    y = b.relu(b.bn(b.conv(x, 64, bias=False)))
-    y = b.bn(b.conv(y, 64, bias=False))
+    x = b.relu(b.bn(b.conv("input", width, bias=False)))
+    y = b.relu(b.bn(b.conv(x, width, bias=False)))
+    y = b.bn(b.conv(y, width, bias=False))
     x = b.relu(b.add(y, x))
-    y = b.relu(b.bn(b.conv(x, 128, stride=2, bias=False)))
-    y = b.relu(b.bn(b.conv(y, 128, bias=False)))
-    y = b.relu(b.bn(b.conv(y, 128, bias=False)))
+    y = b.relu(b.bn(b.conv(x, 2 * width, stride=2, bias=False)))
+    y = b.relu(b.bn(b.conv(y, 2 * width, bias=False)))
+    y = b.relu(b.bn(b.conv(y, 2 * width, bias=False)))
     b.output(b.gemm(b.gap_flatten(y), 10))
     return b.model()
 

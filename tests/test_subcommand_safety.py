@@ -227,7 +227,7 @@ def test_eval_from_an_installed_package_without_samples(tmp_path, tiny):
     site = tmp_path / "site"
     shutil.copytree(Path(ev.__file__).parent, site / "onnxprune", ignore=shutil.ignore_patterns("__pycache__"))
     model, data = tiny
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import sys
         import onnxprune.evaluate as ev
         from onnxprune.cli import main
