@@ -10,9 +10,13 @@ requested depth (``--target-macs``, or what ``--rate`` leaves) and dense, assumi
 grows as fewer MACs are cut: the requested depth first (one trial when it already meets the
 budget), then about log2(grid) more.
 
-When no cut meets the budget the result is the dense model (nothing pruned), and the report
-says so. Every trial is reported: target, predicted MACs and speedup, predicted cost, measured
-agreement and KL — the curve the choice was made on.
+A trial meets the budget when the one-sided 90% Wilson lower bound of its held-out agreement
+does (``lower_bound``): the held-out slice is small (with a budget the pipeline holds out a
+quarter of the calibration inputs instead of an eighth), and the point estimate alone let a
+plan through that lost 1.5 points on the full test set. When no cut meets the budget the result
+is the dense model (nothing pruned), and the report says so. Every trial is reported: target,
+predicted MACs and speedup, measured agreement, its lower bound and KL — the curve the choice
+was made on.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GRID_STEP = 0.05  # MACs-fraction spacing of the targets tried between the requested depth and dense
+CONFIDENCE_Z = 1.2816  # one-sided 90%: the budget is met when the Wilson lower bound of agreement reaches it
 SHALLOWEST = 0.98  # the mildest cut tried before giving up and keeping the model dense
 
 
@@ -54,6 +59,20 @@ def agreement_of(calibration: dict) -> float | None:
     return (calibration or {}).get("fidelity", {}).get("calibrated", {}).get("top1_agreement")
 
 
+def lower_bound(agreement: float, samples: int, z: float = CONFIDENCE_Z) -> float:
+    """Wilson score lower bound of a proportion measured on ``samples`` inputs.
+
+    Why: the held-out slice is small (1/8 of the calibration inputs: 64 of 512), and 63/64 agreeing
+    says little more than "above ~94%". Measured on the ResNet-20 sample, a plan whose 64 held-out
+    inputs agreed at 98.4% agreed at 96.0% on the 10k test images. Requiring the bound, not the
+    point estimate, to meet the budget makes a small calibration set err towards a milder cut."""
+    if samples <= 0:
+        return 0.0
+    centre = agreement + z * z / (2 * samples)
+    spread = z * (agreement * (1 - agreement) / samples + z * z / (4 * samples * samples)) ** 0.5
+    return max(0.0, (centre - spread) / (1 + z * z / samples))
+
+
 def search_budget(planner, requested: float | None, budget: float, first_plan, first_result: tuple,
                   plan_and_calibrate, progress=None) -> BudgetSearch:
     """Bisection over ``target_grid``; ``plan_and_calibrate(speed_plan) -> (plan, model, calibration)``."""
@@ -66,14 +85,18 @@ def search_budget(planner, requested: float | None, budget: float, first_plan, f
         speed_plan, result = results[i]
         calibration = result[2]
         agreement = agreement_of(calibration)
-        fid = (calibration or {}).get("fidelity", {}).get("calibrated", {})
+        fid = (calibration or {}).get("fidelity", {})
+        bound = None if agreement is None else lower_bound(agreement, int(fid.get("samples", 0)))
         trials.append({"macs_target": grid[i], "predicted_macs_ratio": round(speed_plan.macs_ratio, 4),
                        "predicted_speedup": round(speed_plan.predicted_speedup, 3),
-                       "top1_agreement": agreement, "mean_kl": fid.get("mean_kl"),
-                       "meets_budget": agreement is not None and agreement >= budget})
+                       "top1_agreement": agreement, "agreement_lower_bound": bound,
+                       "held_out_samples": fid.get("samples"),
+                       "mean_kl": fid.get("calibrated", {}).get("mean_kl"),
+                       "meets_budget": grid[i] >= 1.0 or (bound is not None and bound >= budget)})
         if progress is not None:
             progress.stage(f"fidelity budget: MACs x{speed_plan.macs_ratio:.3f} -> top-1 agreement "
-                           f"{'n/a' if agreement is None else f'{agreement:.1%}'} (budget {budget:.1%})")
+                           f"{'n/a' if agreement is None else f'{agreement:.1%} (90% lower bound {bound:.1%})'}"
+                           f" vs budget {budget:.1%}")
         return trials[-1]["meets_budget"]
 
     def evaluate(i: int) -> bool:
@@ -98,12 +121,12 @@ def search_budget(planner, requested: float | None, budget: float, first_plan, f
     if hi not in results:
         evaluate(hi)
     speed_plan, result = results[hi]
-    met = agreement_of(result[2]) is not None and agreement_of(result[2]) >= budget
+    met = grid[hi] < 1.0
     if grid[hi] >= 1.0:
         note = (f"no cut down to MACs x{SHALLOWEST} keeps {budget:.1%} top-1 agreement; the model is left dense "
                 f"(lower --min-agreement or give more calibration data)")
     else:
-        note = (f"the requested depth (MACs x{deepest:.3f}) keeps only {agreement_of(first_result[2]):.1%} "
-                f"agreement; used the deepest plan that meets {budget:.1%}: MACs x{speed_plan.macs_ratio:.3f}")
+        note = (f"the requested depth (MACs x{deepest:.3f}) does not keep {budget:.1%} agreement (lower bound); "
+                f"used the deepest plan that does: MACs x{speed_plan.macs_ratio:.3f}")
     trials.sort(key=lambda trial: trial["macs_target"])
     return BudgetSearch(budget, deepest, speed_plan, result, grid[hi], met, trials, note)

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--min-agreement", type=_agreement_arg, default="auto", metavar="P",
                      help="fidelity budget: the deepest plan (not deeper than --rate/--target-macs) whose top-1 "
                           "agreement with the input model on held-out calibration inputs is at least P; 'off' "
-                          "disables it (default: 0.95 with --calib and no --target-macs/--target-speedup, else off)")
+                          "disables it (default: 0.97 with --calib and no --target-macs/--target-speedup, else off)")
     fid.add_argument("--distill", action="store_true",
                      help="after pruning and refit, fine-tune the kept weights (structure fixed) so the output "
                           "matches the input model's on the --calib images, with augmentation, on the CPU "

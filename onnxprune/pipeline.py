@@ -41,6 +41,7 @@ class PruneConfig(PlanOptions):
     calib_selection: str = "data"  # kept channels: "data" (data-aware where it refits better) or "weights" (plan)
     calib_layers: str = "all"  # refit "all" layers after the first pruned one, or only the "pruned" ones
     calib_target: str = "residual"  # what a Conv feeding a residual Add is fit to: "residual" (the sum) or "output"
+    calib_holdout_divisor: int | None = None  # 1/N of the samples held out for fidelity (None: 8, or 4 with a budget)
     # fidelity-aware planning (see fidelity_plan.py, budget.py)
     planner: str = "fidelity"  # "fidelity": cuts chosen by measured output change per MAC; "speed": rate scan
     min_agreement: float | str | None = "auto"  # top-1 agreement budget on held-out calibration inputs
@@ -104,6 +105,9 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
     speed_plan = search = fidelity_planner = None
     budget = resolve_min_agreement(config)
+    if budget is not None and config.calib_holdout_divisor is None:
+        # the budget is judged on the held-out slice: a quarter of the inputs resolves ~1% steps
+        config = replace(config, calib_holdout_divisor=BUDGET_HOLDOUT_DIVISOR)
     auto = config.plan is None and (config.groups == "auto" or config.target_macs is not None
                                     or config.target_speedup is not None)
     if auto and config.planner == "speed":
@@ -204,7 +208,9 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     return pruned, Report(report, plan)
 
 
-DEFAULT_MIN_AGREEMENT = 0.95
+# 0.97: on the Fashion-MNIST ResNets 96% test agreement meant -1.5 points of accuracy, 97-98% under 1
+DEFAULT_MIN_AGREEMENT = 0.97
+BUDGET_HOLDOUT_DIVISOR = 4  # with a fidelity budget, 1/4 of the calibration inputs is held out (else 1/8)
 
 
 def resolve_min_agreement(config: PruneConfig) -> float | None:
@@ -254,11 +260,11 @@ def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
     the masked original), and distillation may then only change weight values — checked here
     with ``distill.structure_problems`` (same nodes, names, shapes, dtypes; only Conv/Gemm
     weights and biases differ)."""
-    from .calibrate import split_holdout
+    from .calibrate import HOLDOUT_DIVISOR, split_holdout
     from .distill import UnsupportedModel, distill, structure_problems
 
     # the calibration's held-out slice stays held out: trained on the fit part, measured on it
-    fit, held = split_holdout(feeds)
+    fit, held = split_holdout(feeds, divisor=config.calib_holdout_divisor or HOLDOUT_DIVISOR)
     how = f"{config.distill_steps} steps" if config.distill_steps else f"{config.distill_time:g} s"
     progress.stage(f"distilling: fine-tuning the pruned weights towards the original's outputs ({how})")
     try:

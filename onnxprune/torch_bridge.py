@@ -89,7 +89,7 @@ class OnnxModule(torch.nn.Module if torch is not None else object):
         self.output_names = [o.name for o in graph.output]
         trainable = default_trainable(model) if trainable is None else list(trainable)
         wanted = set(trainable)
-        self._param_keys: dict[str, str] = {}
+        self._param_keys: dict[str, int] = {}
         self._param_dtypes: dict[str, int] = {}
         self._consts: dict[str, torch.Tensor] = {}
         self.params = torch.nn.ParameterList()
@@ -142,8 +142,10 @@ class OnnxModule(torch.nn.Module if torch is not None else object):
         fused_gathers = {}
         for i, (node, attrs, op, inputs) in enumerate(self.nodes):
             group = int(attrs.get("group", 1))
-            if node.op_type != "Conv" or group == 1 or inputs[1] not in self._param_keys | self._consts.keys():
+            if node.op_type != "Conv" or group == 1:
                 continue
+            if inputs[1] not in self._param_keys and inputs[1] not in self._consts:
+                continue  # a weight computed in the graph: left to torch's grouped convolution
             weight = self.parameter(inputs[1]) if inputs[1] in self._param_keys else self._consts[inputs[1]]
             if weight.dim() < 3 or weight.shape[1] == 1:  # depthwise-like: torch's own kernel is fine
                 continue
