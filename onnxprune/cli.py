@@ -277,7 +277,8 @@ def summary(report: dict, output: str) -> str:
         before, after = distilled["holdout"]["before"], distilled["holdout"]["after"]
         lines.append(f"  distilled {distilled['steps_done']} steps ({distilled['train_s']:.0f} s): top-1 agreement on "
                      f"{distilled['images']['holdout']} held-out inputs {100 * before['top1_agreement']:.1f}% -> "
-                     f"{100 * after['top1_agreement']:.1f}%")
+                     f"{100 * after['top1_agreement']:.1f}%"
+                     + ("" if distilled.get("kept", True) else " (held-out KL did not drop: refit weights kept)"))
     search = report.get("budget")
     if search:
         lines.append(f"  fidelity budget {100 * search['min_agreement']:.0f}% top-1 agreement: "

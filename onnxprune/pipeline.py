@@ -210,6 +210,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
 # 0.97: on the Fashion-MNIST ResNets 96% test agreement meant -1.5 points of accuracy, 97-98% under 1
 DEFAULT_MIN_AGREEMENT = 0.97
+DISTILL_THREADS = 1  # torch threads for --distill: the step results depend on it (bytes), and one
+# thread was ~10x faster than two on a loaded 2-core machine
 BUDGET_HOLDOUT_DIVISOR = 4  # with a fidelity budget, 1/4 of the calibration inputs is held out (else 1/8)
 
 
@@ -269,7 +271,7 @@ def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
     progress.stage(f"distilling: fine-tuning the pruned weights towards the original's outputs ({how})")
     try:
         student, report = distill(pruned, original, fit, eval_images=held if len(next(iter(held.values()))) else None,
-                                  seed=config.seed,
+                                  seed=config.seed, threads=DISTILL_THREADS,
                                   steps=config.distill_steps,
                                   time_budget_s=None if config.distill_steps else config.distill_time)
     except UnsupportedModel as exc:
@@ -278,6 +280,11 @@ def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
     problems = structure_problems(pruned, student)
     if problems:
         raise RuntimeError(f"internal error: distillation changed the model's structure: {problems[0]}")
+    if report.get("improved") is False or report.get("diverged"):
+        report["kept"] = False  # held-out KL did not drop: ship the verified refit weights instead
+        progress.stage("distillation did not lower the held-out KL: keeping the refit weights")
+        return pruned, report
+    report["kept"] = True
     return student, report
 
 
