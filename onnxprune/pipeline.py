@@ -81,6 +81,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     progress = progress or Progress()
     timings = {}
     started = time.perf_counter()
+    _check_distill(config)
+    budget = resolve_min_agreement(config)  # option errors before any work
 
     progress.stage("loading")
     original = load_model(model_or_path)
@@ -91,7 +93,6 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
             snapshots.append(normalize(load_model(ticket)))
         except UserError as exc:
             raise UserError(f"ticket snapshot #{i + 1}: {exc}") from None
-    _check_distill(config)
     feeds = None
     if config.calib is not None:
         from .calib_data import load_calibration_inputs
@@ -104,7 +105,6 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     t = _lap(timings, "normalize", t)
 
     speed_plan = search = fidelity_planner = None
-    budget = resolve_min_agreement(config)
     if budget is not None and config.calib_holdout_divisor is None:
         # the budget is judged on the held-out slice: a quarter of the inputs resolves ~1% steps
         config = replace(config, calib_holdout_divisor=BUDGET_HOLDOUT_DIVISOR)
