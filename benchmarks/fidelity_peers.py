@@ -329,13 +329,15 @@ def format_table(results: dict) -> str:
             if row.get("distill"):
                 dr = row["distill"]
                 notes.append(f"{dr['steps_done']} steps ({dr['epochs']:.1f} epochs)"
-                             + ("; truncated" if dr.get("truncated") else "") + ("; diverged" if dr.get("diverged") else ""))
+                             + ("; truncated" if dr.get("truncated") else "")
+                             + ("; diverged" if dr.get("diverged") else ""))
             tpcol = f"{tp['pruning_ratio']:.3f} / {tp['round_to']}" if tp else "–"
             tpm = f"; {tp['tp_macs_ratio']:.3f}" if tp else ""
             lines.append(
                 f"| {name} | {row['method']} | {_f(row.get('target'), '.2f')} | {tpcol} | "
                 f"{_f(row.get('macs_ratio'), '.3f')}{tpm} | {_f(row.get('params_ratio'), '.3f')} | "
-                f"{_f(m.get('agreement'), '.3f')} | {_f(m.get('top5_overlap'), '.3f')} | {_f(m.get('mean_kl'), '.4f')} | "
+                f"{_f(m.get('agreement'), '.3f')} | {_f(m.get('top5_overlap'), '.3f')} | "
+                f"{_f(m.get('mean_kl'), '.4f')} | "
                 f"{_f(row.get('imagenet20_top1'), '.2f')} | {_f(row.get('latency_ratio'), '.3f')} "
                 f"({_f(row.get('median_ms'), '.2f')}) | {_f((row.get('wall_s') or {}).get('total'), '.0f')} | "
                 f"{'; '.join(notes)} |")
@@ -398,7 +400,8 @@ def main(argv=None) -> int:
             "versions": {"torch": torch.__version__, "torch_pruning": __import__("torch_pruning").__version__,
                          "onnxruntime": __import__("onnxruntime").__version__},
             "phase_wall_s": dict((old or {}).get("settings", {}).get("phase_wall_s", {})),
-            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+            "commands": list((old or {}).get("settings", {}).get("commands", []))
+            + [" ".join(["python benchmarks/fidelity_peers.py"] + sys.argv[1:])]}
 
     def save():
         meta["wall_s"] = round(time.time() - t_start, 1)
