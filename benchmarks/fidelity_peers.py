@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "samples"))
 
-from fidelity import as_float, fidelity_metrics, load_eval, load_imagenet20, top1  # noqa: E402
+from fidelity import _f, as_float, fidelity_metrics, load_eval, load_imagenet20, top1  # noqa: E402
 
 from onnxprune.evaluate import predict_logits  # noqa: E402
 
@@ -303,10 +303,6 @@ def latency(name: str, rows: list[dict], ctx: dict, args) -> None:
 
 
 # ----------------------------------------------------------------------------- output
-
-def _f(v, fmt):
-    return "–" if v is None else format(v, fmt)
-
 
 def format_table(results: dict) -> str:
     head = ("| model | method | target | TP ratio / round_to | MACs ratio (ONNX; TP count) | params ratio | "

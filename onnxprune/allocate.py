@@ -21,8 +21,8 @@ How:
    Why DP and not a greedy by ratio: the curves are not convex (block alignment, the Gather a
    grouped option needs), where a ratio greedy can stop far from the optimum; the DP is exact
    on the quantised problem and takes milliseconds for 50 layers × 12 widths.
-3. ``curve`` gives the whole trade-off (MACs target → plan, predicted cost, predicted speedup);
-   the pipeline's fidelity budget (``--min-agreement``) searches it with real calibration.
+3. Any target can be re-planned from the same table in milliseconds (``fidelity_plan``); the
+   pipeline's fidelity budget (``--min-agreement``) searches targets with real calibration.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .sensitivity import SensitivityReport
-from .speed_plan import MACS_TOLERANCE, Option, Outcome, SpeedPlan, _Planner
+from .speed_plan import Option, Outcome, SpeedPlan, _Planner
 
 MAX_WIDTHS = 12  # candidate widths per layer
 BINS = 400  # quantisation of the required saving in the knapsack
@@ -149,13 +149,6 @@ def _knapsack(table: dict[str, list[Candidate]], need: float, by_time: bool) -> 
             state[name] = table[name][k].option
             at = int(source[at])
     return state, feasible
-
-
-def curve(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcome,
-          targets: list[float]) -> list[tuple[float, Allocation]]:
-    """(MACs target, allocation) for each target fraction, shallowest first."""
-    return [(t, allocate(planner, table, dense, macs_limit=(t + MACS_TOLERANCE) * dense.macs))
-            for t in sorted(targets, reverse=True)]
 
 
 def speed_plan_of(allocation: Allocation, planner: _Planner, dense: Outcome, skipped: dict[str, str],

@@ -101,7 +101,7 @@ def search_budget(planner, requested: float | None, budget: float, first_plan, f
 
     def evaluate(i: int) -> bool:
         if i not in results:
-            speed_plan, _ = planner.plan(grid[i]) if grid[i] < 1.0 else planner.plan(1.0)
+            speed_plan, _ = planner.plan(grid[i])
             results[i] = (speed_plan, plan_and_calibrate(speed_plan))
         return record(i)
 

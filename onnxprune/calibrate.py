@@ -94,8 +94,7 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None):
     notes: list[str] = []
     feeds = load_calibration_inputs(config.calib, model, getattr(config, "calib_size", None), notes)
     batch, unit = _batch_size(model, feeds, notes)
-    divisor = int(getattr(config, "calib_holdout_divisor", None) or HOLDOUT_DIVISOR)
-    fit, held = split_holdout(feeds, unit, divisor)
+    fit, held = split_holdout(feeds, unit, getattr(config, "calib_holdout_divisor", None))
     layers = ordered_layers(model, plan)
     uncalibrated = masked_model(model, plan)  # before data-aware selection changes the plan
     work, skipped = _masked_copy(model, layers)
@@ -280,8 +279,10 @@ def _batch_size(model: onnx.ModelProto, feeds: dict, notes: list) -> tuple[int, 
     return size, size
 
 
-def split_holdout(feeds: dict, unit: int = 1, divisor: int = HOLDOUT_DIVISOR) -> tuple[dict, dict]:
-    """(fit, held_out): the last 1/``divisor`` of the samples (whole batches of ``unit``) is held out."""
+def split_holdout(feeds: dict, unit: int = 1, divisor: int | None = None) -> tuple[dict, dict]:
+    """(fit, held_out): the last 1/``divisor`` (default ``HOLDOUT_DIVISOR``) of the samples (whole
+    batches of ``unit``) is held out."""
+    divisor = divisor or HOLDOUT_DIVISOR
     n = _count(feeds)
     held = (n // divisor) // unit * unit if n >= MIN_SAMPLES_FOR_HOLDOUT else 0
     fit_n = n - held

@@ -19,7 +19,7 @@ from .analysis import conv_nodes
 from .errors import ArgumentParser, UserError, run_reporting_errors
 from .model_io import check_paths, load_model, model_writer, text_writer, write_files
 from .normalize import name_unnamed_nodes
-from .pipeline import Progress, PruneConfig, prune
+from .pipeline import Progress, PruneConfig, check_agreement, prune
 from .plan import Plan
 
 SUBCOMMANDS = {
@@ -58,12 +58,11 @@ def _agreement_arg(text: str):
     if text in ("auto", "off"):
         return None if text == "off" else text
     try:
-        value = float(text)
+        return check_agreement(float(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], 'auto' or 'off', got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
-    return value
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -215,6 +215,13 @@ DISTILL_THREADS = 1  # torch threads for --distill: the step results depend on i
 BUDGET_HOLDOUT_DIVISOR = 4  # with a fidelity budget, 1/4 of the calibration inputs is held out (else 1/8)
 
 
+def check_agreement(value: float) -> float:
+    """A fidelity budget is a fraction in (0, 1]."""
+    if not 0.0 < value <= 1.0:
+        raise UserError(f"--min-agreement is a fraction in (0, 1], got {value}")
+    return value
+
+
 def resolve_min_agreement(config: PruneConfig) -> float | None:
     """The fidelity budget in force: an explicit ``min_agreement``; with ``"auto"`` (the default)
     ``DEFAULT_MIN_AGREEMENT`` when calibration data is given and no explicit MACs/speed target
@@ -229,9 +236,7 @@ def resolve_min_agreement(config: PruneConfig) -> float | None:
         return DEFAULT_MIN_AGREEMENT if fidelity_auto and config.calib is not None and not explicit else None
     if value is None:
         return None
-    value = float(value)
-    if not 0.0 < value <= 1.0:
-        raise UserError(f"--min-agreement is a fraction in (0, 1], got {value}")
+    value = check_agreement(float(value))
     if config.calib is None:
         raise UserError("--min-agreement needs --calib (agreement is measured on held-out calibration inputs)")
     if not fidelity_auto:
@@ -262,11 +267,11 @@ def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
     the masked original), and distillation may then only change weight values — checked here
     with ``distill.structure_problems`` (same nodes, names, shapes, dtypes; only Conv/Gemm
     weights and biases differ)."""
-    from .calibrate import HOLDOUT_DIVISOR, split_holdout
+    from .calibrate import split_holdout
     from .distill import UnsupportedModel, distill, structure_problems
 
     # the calibration's held-out slice stays held out: trained on the fit part, measured on it
-    fit, held = split_holdout(feeds, divisor=config.calib_holdout_divisor or HOLDOUT_DIVISOR)
+    fit, held = split_holdout(feeds, divisor=config.calib_holdout_divisor)
     how = f"{config.distill_steps} steps" if config.distill_steps else f"{config.distill_time:g} s"
     progress.stage(f"distilling: fine-tuning the pruned weights towards the original's outputs ({how})")
     try:
