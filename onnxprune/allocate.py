@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .sensitivity import SensitivityReport
-from .speed_plan import Option, Outcome, SpeedPlan, _Planner
+from .speed_plan import Option, Outcome, SpeedPlan, _Planner, ratios
 
 MAX_WIDTHS = 12  # candidate widths per layer
 BINS = 400  # quantisation of the required saving in the knapsack
@@ -162,5 +162,6 @@ def speed_plan_of(allocation: Allocation, planner: _Planner, dense: Outcome, ski
         configs[name] = option.as_config() if option else {
             "skip": f"auto: kept dense (its cuts cost more fidelity per MAC saved on {provider})"}
     outcome = allocation.outcome
-    return SpeedPlan(configs, None, dense.time_us / outcome.time_us, outcome.macs / dense.macs, dense.time_us,
-                     outcome.time_us, cost_source, list(allocation.notes))
+    speedup, macs_ratio = ratios(dense, outcome)
+    return SpeedPlan(configs, None, speedup, macs_ratio, dense.time_us, outcome.time_us, cost_source,
+                     list(allocation.notes))

@@ -118,6 +118,8 @@ def plan_speed(model: onnx.ModelProto, config, cost=None) -> SpeedPlan:
     layers, skipped, other_macs = collect_layers(model, config)
     planner = _Planner(layers, cost, prof, other_macs)
     dense = planner.evaluate(0.0, {})
+    if not planner.order:
+        return dense_plan(skipped, dense, getattr(cost, "source", "custom"))
     target = _macs_target(layers, config, dense.macs, other_macs)
     outcomes = [planner.plan_at(r) for r in RATE_GRID]
     chosen, notes = _pick(outcomes, dense, target, config.target_speedup)
@@ -130,8 +132,27 @@ def plan_speed(model: onnx.ModelProto, config, cost=None) -> SpeedPlan:
         option = chosen.state.get(layer.name)
         configs[layer.name] = option.as_config() if option else {
             "skip": f"auto: no faster configuration on {config.provider} at rate {chosen.rate:.2f}"}
-    return SpeedPlan(configs, chosen.rate, dense.time_us / chosen.time_us, chosen.macs / dense.macs,
-                     dense.time_us, chosen.time_us, getattr(cost, "source", "custom"), notes)
+    speedup, macs_ratio = ratios(dense, chosen)
+    return SpeedPlan(configs, chosen.rate, speedup, macs_ratio, dense.time_us, chosen.time_us,
+                     getattr(cost, "source", "custom"), notes)
+
+
+def ratios(dense: Outcome, outcome: Outcome) -> tuple[float, float]:
+    """(predicted speedup, MACs ratio) of ``outcome`` over ``dense``.
+
+    Why guarded: a model may have nothing the cost model can time (only Conv1D/Conv3D, weights
+    computed by ops, initializers overridable as graph inputs, Convs without static shapes) or no
+    countable MACs at all; its plan is the dense one, ratio 1, not a division by zero."""
+    speedup = dense.time_us / outcome.time_us if outcome.time_us > 0 else 1.0
+    macs_ratio = outcome.macs / dense.macs if dense.macs > 0 else 1.0
+    return speedup, macs_ratio
+
+
+def dense_plan(skipped: dict[str, str], dense: Outcome, cost_source: str) -> SpeedPlan:
+    """The plan of a model with no Conv to choose for: everything dense, each Conv's reason kept."""
+    note = "no Conv can be planned" + ("" if skipped else " (the model has no Conv)")
+    return SpeedPlan({name: {"skip": reason} for name, reason in skipped.items()}, 0.0, 1.0, 1.0,
+                     dense.time_us, dense.time_us, cost_source, [note])
 
 
 def _check_targets(config) -> None:
@@ -154,7 +175,7 @@ def _macs_target(layers: dict[str, Layer], config, dense_macs: int, other_macs: 
         per_channel = _conv_macs(layer, layer.c_out, 1, layer.groups)  # MACs per kept input channel
         n = n_kept(layer.c_in, config.rate) if layer.prunable else layer.c_in // layer.groups
         kept += per_channel * n
-    return kept / dense_macs
+    return kept / dense_macs if dense_macs > 0 else 1.0
 
 
 def _pick(outcomes: list[Outcome], dense: Outcome, macs_target: float | None, speedup: float | None):

@@ -1,0 +1,75 @@
+"""Issue 12, "0 tracebacks": models the planners cannot time or count (Conv1D/Conv3D, weights
+computed by ops, tensors of unknown rank, IR 3 initializer-inputs, CRNN sequence heads) prune
+what they can and say why the rest stays dense; the output never needs an input the original
+did not."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.cli import main
+
+MODES = [[], ["--planner", "speed"], ["--groups", "8"], ["--target-macs", "0.5"]]
+
+
+def _init(name, value, dtype=np.float32):
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+
+def _conv_nd(rank):
+    """Two Convs of ``rank`` spatial dims (1: Conv1D, 3: Conv3D), 32 channels each."""
+    rng = np.random.default_rng(0)
+    size = [6] * rank
+    nodes, inits, x = [], [], "x"
+    for i in range(2):
+        inits.append(_init(f"w{i}", rng.standard_normal((32, 32) + (3,) * rank) * 0.1))
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1] * (2 * rank)),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        x = f"r{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32] + size)],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 32] + size)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+
+
+def _computed_weights():
+    """Conv weights produced by an op (weight * scale), not initializers."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(2):
+        inits += [_init(f"w{i}", rng.standard_normal((32, 32, 3, 3)) * 0.1), _init(f"s{i}", [1.0])]
+        nodes += [helper.make_node("Mul", [f"w{i}", f"s{i}"], [f"wm{i}"], name=f"scale{i}"),
+                  helper.make_node("Conv", [x, f"wm{i}"], [f"c{i}"], name=f"conv{i}", pads=[1] * 4)]
+        x = f"c{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32, 8, 8])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 32, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: " ".join(m) or "default")
+@pytest.mark.parametrize("make, reason", [(lambda: _conv_nd(1), "not a 2-D convolution (weight rank 3)"),
+                                          (lambda: _conv_nd(3), "not a 2-D convolution (weight rank 5)"),
+                                          (_computed_weights, "weight is not a constant")],
+                         ids=["conv1d", "conv3d", "computed-weights"])
+def test_nothing_plannable_exits_0_with_the_reason(tmp_path, make, reason, mode, capsys):
+    src, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(make(), src)
+    assert main([str(src), str(out), "-q", "--report", str(report), *mode]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("onnxprune: warning: no Conv was pruned") and reason in err[0], err
+    data = json.loads(report.read_text())
+    assert data["convs_pruned"] == 0 and data["verify"]["passed"]
+    assert all(reason in layer["skipped"] for layer in data["layers"])
+
+
+def test_a_model_without_a_conv_exits_0(tmp_path, capsys):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    src = tmp_path / "in.onnx"
+    onnx.save(model, src)
+    assert main([str(src), str(tmp_path / "o.onnx"), "-q"]) == 0
+    assert capsys.readouterr().err.strip() == "onnxprune: warning: no Conv was pruned: the model has no Conv"
