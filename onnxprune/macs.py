@@ -33,7 +33,10 @@ def static_shapes(inferred: onnx.ModelProto) -> dict[str, list[int]]:
     """Fully static shapes by tensor name (initializers included) of an inferred model."""
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        dims = vi.type.tensor_type.shape.dim
+        ttype = vi.type.tensor_type
+        if not ttype.HasField("shape"):  # rank unknown: not a scalar
+            continue
+        dims = ttype.shape.dim
         if all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = [d.dim_value for d in dims]
     for init in inferred.graph.initializer:

@@ -10,7 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from graphs import GraphBuilder
 from onnxprune.cli import main
+from onnxprune.macs import count_macs, inferred_at_batch_one, static_shapes
 
 MODES = [[], ["--planner", "speed"], ["--groups", "8"], ["--target-macs", "0.5"]]
 
@@ -73,3 +75,54 @@ def test_a_model_without_a_conv_exits_0(tmp_path, capsys):
     onnx.save(model, src)
     assert main([str(src), str(tmp_path / "o.onnx"), "-q"]) == 0
     assert capsys.readouterr().err.strip() == "onnxprune: warning: no Conv was pruned: the model has no Conv"
+
+
+# -- tensors of unknown rank (what shape inference leaves after a Reshape it cannot follow) ----
+
+def _crnn(sequence="flatten"):
+    """A CRNN-style recogniser: a Conv stack to [N, 32, 4, 4], then a sequence head, a MatMul with
+    a constant over [N, T, features]. ``sequence``:
+    - "flatten" (PaddleOCR's export): Reshape to [N, C, H*W] with the target computed as
+      Concat(Shape(x)[:2], [-1]), Transpose; onnx shape inference leaves the Reshape's output
+      without a shape (unknown rank) at opset 13, which the MACs count once read as a scalar
+      (IndexError with a fixed batch);
+    - "mix": Reshape [N, C*H, W] (channels mixed with the height), Transpose."""
+    b = GraphBuilder(size=16, opset=13, batch=1)
+    x = b.relu(b.conv("input", 16))
+    x = b.relu(b.conv(x, 32, stride=2))
+    x = b.relu(b.conv(x, 32))
+    x = b.relu(b.conv(x, 32, stride=2))  # [N, 32, 4, 4]
+    if sequence == "flatten":
+        b.nodes.append(helper.make_node("Shape", [x], ["feature_shape"], name="shape"))
+        ends = [b._const(name, value, dtype=np.int64) for name, value in (("s0", [0]), ("s2", [2]), ("ax", [0]))]
+        b.nodes.append(helper.make_node("Slice", ["feature_shape", *ends], ["nc"], name="slice"))
+        b.nodes.append(helper.make_node("Concat", ["nc", b._const("m1", [-1], dtype=np.int64)], ["seq_shape"],
+                                        name="concat_shape", axis=0))
+        seq, steps, features = b._op("Reshape", [x, "seq_shape"]), 16, 32
+    else:
+        seq, steps, features = b._op("Reshape", [x, b._const("seq_shape", [0, 128, 4], dtype=np.int64)]), 4, 128
+    seq = b._op("Transpose", [seq], perm=[0, 2, 1])
+    logits = b._op("MatMul", [seq, b._const("head", b.rng.standard_normal((features, 10)) * 0.1)])
+    b.shape[logits] = (steps, 10)
+    b.output(logits)
+    return b.model()
+
+
+def test_static_shapes_skip_tensors_of_unknown_rank():
+    inferred = inferred_at_batch_one(_crnn())
+    shapes = static_shapes(inferred)
+    unknown = [vi.name for vi in inferred.graph.value_info if not vi.type.tensor_type.HasField("shape")]
+    assert unknown and not any(name in shapes for name in unknown)  # unknown rank is not a scalar ([])
+    total, per_node = count_macs(_crnn())
+    assert total == sum(per_node.values()) > 0
+
+
+@pytest.mark.parametrize("mode", MODES[:3], ids=lambda m: " ".join(m) or "default")
+@pytest.mark.parametrize("sequence", ["flatten", "mix"])
+def test_crnn_recogniser_prunes_and_verifies(tmp_path, mode, sequence):
+    src, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(_crnn(sequence), src)
+    assert main([str(src), str(out), "-q", "--rate", "0.5", "--report", str(report), *mode]) == 0
+    data = json.loads(report.read_text())
+    assert data["convs_pruned"] >= 1 and data["verify"]["passed"], data["layers"]
+    onnx.checker.check_model(onnx.load(out), full_check=True)
