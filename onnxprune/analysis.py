@@ -64,6 +64,8 @@ def _classify(index: GraphIndex, node: onnx.NodeProto, min_channels: int, exclud
     if node.name in excluded:
         return "excluded by --exclude", None
     weight = index.constant(node.input[1]) if len(node.input) > 1 else None
+    if weight is None and len(node.input) > 1 and node.input[1] in index.graph_inputs:
+        return "weight is a graph input (an initializer the caller may override)", None
     if weight is None:
         return "weight is not a constant (dynamic weight)", None
     if weight.dtype.kind != "f":

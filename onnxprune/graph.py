@@ -73,8 +73,11 @@ def set_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> Non
 
 
 def remove_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Drop initializers nothing reads. One that is also a graph input (an overridable default)
+    stays: dropping it would turn that input into a required one the caller never fed."""
     used = {name for node in graph.node for name in node.input}
     used |= {o.name for o in graph.output}
+    used |= {i.name for i in graph.input}
     used |= _subgraph_references(graph)
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]

@@ -1,6 +1,10 @@
 """Normalize a model so every prunable Conv carries its full effective weight.
 
 Rules, applied in order:
+0. IR < 4 models list every initializer as a graph input too (that IR has no other way to store
+   a weight); ONNX Runtime treats them as constants there (only IR >= 4 lets an input override an
+   initializer), so they are lifted: dropped from ``graph.input``, the IR version set to 4.
+   ``relist_initializer_inputs`` puts the output back into the input's IR form.
 1. Unnamed nodes get a deterministic name ``<OpType>_<index>`` (plans refer to nodes by name).
 2. ``Constant`` nodes holding a tensor become initializers (weights may come either way).
 3. A Conv whose output feeds exactly one node and is not a graph output absorbs that node when it
@@ -28,12 +32,43 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    lift_initializer_inputs(out)
     name_unnamed_nodes(graph)
     constants_to_initializers(graph)
     while _fold_one(graph):
         pass
     remove_unused_initializers(graph)
     return out
+
+
+INITIALIZERS_ARE_INPUTS_BELOW_IR = 4  # IR 3 and older: every initializer is also listed as a graph input
+
+
+def lift_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Rule 0: an IR < 4 model's initializer-inputs become plain initializers (IR version 4)."""
+    if model.ir_version >= INITIALIZERS_ARE_INPUTS_BELOW_IR:
+        return
+    weights = {t.name for t in model.graph.initializer}
+    real = [vi for vi in model.graph.input if vi.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(real)
+    model.ir_version = INITIALIZERS_ARE_INPUTS_BELOW_IR
+
+
+def relist_initializer_inputs(model: onnx.ModelProto, ir_version: int) -> None:
+    """Undo rule 0 on a model derived from an IR < 4 input: the IR version back to
+    ``ir_version`` and every initializer (pruned weights, new Gather indices) listed as a graph
+    input again, after the real inputs, with its current type and shape. Initializers dropped as
+    unused lose their input entry with them, so no input becomes required that was not."""
+    if ir_version >= INITIALIZERS_ARE_INPUTS_BELOW_IR:
+        return
+    weights = {t.name for t in model.graph.initializer}
+    real = [vi for vi in model.graph.input if vi.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(real)
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    model.ir_version = ir_version
 
 
 def name_unnamed_nodes(graph: onnx.GraphProto) -> None:

@@ -15,7 +15,7 @@ from . import __version__
 from .errors import UserError
 from .macs import count_macs, count_params
 from .model_io import cap_ir_version, load_model
-from .normalize import normalize
+from .normalize import normalize, relist_initializer_inputs
 from .plan import Plan
 from .planner import PlanOptions, plan_model
 from .rewrite import apply_plan
@@ -159,6 +159,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
     progress.stage("rewriting")
     pruned = apply_plan(model, plan)
+    relist_initializer_inputs(pruned, original.ir_version)
     entry = pruned.metadata_props.add()
     entry.key, entry.value = "onnxprune", f"{__version__}; {len(plan.layers)} Convs grouped-kernel pruned"
     t = _lap(timings, "rewrite", t)
@@ -171,7 +172,10 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     verified = None
     if config.verify:
         progress.stage("verifying against the masked dense model in ONNX Runtime")
-        verified = verify(model, pruned, plan, tolerance=config.tolerance, seed=config.seed)
+        verified = verify(model, pruned, plan, tolerance=config.tolerance, seed=config.seed, original=original)
+        if verified.new_required_inputs:
+            raise RuntimeError(f"verification failed: the rewritten model requires input(s) "
+                               f"{', '.join(map(repr, verified.new_required_inputs))} that the input model does not")
         if not verified.passed:
             raise RuntimeError(f"verification failed: rewritten model differs from the masked original by "
                                f"{verified.max_rel_diff:.3g} (relative), tolerance {verified.tolerance:g}")

@@ -6,12 +6,14 @@ Rules:
 - inputs are seeded random normals; a symbolic first dimension becomes ``batch``; other
   symbolic dimensions cannot be guessed and are an error (use ``--no-verify``);
 - agreement is ``max|a - b| / max|a|`` per output, worst output reported, tolerance 1e-4;
-- ORT runs on the CPU provider so the check means the same thing on every machine.
+- ORT runs on the CPU provider so the check means the same thing on every machine;
+- the rewritten model must not require a graph input the input model did not (an input with
+  an initializer is optional; one whose initializer was dropped would become required).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -31,6 +33,7 @@ class VerifyResult:
     tolerance: float
     passed: bool
     batch: int
+    new_required_inputs: list[str] = field(default_factory=list)  # inputs only the rewritten model needs
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -107,8 +110,21 @@ def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray]) ->
     return max_abs, max_rel
 
 
+def required_inputs(model: onnx.ModelProto) -> list[str]:
+    """Names of the graph inputs a caller must feed: those without an initializer."""
+    init_names = {t.name for t in model.graph.initializer}
+    return [inp.name for inp in model.graph.input if inp.name not in init_names]
+
+
 def verify(normalized: onnx.ModelProto, rewritten: onnx.ModelProto, plan: Plan,
-           tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, batch: int = 2) -> VerifyResult:
+           tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, batch: int = 2,
+           original: onnx.ModelProto | None = None) -> VerifyResult:
+    """Compare ``rewritten`` with the masked ``normalized`` model; with ``original`` (the model as
+    loaded) also check that ``rewritten`` requires no input ``original`` did not."""
+    had = set(required_inputs(original if original is not None else normalized))
+    extra = [name for name in required_inputs(rewritten) if name not in had]
+    if extra:
+        return VerifyResult(float("inf"), float("inf"), tolerance, False, batch, extra)
     feeds = random_inputs(normalized, seed, batch)
     reference = session(masked_model(normalized, plan)).run(None, feeds)
     candidate = session(rewritten).run(None, feeds)

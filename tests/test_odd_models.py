@@ -10,9 +10,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import GraphBuilder
+from graphs import GraphBuilder, resnet_basic
 from onnxprune.cli import main
 from onnxprune.macs import count_macs, inferred_at_batch_one, static_shapes
+from onnxprune.normalize import normalize
+from onnxprune.pipeline import PruneConfig, prune
+from onnxprune.verify import required_inputs, verify
 
 MODES = [[], ["--planner", "speed"], ["--groups", "8"], ["--target-macs", "0.5"]]
 
@@ -126,3 +129,63 @@ def test_crnn_recogniser_prunes_and_verifies(tmp_path, mode, sequence):
     data = json.loads(report.read_text())
     assert data["convs_pruned"] >= 1 and data["verify"]["passed"], data["layers"]
     onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+# -- initializers listed as graph inputs -------------------------------------------------
+
+def _with_initializer_inputs(ir_version, listed=None):
+    """resnet_basic with its initializers (all, or the first ``listed``) also listed as graph
+    inputs, plus an unused initializer-input ``unused_w``."""
+    model = resnet_basic().model()
+    graph = model.graph
+    chosen = list(graph.initializer) if listed is None else list(graph.initializer)[:listed]
+    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in chosen)
+    graph.initializer.append(_init("unused_w", np.ones(4)))
+    graph.input.append(helper.make_tensor_value_info("unused_w", TensorProto.FLOAT, [4]))
+    model.ir_version = ir_version
+    if ir_version < 4:
+        del model.opset_import[:]
+        model.opset_import.append(helper.make_opsetid("", 9))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("mode", [[], ["--groups", "4"]], ids=["default", "groups4"])
+def test_ir3_initializer_inputs_are_weights(tmp_path, mode):
+    """IR 3 lists every weight as an input (ONNX Runtime treats them as constants there): its
+    Convs prune, and the output is IR 3 again with every initializer listed and nothing required
+    but the real input."""
+    src, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(_with_initializer_inputs(3), src)
+    assert main([str(src), str(out), "-q", "--report", str(report), "--rate", "0.5", *mode]) == 0
+    data = json.loads(report.read_text())
+    assert data["convs_pruned"] >= 1 and data["verify"]["passed"]
+    pruned = onnx.load(out)
+    onnx.checker.check_model(pruned, full_check=True)  # IR 3: every initializer is an input
+    assert pruned.ir_version == 3 and required_inputs(pruned) == ["input"]
+    assert {i.name for i in pruned.graph.input} == {"input"} | {t.name for t in pruned.graph.initializer}
+
+
+def test_overridable_initializer_inputs_stay_inputs(tmp_path):
+    """IR >= 4: an initializer listed as an input is an overridable default. Its Conv stays dense
+    (with the reason), and an unused one keeps both its input and its initializer."""
+    src, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(_with_initializer_inputs(8, listed=1), src)  # conv1.weight is overridable
+    assert main([str(src), str(out), "-q", "--groups", "4", "--report", str(report)]) == 0
+    pruned = onnx.load(out)
+    assert required_inputs(pruned) == ["input"]
+    assert {"unused_w", "conv1.weight"} <= {i.name for i in pruned.graph.input} & \
+        {t.name for t in pruned.graph.initializer}
+    layers = {layer["name"]: layer for layer in json.loads(report.read_text())["layers"]}
+    assert "graph input" in layers["conv1"]["skipped"]
+
+
+def test_verify_notices_a_new_required_input():
+    model = _with_initializer_inputs(8, listed=0)
+    pruned, report = prune(model, PruneConfig(groups=4, verify=False))
+    assert verify(normalize(model), pruned, report.plan, original=model).passed
+    kept = [t for t in pruned.graph.initializer if t.name != "unused_w"]
+    del pruned.graph.initializer[:]
+    pruned.graph.initializer.extend(kept)  # its input stays: now a required one
+    result = verify(normalize(model), pruned, report.plan, original=model)
+    assert not result.passed and result.new_required_inputs == ["unused_w"]
