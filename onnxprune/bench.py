@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from .errors import ArgumentParser, UserError, run_reporting_errors
+from .shapes import is_fixed
 from .verify import random_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -94,7 +95,7 @@ def make_session(model: onnx.ModelProto, settings: Settings):
 def input_batch(model: onnx.ModelProto) -> int | None:
     """The fixed batch size of the model's first input, or None when it is symbolic."""
     dims = _graph_inputs(model)[0].type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    return dims[0].dim_value if dims and is_fixed(dims[0]) else None
 
 
 def _graph_inputs(model: onnx.ModelProto):

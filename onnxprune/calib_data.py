@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from .errors import UserError
+from .shapes import is_fixed
 
 
 def model_inputs(model: onnx.ModelProto) -> list[tuple[str, np.dtype, list]]:
@@ -41,7 +42,7 @@ def model_inputs(model: onnx.ModelProto) -> list[tuple[str, np.dtype, list]]:
             continue
         ttype = inp.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+        dims = [d.dim_value if is_fixed(d) else None for d in ttype.shape.dim]
         inputs.append((inp.name, dtype, dims))
     return inputs
 

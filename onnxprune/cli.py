@@ -21,6 +21,7 @@ from .model_io import check_paths, load_model, model_writer, text_writer, write_
 from .normalize import name_unnamed_nodes
 from .pipeline import Progress, PruneConfig, check_agreement, prune
 from .plan import Plan
+from .shapes import DEFAULT_DIM, check_given, parse_input_shape
 
 SUBCOMMANDS = {
     "eval": ("onnxprune.evaluate", "top-1 accuracy / fidelity of an ONNX classifier on a data set"),
@@ -54,6 +55,13 @@ def _groups_arg(text: str):
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
+def _input_shape_arg(text: str):
+    try:
+        return parse_input_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _agreement_arg(text: str):
     if text in ("auto", "off"):
         return None if text == "off" else text
@@ -77,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="groups G for every pruned Conv (the paper uses 8), or 'auto': G and kept channels "
                         "chosen per layer so the model runs faster on --provider, layers that cannot "
                         "get faster stay dense (default auto)")
+    p.add_argument("--input-shape", type=_input_shape_arg, action="append", metavar="NAME=1x3x640x640",
+                   help="shape for an input with symbolic dimensions (repeat for several inputs), used for MACs, "
+                        "planning, calibration and verification; the output keeps the symbolic dimensions "
+                        f"(default: the --calib data's shape, else {DEFAULT_DIM} for each symbolic axis but the batch)")
     speed = p.add_argument_group("speed-aware planning (with --groups auto)")
     speed.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
                        help="execution provider the model will run on (default cpu)")
@@ -210,7 +222,8 @@ def _run(args) -> int:
     plan = _read_plan(args.plan_in) if args.plan_in else None
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
-    config = PruneConfig(rate=args.rate, groups=args.groups, criterion=args.criterion, seed=args.seed,
+    config = PruneConfig(rate=args.rate, groups=args.groups, input_shapes=args.input_shape,
+                         criterion=args.criterion, seed=args.seed,
                          min_channels=args.min_channels, exclude=tuple(args.exclude), tickets=list(args.tickets),
                          plan=plan, verify=not args.no_verify, provider=args.provider,
                          target_macs=args.target_macs, target_speedup=args.target_speedup,
@@ -222,6 +235,7 @@ def _run(args) -> int:
     config.check()
     model = load_model(args.input)
     _check_exclude(model, args.exclude)
+    check_given(model, args.input_shape)  # before the first progress line
     progress = Progress() if args.quiet else ConsoleProgress(args.verbose)
     model, report = prune(model, config, progress)
     outputs = {args.output: model_writer(model, args.output)}

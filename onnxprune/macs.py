@@ -1,7 +1,8 @@
 """Multiply-accumulate and parameter counts, the numbers the report compares.
 
-Rules: MACs count Conv, ConvTranspose, Gemm and MatMul at the model's static shapes, with every
-symbolic dimension of the graph inputs set to 1 (batch 1). Conv MACs = N·C_out·prod(out
+Rules: MACs count Conv, ConvTranspose, Gemm and MatMul at the model's static shapes, with a
+symbolic batch set to 1 and other symbolic input dimensions set by ``shapes.py`` (the pipeline's
+working shapes, else its default rule). Conv MACs = N·C_out·prod(out
 spatial)·(C_in/group)·prod(kernel); Gemm/MatMul MACs = prod(output dims)·K. Params = elements of
 all floating-point initializers (weights and biases; Gather indices are not parameters).
 """
@@ -12,19 +13,13 @@ import numpy as np
 import onnx
 
 from .graph import get_attr
+from .shapes import with_input_shapes
 
 
-def inferred_at_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with symbolic input dims set to 1 and every static shape inferred."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    init_names = {t.name for t in fixed.graph.initializer}
-    for inp in fixed.graph.input:
-        if inp.name in init_names:
-            continue
-        for dim in inp.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value"):
-                dim.dim_value = 1
+def inferred_at_batch_one(model: onnx.ModelProto, shapes=None) -> onnx.ModelProto:
+    """A copy at batch 1 and the input shapes ``shapes`` (``shapes.resolve_input_shapes``; None:
+    resolved by its rules), with every static shape inferred."""
+    fixed = with_input_shapes(model, shapes, batch=1)
     del fixed.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(fixed, data_prop=True)
 
@@ -52,9 +47,9 @@ def count_params(model: onnx.ModelProto) -> int:
     return total
 
 
-def count_macs(model: onnx.ModelProto) -> tuple[int, dict[str, int]]:
-    """(total MACs, MACs per counted node name)."""
-    inferred = inferred_at_batch_one(model)
+def count_macs(model: onnx.ModelProto, shapes=None) -> tuple[int, dict[str, int]]:
+    """(total MACs, MACs per counted node name) at ``inferred_at_batch_one``'s shapes."""
+    inferred = inferred_at_batch_one(model, shapes)
     shapes = static_shapes(inferred)
     per_node = {}
     for node in inferred.graph.node:

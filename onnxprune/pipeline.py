@@ -19,12 +19,16 @@ from .normalize import normalize, relist_initializer_inputs
 from .plan import Plan
 from .planner import PlanOptions, plan_model
 from .rewrite import apply_plan
-from .verify import DEFAULT_TOLERANCE, verify
+from .shapes import check_given, resolve_input_shapes, restore_input_dims, with_input_shapes
+from .shapes import describe as describe_shapes
+from .verify import DEFAULT_TOLERANCE, check_runs, verify
 
 
 @dataclass
 class PruneConfig(PlanOptions):
     groups: int | str = "auto"  # speed-aware per-layer choice by default; an int applies G everywhere
+    # shapes for symbolic input dims ({name: dims} or [(name or None, dims)]); see shapes.py
+    input_shapes: object = None
     tickets: list = field(default_factory=list)  # paths or ModelProtos of training snapshots
     plan: Plan | None = None  # apply this plan instead of planning
     verify: bool = True
@@ -87,6 +91,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     progress.stage("loading")
     original = load_model(model_or_path)
     cap_ir_version(original)
+    given = check_given(original, config.input_shapes)  # option errors before any work
     snapshots = []
     for i, ticket in enumerate(config.tickets):
         try:
@@ -97,11 +102,18 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     if config.calib is not None:
         from .calib_data import load_calibration_inputs
 
-        feeds = load_calibration_inputs(config.calib, original, config.calib_size)  # fail before minutes of work
+        shaped = {name: shape for name, shape in resolve_input_shapes(original, given).items() if name in given}
+        feeds = load_calibration_inputs(config.calib, with_input_shapes(original, shaped),
+                                        config.calib_size)  # fail before minutes of work
+    shapes = resolve_input_shapes(original, given, feeds)
+    working = with_input_shapes(original, shapes)  # every stage works at these shapes
+    if describe_shapes(shapes):
+        progress.stage(describe_shapes(shapes))
+        check_runs(working, config.seed)  # a shape the model cannot run at fails now, not after planning
     t = _lap(timings, "load", started)
 
     progress.stage("normalizing (folding BatchNormalization and per-channel affine ops)")
-    model = normalize(original)
+    model = normalize(working)
     t = _lap(timings, "normalize", t)
 
     speed_plan = search = fidelity_planner = None
@@ -159,6 +171,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
     progress.stage("rewriting")
     pruned = apply_plan(model, plan)
+    restore_input_dims(pruned, original)  # the output keeps the symbolic dims
     relist_initializer_inputs(pruned, original.ir_version)
     entry = pruned.metadata_props.add()
     entry.key, entry.value = "onnxprune", f"{__version__}; {len(plan.layers)} Convs grouped-kernel pruned"
@@ -191,10 +204,10 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         from .bench import check_speed
 
         progress.stage(f"measuring latency on the {config.provider} provider (--check-speed)")
-        speed = check_speed(original, pruned, config.provider)
+        speed = check_speed(with_input_shapes(original, shapes), with_input_shapes(pruned, shapes), config.provider)
     t = _lap(timings, "check_speed", t)
 
-    report = build_report(original, model, pruned, plan, verified, config)
+    report = build_report(original, model, pruned, plan, verified, config, shapes)
     report["auto"] = None if speed_plan is None else {
         "rate": speed_plan.rate, "predicted_speedup": round(speed_plan.predicted_speedup, 3),
         "predicted_macs_ratio": round(speed_plan.macs_ratio, 4), "cost_model": speed_plan.cost_source,
@@ -303,9 +316,9 @@ def _lap(timings: dict, name: str, since: float) -> float:
     return now
 
 
-def build_report(original, normalized, pruned, plan: Plan, verified, config: PruneConfig) -> dict:
-    macs_before, per_node_before = count_macs(normalized)
-    macs_after, per_node_after = count_macs(pruned)
+def build_report(original, normalized, pruned, plan: Plan, verified, config: PruneConfig, shapes=None) -> dict:
+    macs_before, per_node_before = count_macs(normalized, shapes)
+    macs_after, per_node_after = count_macs(pruned, shapes)
     layers = []
     pruned_before = pruned_after = 0
     for layer in plan.layers:
@@ -329,6 +342,8 @@ def build_report(original, normalized, pruned, plan: Plan, verified, config: Pru
         "params_before_normalization": count_params(original),
         "pruned_layers_macs_before": pruned_before, "pruned_layers_macs_after": pruned_after,
         "convs_pruned": len(plan.layers), "convs_skipped": len(plan.skipped),
+        "input_shapes": {name: {"dims": list(shape.dims), "source": shape.source}
+                         for name, shape in (shapes or {}).items()},
         "layers": layers,
         "verify": verified.as_dict() if verified else None,
     }

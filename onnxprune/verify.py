@@ -4,7 +4,11 @@ The oracle is the normalized original with every pruned grouped kernel set to ze
 kernel pruning removes exactly those multiply-adds, so the two must agree up to float rounding.
 Rules:
 - inputs are seeded random normals; a symbolic first dimension becomes ``batch``; other
-  symbolic dimensions cannot be guessed and are an error (use ``--no-verify``);
+  symbolic dimensions come from ``shapes.resolve_input_shapes`` (the pipeline verifies its
+  working model, whose symbolic dims are already set: ``--input-shape``, calibration data or
+  the default);
+- a reference model ONNX Runtime cannot run at those shapes is the input's problem (exit 2,
+  with a hint to ``--input-shape``); a rewritten model it cannot run is an internal error;
 - agreement is ``max|a - b| / scale`` per output, worst output reported, tolerance 1e-4, where
   ``scale = max|a|``, floored at the output's range when it comes from a bounded activation
   (``output_floors``: Sigmoid, HardSigmoid, Softmax, Tanh -> 1; Clip with constant bounds ->
@@ -29,6 +33,7 @@ import onnxruntime as ort
 from .errors import UserError
 from .graph import GraphIndex, set_initializer
 from .plan import Plan
+from .shapes import resolve_input_shapes
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -80,21 +85,14 @@ def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSessi
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
+    shapes = resolve_input_shapes(model)
     init_names = {t.name for t in model.graph.initializer}
     feeds = {}
     for inp in model.graph.input:
         if inp.name in init_names:
             continue
         ttype = inp.type.tensor_type
-        dims = []
-        for axis, dim in enumerate(ttype.shape.dim):
-            if dim.HasField("dim_value"):
-                dims.append(dim.dim_value)
-            elif axis == 0:
-                dims.append(batch)
-            else:
-                raise UserError(f"input {inp.name!r} has symbolic dimension {dim.dim_param or '?'!r} at axis "
-                                f"{axis}; only the batch dimension may be symbolic (or use --no-verify)")
+        dims = [batch if d is None else d for d in shapes[inp.name].dims]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
         if dtype.kind == "f":
             feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
@@ -152,6 +150,30 @@ def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray],
     return max_abs, max_rel
 
 
+SHAPE_HINT = " (at the input shapes used; if the model needs other sizes, give them with --input-shape NAME=DIMS)"
+
+
+def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], which: str) -> list[np.ndarray]:
+    try:
+        return sess.run(None, feeds)
+    except Exception as exc:  # ORT raises several unrelated types for a failed run
+        shapes = ", ".join(f"{name}={'x'.join(map(str, value.shape))}" for name, value in feeds.items())
+        message = f"ONNX Runtime cannot run {which} on inputs {shapes}: {str(exc).strip() or type(exc).__name__}"
+        if which == "the input model":
+            raise UserError(message + SHAPE_HINT) from None
+        raise RuntimeError(f"internal error: {message}") from exc
+
+
+def check_runs(model: onnx.ModelProto, seed: int = 0) -> None:
+    """Run ``model`` once on random inputs (batch 1): a model that cannot run at the working
+    input shapes is refused before planning, not after it."""
+    try:
+        sess = session(model)
+    except UserError as exc:
+        raise UserError(f"{exc}{SHAPE_HINT}") from None
+    _run(sess, random_inputs(model, seed, batch=1), "the input model")
+
+
 def required_inputs(model: onnx.ModelProto) -> list[str]:
     """Names of the graph inputs a caller must feed: those without an initializer."""
     init_names = {t.name for t in model.graph.initializer}
@@ -168,7 +190,11 @@ def verify(normalized: onnx.ModelProto, rewritten: onnx.ModelProto, plan: Plan,
     if extra:
         return VerifyResult(float("inf"), float("inf"), tolerance, False, batch, extra)
     feeds = random_inputs(normalized, seed, batch)
-    reference = session(masked_model(normalized, plan)).run(None, feeds)
-    candidate = session(rewritten).run(None, feeds)
+    try:
+        reference_session = session(masked_model(normalized, plan))
+    except UserError as exc:
+        raise UserError(f"{exc}{SHAPE_HINT}") from None
+    reference = _run(reference_session, feeds, "the input model")
+    candidate = _run(session(rewritten), feeds, "the rewritten model")
     max_abs, max_rel = compare_outputs(reference, candidate, output_floors(normalized))
     return VerifyResult(max_abs, max_rel, tolerance, bool(max_rel <= tolerance), batch)
