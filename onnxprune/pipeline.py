@@ -170,8 +170,9 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     t = _lap(timings, "calibrate", t)
 
     progress.stage("rewriting")
-    pruned = apply_plan(model, plan)
-    restore_input_dims(pruned, original)  # the output keeps the symbolic dims
+    # rewritten with the input's own (symbolic) dims, so no rewrite decision rests on a size that
+    # holds only at the working shape (a map that is 1x1 there), and the output keeps them
+    pruned = apply_plan(_with_input_dims_of(model, original), plan)
     relist_initializer_inputs(pruned, original.ir_version)
     entry = pruned.metadata_props.add()
     entry.key, entry.value = "onnxprune", f"{__version__}; {len(plan.layers)} Convs grouped-kernel pruned"
@@ -308,6 +309,13 @@ def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
         return pruned, report
     report["kept"] = True
     return student, report
+
+
+def _with_input_dims_of(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    restore_input_dims(copy, original)
+    return copy
 
 
 def _lap(timings: dict, name: str, since: float) -> float:

@@ -13,7 +13,9 @@ from onnx import helper
 import onnxprune.pipeline as pipeline
 from graphs import GraphBuilder
 from onnxprune.cli import main
-from onnxprune.shapes import DEFAULT_DIM, parse_input_shape, resolve_input_shapes
+from onnxprune.normalize import normalize
+from onnxprune.shapes import DEFAULT_DIM, parse_input_shape, resolve_input_shapes, with_input_shapes
+from onnxprune.verify import verify
 
 
 def _detector():
@@ -165,3 +167,30 @@ def test_parse_and_resolve():
     static = helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, [1, 3, 8, 8])
     model.graph.input[0].CopyFrom(static)
     assert resolve_input_shapes(model)["s"].source == "model"
+
+
+def test_the_rewrite_holds_at_other_sizes_than_the_working_one(tmp_path):
+    """AveragePool(7) makes a 1x1 map at 28x28 only: a Flatten after it is a channel-preserving
+    reshape there but mixes channels with space at 56x56. The rewrite must not pass a channel
+    permutation through it on the strength of the working shape."""
+    b = GraphBuilder(size=28)
+    x = b.relu(b.conv("input", 16))
+    x = b.relu(b.conv(x, 32, stride=2))
+    x = b.relu(b.conv(x, 32, stride=2))  # [N, 32, 7, 7] at 28x28
+    pooled = b._op("AveragePool", [x], kernel_shape=[7, 7], strides=[7, 7])
+    flat = b._op("Flatten", [pooled], axis=1)
+    b.shape[flat] = (32,)
+    b.output(flat)
+    model = b.model()
+    for value_info in (model.graph.input[0], model.graph.output[0]):
+        dims = value_info.type.tensor_type.shape.dim
+        for dim, name in zip(dims[2:] if len(dims) == 4 else dims[1:], "HW" if len(dims) == 4 else "F"):
+            dim.Clear()
+            dim.dim_param = name
+    pruned, report = pipeline.prune(model, pipeline.PruneConfig(groups=4, rate=0.5,
+                                                                input_shapes={"input": (1, 3, 28, 28)}))
+    assert report["convs_pruned"] >= 1 and report["verify"]["passed"]
+    at_56 = {"input": (1, 3, 56, 56)}
+    reference = normalize(with_input_shapes(model, resolve_input_shapes(model, at_56)))
+    result = verify(reference, pruned, report.plan)
+    assert result.passed, result
