@@ -246,3 +246,40 @@ def test_disjoint_groups_keep_their_partition_under_data_selection():
     assert entry["selection"] == "weight-only (plan)" and entry["rel_mse_refit"] < entry["rel_mse_pruned"]
     assert sum(e.get("data_selected_groups", 0) for e in report["layers"]) > 0  # the others still choose
     assert verify(work, apply_plan(work, plan), plan, tolerance=1e-4).passed
+
+
+def test_ridge_is_validated_on_held_out_inputs(monkeypatch):
+    """Where the target is the original layer plus per-input noise the kept columns cannot
+    explain, the least-squares refit of a wide layer from few inputs fits the noise, however many
+    (correlated) rows each input has: 120 inputs × 49 positions are 61 rows per unknown here. The
+    ridge is chosen on held-out *inputs*, so it moves towards the original kernels and the refit
+    generalises better than one with the fixed default ridge."""
+    import onnxprune.calibrate as calibrate_module
+
+    rng = np.random.default_rng(0)
+    c_in, c_out, n = 96, 4, 120
+    w0 = rng.standard_normal((c_out, c_in, 1, 1)).astype(np.float32)
+    layer = LayerPlan("conv", "w", c_out, c_in, [1, 1], 1, list(range(c_out)), [list(range(c_in))])
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0, 0, 0))
+
+    def data(seed):
+        r = np.random.default_rng(seed)
+        x = r.standard_normal((n, c_in, 1, 1)) + 0.1 * r.standard_normal((n, c_in, 7, 7))
+        y = np.einsum("oi,nihw->nohw", w0[:, :, 0, 0], x) + 3.0 * r.standard_normal((n, c_out, 1, 1))
+        return x.astype(np.float32), y.astype(np.float32)
+
+    def held_out_error(weight, bias):
+        x, y = data(2)
+        pred = np.einsum("oi,nihw->nohw", weight[:, :, 0, 0], x) + bias[:, None, None]
+        return float(np.sum((pred - y) ** 2))
+
+    x, y = data(1)
+    bias = np.zeros(c_out, np.float32)
+    w_val, b_val, entry = calibrate_module.refit_weights(layer, w0, bias, x, y, geo, calibrate_module.DEFAULT_RIDGE,
+                                                         False)
+    assert entry["validated"] and entry["ridge"] >= 100 * calibrate_module.DEFAULT_RIDGE
+    monkeypatch.setattr(calibrate_module, "RIDGE_GRID", (1.0,))
+    w_fix, b_fix, fixed = calibrate_module.refit_weights(layer, w0, bias, x, y, geo, calibrate_module.DEFAULT_RIDGE,
+                                                         False)
+    assert fixed["ridge"] == calibrate_module.DEFAULT_RIDGE
+    assert held_out_error(w_val, b_val) < 0.9 * held_out_error(w_fix, b_fix)
