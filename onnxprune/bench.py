@@ -66,15 +66,8 @@ def make_session(model: onnx.ModelProto, settings: Settings):
     """An InferenceSession with the fixed settings above; a provider that is missing is an error."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = settings.resolved_threads()
-    options.inter_op_num_threads = 1
-    # Several sessions take turns in one process: a session's idle pool threads must not spin
-    # (ORT's default) or they steal the cores from the session being timed next.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from .runtime import create_session
+
     wanted = PROVIDERS[settings.provider]
     if wanted not in ort.get_available_providers():
         raise UserError(f"provider {settings.provider} ({wanted}) is not available in this onnxruntime "
@@ -82,11 +75,9 @@ def make_session(model: onnx.ModelProto, settings: Settings):
     providers = [wanted]
     if settings.provider == "cuda":
         providers = [(wanted, {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search}), "CPUExecutionProvider"]
-    try:
-        sess = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    except Exception as exc:  # ORT raises several unrelated types for unloadable models
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"ONNX Runtime cannot load the model: {first}") from None
+    # several sessions take turns in one process: runtime.create_session turns spinning off
+    sess = create_session(model, providers=providers, threads=settings.resolved_threads(), inter_threads=1,
+                          sequential=True)
     if wanted not in sess.get_providers():
         raise UserError(f"{wanted} could not be initialised (session runs on {', '.join(sess.get_providers())})")
     return sess

@@ -365,13 +365,9 @@ def _loss(output, target, kind, temperature):
 
 
 def _session(model, threads=None):
-    import onnxruntime as ort
+    from .runtime import create_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return create_session(model, threads=threads, load_error=None)  # our own models: a failure is a bug
 
 
 def _logits(sess, feeds: dict) -> np.ndarray:

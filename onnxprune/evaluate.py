@@ -214,7 +214,7 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
 
 
 def _session(model: ModelLike):
-    import onnxruntime as ort
+    from .runtime import create_session
 
     if isinstance(model, (str, Path)):
         p = Path(model)
@@ -227,15 +227,8 @@ def _session(model: ModelLike):
         src, label = model.SerializeToString(), "<ModelProto>"
     else:
         raise TypeError(f"model must be a path, bytes or onnx.ModelProto, not {type(model)}")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # no busy-waiting: on a shared/small CPU, spinning threads slow everything down
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{label}: not a loadable ONNX model ({msg})") from None
+    return create_session(src, load_error=label.replace("{", "{{").replace("}", "}}")
+                          + ": not a loadable ONNX model ({reason})")
 
 
 def predict_logits(model: ModelLike, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

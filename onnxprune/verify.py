@@ -33,6 +33,7 @@ import onnxruntime as ort
 from .errors import UserError
 from .graph import GraphIndex, set_initializer
 from .plan import Plan
+from .runtime import create_session
 from .shapes import resolve_input_shapes
 
 DEFAULT_TOLERANCE = 1e-4
@@ -72,15 +73,7 @@ def masked_model(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
 
 
 def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises several unrelated types for unloadable models
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"ONNX Runtime cannot load the model: {first}") from None
+    return create_session(model, optimize=optimize)
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
