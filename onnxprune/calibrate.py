@@ -84,19 +84,24 @@ GREEDY_BUDGET = 2e10  # flops (groups·n_keep·D²·k²) above this: one-shot ch
 GREEDY_STEPS = 96  # layers wider than this add C_in/GREEDY_STEPS channels per greedy step (narrower: one)
 
 
-def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None):
+def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: dict | None = None,
+              notes: list[str] | None = None):
     """Refit the planned Convs of ``model`` (normalized) on ``config.calib`` -> (model, report).
 
     ``config`` needs ``calib`` (path or ``{input: array}``) and ``calib_size``; optional
-    ``calib_ridge`` overrides ``DEFAULT_RIDGE``.
+    ``calib_ridge`` overrides ``DEFAULT_RIDGE``. ``feeds`` (with the conversion ``notes`` made
+    while loading them): the calibration inputs already loaded by the caller — the pipeline loads
+    them once, before planning, and a fidelity-budget search calibrates several plans.
     """
     started = time.perf_counter()
     ridge = float(getattr(config, "calib_ridge", None) or DEFAULT_RIDGE)
     # data-aware kept channels unless asked otherwise or the plan was given by the user
     # (--plan-in is applied as decided; only its weights are refit)
     select = _mode(config, "calib_selection", ("data", "weights")) == "data" and getattr(config, "plan", None) is None
-    notes: list[str] = []
-    feeds = load_calibration_inputs(config.calib, model, getattr(config, "calib_size", None), notes)
+    if feeds is None:
+        notes = []
+        feeds = load_calibration_inputs(config.calib, model, getattr(config, "calib_size", None), notes)
+    notes = list(notes or [])
     batch, unit = _batch_size(model, feeds, notes)
     fit, held = split_holdout(feeds, unit, getattr(config, "calib_holdout_divisor", None))
     layers = ordered_layers(model, plan)

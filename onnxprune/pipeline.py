@@ -98,13 +98,13 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
             snapshots.append(normalize(load_model(ticket)))
         except UserError as exc:
             raise UserError(f"ticket snapshot #{i + 1}: {exc}") from None
-    feeds = None
+    feeds, calib_notes = None, []
     if config.calib is not None:
         from .calib_data import load_calibration_inputs
 
         shaped = {name: shape for name, shape in resolve_input_shapes(original, given).items() if name in given}
         feeds = load_calibration_inputs(config.calib, with_input_shapes(original, shaped),
-                                        config.calib_size)  # fail before minutes of work
+                                        config.calib_size, calib_notes)  # fail before minutes of work
     shapes = resolve_input_shapes(original, given, feeds)
     working = with_input_shapes(original, shapes)  # every stage works at these shapes
     if describe_shapes(shapes):
@@ -154,14 +154,14 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
         progress.stage("calibrating: refitting the pruned layers" + (" and the dense ones after them"
                        if config.calib_layers == "all" else "") + " in graph order")
-        calibrated, calibration = calibrate(model, plan, config, progress)
+        calibrated, calibration = calibrate(model, plan, config, progress, feeds, calib_notes)
         if fidelity_planner is not None and budget is not None:
             from .budget import search_budget
 
             def plan_and_calibrate(candidate):
                 trial = replace(config, layer_configs=candidate.configs)
                 trial_plan = plan_model(model, trial, snapshots, None)
-                return (trial_plan, *calibrate(model, trial_plan, trial, None))
+                return (trial_plan, *calibrate(model, trial_plan, trial, None, feeds, calib_notes))
 
             search = search_budget(fidelity_planner, target, budget, speed_plan, (plan, calibrated, calibration),
                                    plan_and_calibrate, progress)

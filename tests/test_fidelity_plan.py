@@ -297,3 +297,18 @@ def test_budget_uses_a_lower_confidence_bound_of_the_held_out_agreement():
     assert budget.lower_bound(63 / 64, 64) < 0.95 < budget.lower_bound(1.0, 64)
     assert budget.lower_bound(0.97, 100_000) == pytest.approx(0.97, abs=1e-3)
     assert budget.lower_bound(0.5, 0) == 0.0
+
+
+def test_calibration_data_is_read_once_per_run(tmp_path, monkeypatch):
+    """The pipeline reads the calibration file once and hands the arrays to every stage: the
+    sensitivity measurement and each calibration of a fidelity-budget search (several here)."""
+    from onnxprune import calib_data
+
+    path = tmp_path / "calib.npz"
+    np.savez(path, **calib(64))
+    reads = []
+    original_read = calib_data._read_source
+    monkeypatch.setattr(calib_data, "_read_source", lambda *a, **k: reads.append(1) or original_read(*a, **k))
+    _, report = prune(wide_resnet(), PruneConfig(calib=str(path), min_agreement=0.999, rate=0.6))
+    assert len(report["budget"]["trials"]) > 1 and reads == [1]
+    assert report["calibration"]["source"] == str(path)
