@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .macs import conv_macs
 
 TABLE_FORMAT = "onnxprune-latency-table"
 TABLE_VERSION = 1
@@ -86,8 +87,7 @@ class ConvOp:
 
     @property
     def macs(self) -> int:
-        return self.batch * self.c_out * (self.c_in // self.groups) * self.kernel[0] * self.kernel[1] \
-            * self.h_out * self.w_out
+        return conv_macs(self.c_out, self.c_in // self.groups, self.kernel, (self.h_out, self.w_out), self.batch)
 
     @property
     def key(self) -> str:

@@ -59,6 +59,13 @@ def count_macs(model: onnx.ModelProto, shapes=None) -> tuple[int, dict[str, int]
     return sum(per_node.values()), per_node
 
 
+def conv_macs(c_out: int, c_in_per_group: int, kernel, out_spatial, batch: int = 1) -> int:
+    """MACs of a Conv: every output element (batch·C_out·prod(out spatial)) reads the
+    ``C_in/group`` channels of its group over the kernel. The one formula the MACs count, the
+    planners' candidates and the latency table's keys share."""
+    return int(batch * c_out * c_in_per_group * np.prod(kernel, dtype=np.int64) * np.prod(out_spatial, dtype=np.int64))
+
+
 def _node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
     op = node.op_type
     out = shapes.get(node.output[0])
@@ -68,7 +75,7 @@ def _node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
         if w is None or out is None or x is None:
             return None
         if op == "Conv":
-            return int(np.prod(out, dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
+            return conv_macs(out[1], w[1], w[2:], out[2:], batch=out[0])
         # ConvTranspose weight is [C_in, C_out/group, k...]: each input pixel meets w[1]·prod(k).
         return int(np.prod(x, dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
     if op in ("Gemm", "MatMul"):

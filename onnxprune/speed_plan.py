@@ -37,6 +37,7 @@ from .analysis import find_prunable_convs, foldable_chain
 from .errors import UserError
 from .graph import GraphIndex, get_attr
 from .latency import ConvOp, GatherOp, Profile, load_cost_model, profile
+from .macs import conv_macs
 
 RATE_GRID = tuple(round(x, 3) for x in np.arange(0.0, 0.905, 0.01))
 MIN_SAVING = 0.02  # a layer is pruned only if that saves >= 2% of its (and its neighbours') time
@@ -239,7 +240,7 @@ def collect_layers(model: onnx.ModelProto, config) -> tuple[dict[str, Layer], di
 
 def _conv_macs(layer: Layer, c_out: int, n_per_group: int, groups: int) -> int:
     del groups  # MACs per output channel depend only on the channels each filter reads
-    return c_out * n_per_group * layer.kernel[0] * layer.kernel[1] * layer.h_out * layer.w_out
+    return conv_macs(c_out, n_per_group, layer.kernel, (layer.h_out, layer.w_out))
 
 
 def align_channels(target: float, align: int, c_in: int) -> int:
