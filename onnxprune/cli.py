@@ -47,8 +47,8 @@ examples:
   onnxprune model.onnx out.onnx --rate 0.5 --groups 4 --tickets snap_e10.onnx snap_e12.onnx
   onnxprune model.onnx out.onnx --plan-out plan.json     # inspect or edit the decisions
   onnxprune model2.onnx out2.onnx --plan-in plan.json    # re-apply them without re-planning
-  onnxprune model.onnx out.onnx --calib c.npz --min-agreement 0.98 --eval-data test.npz \
-      --max-accuracy-drop 1 --check-speed --summary-md summary.md   # a CI gate
+  onnxprune model.onnx out.onnx --calib c.npz --min-agreement 0.98 --eval-data test.npz
+            --max-accuracy-drop 1 --check-speed --summary-md summary.md   # CI gates
 exit status: 0 ok, 2 bad usage or unusable input, 1 the pass failed (e.g. verification),
 3 a budget (--min-agreement, --max-accuracy-drop, --check-speed) not met: nothing written at OUT."""
 
