@@ -1,9 +1,10 @@
 """Command line: ``onnxprune IN.onnx OUT.onnx [options]`` and ``onnxprune eval ...``.
 
 Exit codes: 0 success; 2 bad usage or an input that cannot be processed (one line on stderr,
-no traceback, no output written); 1 when the pass itself fails (e.g. verification); 130 Ctrl-C.
-Every output must differ from every input and from the other outputs (checked before any work);
-all outputs are written together at the end, or none.
+no traceback, no output written); 1 when the pass itself fails (e.g. verification); 3 when the
+output misses a budget (CI gates, see gate.py: no model at OUT, the report and summary still
+written); 130 Ctrl-C. Every output must differ from every input and from the other outputs
+(checked before any work); all outputs are written together at the end, or none.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 
 from . import __version__
 from .analysis import conv_nodes
+from .ci_summary import markdown
 from .errors import ArgumentParser, UserError, run_reporting_errors
+from .gate import BUDGET_NOT_MET, AccuracyCheck, BudgetNotMet, explicit_min_agreement, failed_path
+from .gate import check_options as check_gate_options
 from .model_io import check_paths, load_model, model_writer, text_writer, write_files
 from .normalize import name_unnamed_nodes
 from .pipeline import Progress, PruneConfig, check_agreement, prune
@@ -43,7 +47,10 @@ examples:
   onnxprune model.onnx out.onnx --rate 0.5 --groups 4 --tickets snap_e10.onnx snap_e12.onnx
   onnxprune model.onnx out.onnx --plan-out plan.json     # inspect or edit the decisions
   onnxprune model2.onnx out2.onnx --plan-in plan.json    # re-apply them without re-planning
-exit status: 0 ok, 2 bad usage or unusable input, 1 the pass failed (e.g. verification)."""
+  onnxprune model.onnx out.onnx --calib c.npz --min-agreement 0.98 --eval-data test.npz
+            --max-accuracy-drop 1 --check-speed --summary-md summary.md   # CI gates
+exit status: 0 ok, 2 bad usage or unusable input, 1 the pass failed (e.g. verification),
+3 a budget (--min-agreement, --max-accuracy-drop, --check-speed) not met: nothing written at OUT."""
 
 
 def _groups_arg(text: str):
@@ -99,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--latency-table", metavar="table.json",
                        help="per-layer latencies measured by 'onnxprune autotune' (default: analytical model)")
     speed.add_argument("--check-speed", action="store_true",
-                       help="measure the pruned model against the input and fail if it is slower")
+                       help="measure the pruned model against the input; a gate: slower fails with exit 3")
     fid = p.add_argument_group("fidelity-aware planning (with --groups auto)")
     fid.add_argument("--planner", choices=("fidelity", "speed"), default="fidelity",
                      help="'fidelity': measure on --calib data how much each candidate cut changes the output and "
@@ -110,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fidelity budget: the deepest plan (not deeper than --rate/--target-macs) whose top-1 "
                           "agreement with the input model on held-out calibration inputs is at least P; 'off' "
                           "disables it (default: 0.97 with --calib and no --target-macs/--target-speedup, else off)")
+    gate = p.add_argument_group("CI gates (a budget not met: exit 3, no model written at OUT; an explicit "
+                                "--min-agreement and --check-speed are gates too)")
+    gate.add_argument("--eval-data", metavar="X.npz",
+                      help="labelled images (.npz with 'images' and 'labels', as for 'onnxprune eval'): top-1 "
+                           "accuracy of the input and the output is measured and reported")
+    gate.add_argument("--max-accuracy-drop", type=float, metavar="PTS",
+                      help="fail (exit 3) if top-1 accuracy on --eval-data drops by more than PTS percentage points")
+    gate.add_argument("--keep-failed", action="store_true",
+                      help="when a budget is not met, write the model as OUT.failed.onnx (and --plan-out) "
+                           "instead of writing nothing")
+    gate.add_argument("--summary-md", metavar="FILE",
+                      help="write a one-screen markdown summary (sizes, verify, measurements, each gate "
+                           "PASS/FAIL) for a CI log or job summary, also when a budget is not met")
     fid.add_argument("--distill", action="store_true",
                      help="after pruning and refit, fine-tune the kept weights (structure fixed) so the output "
                           "matches the input model's on the --calib images, with augmentation, on the CPU "
@@ -189,8 +209,19 @@ def main(argv: list[str] | None = None) -> int:
 def _check_paths(args) -> None:
     inputs = [("IN.onnx", args.input), *(("--tickets", t) for t in args.tickets), ("--calib", args.calib),
               ("--plan-in", args.plan_in), ("--latency-table", args.latency_table)]
-    outputs = [("OUT.onnx", args.output), ("--report", args.report), ("--plan-out", args.plan_out)]
+    inputs.append(("--eval-data", args.eval_data))
+    outputs = [("OUT.onnx", args.output), ("--report", args.report), ("--plan-out", args.plan_out),
+               ("--summary-md", args.summary_md)]
+    if args.keep_failed:
+        outputs.append(("--keep-failed", failed_path(args.output)))
     check_paths(inputs, outputs, folders=("--calib",))
+
+
+def _check_gate_args(args, config) -> None:
+    check_gate_options(config)
+    if args.keep_failed and not (explicit_min_agreement(config) is not None or args.max_accuracy_drop is not None
+                                 or args.check_speed):
+        raise UserError("--keep-failed needs a gate: --min-agreement P, --max-accuracy-drop PTS or --check-speed")
 
 
 def _read_plan(path: str) -> Plan:
@@ -231,24 +262,39 @@ def _run(args) -> int:
                          calib=args.calib, calib_size=args.calib_size, calib_selection=args.calib_selection,
                          calib_layers=args.calib_layers, calib_target=args.calib_target,
                          planner=args.planner, min_agreement=args.min_agreement, distill=args.distill,
-                         distill_time=args.distill_time, distill_steps=args.distill_steps)
+                         distill_time=args.distill_time, distill_steps=args.distill_steps,
+                         eval_data=args.eval_data, max_accuracy_drop=args.max_accuracy_drop)
     config.check()
+    _check_gate_args(args, config)
     model = load_model(args.input)
     _check_exclude(model, args.exclude)
     check_given(model, args.input_shape)  # before the first progress line
+    if args.eval_data:  # read, and the input model run on it, before the first progress line too
+        config.eval_data = AccuracyCheck.prepare(model, args.eval_data)
     progress = Progress() if args.quiet else ConsoleProgress(args.verbose)
-    model, report = prune(model, config, progress)
-    outputs = {args.output: model_writer(model, args.output)}
-    if args.plan_out:
+    failed = None
+    try:
+        model, report = prune(model, config, progress)
+    except BudgetNotMet as exc:  # the model misses a budget: it goes nowhere the next CI step reads
+        model, report, failed = exc.model, exc.report, exc
+    written = args.output if failed is None else failed_path(args.output) if args.keep_failed else None
+    outputs = {written: model_writer(model, written)} if written else {}
+    if args.plan_out and written:
         outputs[args.plan_out] = text_writer(report.plan.to_json())
     if args.report:
         outputs[args.report] = text_writer(report.to_json())
+    if args.summary_md:
+        outputs[args.summary_md] = text_writer(markdown(report.data, args.input, args.output, written))
     write_files(outputs)
     if not args.quiet:
-        print(summary(report.data, args.output), file=sys.stderr)
+        print(summary(report.data, written), file=sys.stderr)
     warning = nothing_pruned_warning(report.data)
     if warning:  # printed even with -q: the output is the input, which is rarely what was meant
         print(f"onnxprune: warning: {warning}", file=sys.stderr)
+    if failed is not None:  # printed even with -q: the line a CI log shows
+        where = f"the model was written to {written}" if written else f"nothing written at {args.output}"
+        print(f"onnxprune: {failed} ({where})", file=sys.stderr)
+        return BUDGET_NOT_MET
     return 0
 
 
@@ -269,7 +315,7 @@ def nothing_pruned_warning(report: dict) -> str | None:
     return f"no Conv was pruned: {count} of {len(skipped)} Convs skipped because {reason}"
 
 
-def summary(report: dict, output: str) -> str:
+def summary(report: dict, output: str | None) -> str:
     mb, ma = report["macs_before"], report["macs_after"]
     pb, pa = report["pruned_layers_macs_before"], report["pruned_layers_macs_after"]
     lines = [f"onnxprune: pruned {report['convs_pruned']} Convs, left {report['convs_skipped']} dense",
@@ -303,7 +349,15 @@ def summary(report: dict, output: str) -> str:
         v = report["verify"]
         lines.append(f"  verify: max relative diff {v['max_rel_diff']:.2e} vs masked original "
                      f"(tolerance {v['tolerance']:g})")
-    lines.append(f"  wrote {output}")
+    accuracy = report.get("accuracy")
+    if accuracy:
+        lines.append(f"  top-1 accuracy on {accuracy['images']} labelled images "
+                     f"{100 * accuracy['top1_before']:.2f}% -> {100 * accuracy['top1_after']:.2f}% "
+                     f"({-accuracy['drop_points']:+.2f} points)")
+    for gate in report.get("gates") or []:
+        lines.append(f"  gate --{gate['gate'].replace('_', '-')}: {'PASS' if gate['passed'] else 'FAIL'} "
+                     f"({gate['detail']})")
+    lines.append(f"  wrote {output}" if output else "  no model written (a budget was not met)")
     return "\n".join(lines)
 
 

@@ -37,7 +37,8 @@ def run_reporting_errors(prog: str, run, args) -> int:
 
     UserError -> its message on one line, exit 2; RuntimeError (the pass itself failed, e.g.
     verification or a speed check) -> one line, exit 1; Ctrl-C -> one line, exit 130. Outputs
-    are written all at once and atomically, so none of these leaves a partial file.
+    are written all at once and atomically, so none of these leaves a partial file. (A budget not
+    met, ``gate.BudgetNotMet``, is caught by the pruning command itself: exit 3.)
     """
     try:
         return run(args)

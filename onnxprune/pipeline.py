@@ -13,6 +13,8 @@ import onnx
 
 from . import __version__
 from .errors import UserError
+from .gate import AccuracyCheck, BudgetNotMet, evaluate_gates
+from .gate import check_options as check_gate_options
 from .macs import count_macs, count_params
 from .model_io import cap_ir_version, load_model
 from .normalize import normalize, relist_initializer_inputs
@@ -53,6 +55,10 @@ class PruneConfig(PlanOptions):
     distill: bool = False
     distill_time: float = 300.0  # seconds of training (probe + steps); the step count is reported
     distill_steps: int | None = None  # a fixed step count instead of the time budget (reproducible bytes)
+    # CI gates (see gate.py): labelled data whose top-1 accuracy is measured before and after, and
+    # the most it may drop (percentage points); an explicit min_agreement and check_speed are gates too
+    eval_data: object = None  # .npz path with 'images' and 'labels', an evaluate.Dataset or a gate.AccuracyCheck
+    max_accuracy_drop: float | None = None
 
 
 @dataclass
@@ -87,6 +93,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     started = time.perf_counter()
     _check_distill(config)
     budget = resolve_min_agreement(config)  # option errors before any work
+    check_gate_options(config)
 
     progress.stage("loading")
     original = load_model(model_or_path)
@@ -105,6 +112,10 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         shaped = {name: shape for name, shape in resolve_input_shapes(original, given).items() if name in given}
         feeds = load_calibration_inputs(config.calib, with_input_shapes(original, shaped),
                                         config.calib_size, calib_notes)  # fail before minutes of work
+    # labelled data read and the input model run on it now: a bad file fails before planning
+    accuracy = config.eval_data
+    if accuracy is not None and not isinstance(accuracy, AccuracyCheck):
+        accuracy = AccuracyCheck.prepare(original, accuracy)
     shapes = resolve_input_shapes(original, given, feeds)
     working = with_input_shapes(original, shapes)  # every stage works at these shapes
     if describe_shapes(shapes):
@@ -205,8 +216,15 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         from .bench import check_speed
 
         progress.stage(f"measuring latency on the {config.provider} provider (--check-speed)")
-        speed = check_speed(with_input_shapes(original, shapes), with_input_shapes(pruned, shapes), config.provider)
+        speed = check_speed(with_input_shapes(original, shapes), with_input_shapes(pruned, shapes), config.provider,
+                            fail=False)  # judged with the other gates below
     t = _lap(timings, "check_speed", t)
+
+    accuracy_report = None
+    if accuracy is not None:
+        progress.stage("measuring top-1 accuracy on the labelled --eval-data")
+        accuracy_report = accuracy.measure(pruned)
+    t = _lap(timings, "accuracy", t)
 
     report = build_report(original, model, pruned, plan, verified, config, shapes)
     report["auto"] = None if speed_plan is None else {
@@ -220,9 +238,14 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     report["calibration"] = calibration
     report["distill"] = distilled
     report["speed"] = speed
+    report["accuracy"] = accuracy_report
+    report["gates"] = evaluate_gates(report, config)
     _lap(timings, "report", t)
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+    failed = [gate for gate in report["gates"] if not gate["passed"]]
+    if failed:
+        raise BudgetNotMet(pruned, Report(report, plan), failed)
     return pruned, Report(report, plan)
 
 

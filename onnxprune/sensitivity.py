@@ -43,7 +43,7 @@ import onnx
 from onnx import helper
 from threadpoolctl import threadpool_limits
 
-from .calibrate import (BATCH, DEFAULT_RIDGE, GREEDY_BUDGET, GREEDY_STEPS, ConvGeometry, Stream, _bias,
+from .calibrate import (DEFAULT_RIDGE, GREEDY_BUDGET, GREEDY_STEPS, ConvGeometry, Stream, _batch_size, _bias,
                         _first_output, _node_reads, accumulate, compare_first_output, greedy_channels, solve_group,
                         split_holdout, squared_error)
 from .graph import GraphIndex
@@ -113,16 +113,20 @@ def weight_proxy(model: onnx.ModelProto, widths: dict[str, list[int]]) -> Sensit
 def measure(model: onnx.ModelProto, feeds: dict, widths: dict[str, list[int]], progress=None) -> SensitivityReport:
     """Measured cost curves for the Convs in ``widths`` (name -> ascending candidate widths)."""
     started = time.perf_counter()
-    fit, held = split_holdout(feeds)
+    # a model with a fixed batch size runs only whole batches of it (calibrate's rule: sample
+    # counts cut to a multiple); a copy, since that cut is made in place
+    feeds = dict(feeds)
+    batch, unit = _batch_size(model, feeds, [])
+    fit, held = split_holdout(feeds, unit)
     if not _count(held):
         held = fit
-    fit = {k: v[:FIT_SAMPLES] for k, v in fit.items()}
-    held = {k: v[:PROBE_SAMPLES] for k, v in held.items()}
-    reference = _first_output(model, held, BATCH)
+    fit = {k: v[:_whole(FIT_SAMPLES, unit)] for k, v in fit.items()}
+    held = {k: v[:_whole(PROBE_SAMPLES, unit)] for k, v in held.items()}
+    reference = _first_output(model, held, batch)
     position = {node.name: i for i, node in enumerate(model.graph.node)}
     order = sorted(widths, key=lambda name: position[name])
     index = GraphIndex(model.graph)
-    stream, held_stream = Stream(model, fit, BATCH), Stream(model, held, BATCH)
+    stream, held_stream = Stream(model, fit, batch), Stream(model, held, batch)
     layers = {}
     for i, name in enumerate(order):
         if progress is not None:
@@ -136,7 +140,7 @@ def measure(model: onnx.ModelProto, feeds: dict, widths: dict[str, list[int]], p
             curve = refit_curve(node, weight, bias, x, y, widths[name])
         del x, y
         live = held_stream.advance(position[name])
-        layers[name] = _probe(_suffix_model(model, position[name], live), node, curve, live, reference)
+        layers[name] = _probe(_suffix_model(model, position[name], live), node, curve, live, reference, batch)
     if progress is not None and order:
         progress(len(order), len(order), "")
     return SensitivityReport(layers, "calibration data", _count(fit), _count(held), time.perf_counter() - started)
@@ -144,6 +148,11 @@ def measure(model: onnx.ModelProto, feeds: dict, widths: dict[str, list[int]], p
 
 def _count(feeds: dict) -> int:
     return len(next(iter(feeds.values()))) if feeds else 0
+
+
+def _whole(samples: int, unit: int) -> int:
+    """``samples`` rounded down to whole batches of ``unit`` (at least one batch)."""
+    return max(unit, samples // unit * unit)
 
 
 @dataclass
@@ -185,7 +194,7 @@ def refit_curve(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray, x: n
 
 
 def _probe(probe: onnx.ModelProto, node: onnx.NodeProto, curve: _Curve, live: dict,
-           reference: np.ndarray) -> LayerSensitivity:
+           reference: np.ndarray, batch: int) -> LayerSensitivity:
     """Measure the output KL at ``PROBES`` widths spread over the curve; predict the rest."""
     sess = session(probe)
     out = sess.get_outputs()[0].name
@@ -197,8 +206,8 @@ def _probe(probe: onnx.ModelProto, node: onnx.NodeProto, curve: _Curve, live: di
     for i in picks:
         w, b = curve.fits[i]
         parts = []
-        for s in range(0, count, BATCH):
-            feed = {name: live[name][s:s + BATCH] for name in names}
+        for s in range(0, count, batch):
+            feed = {name: live[name][s:s + batch] for name in names}
             feed.update({_W: w, _B: b})
             parts.append(sess.run([out], feed)[0])
         stats = compare_first_output(reference, np.concatenate(parts).astype(np.float64))

@@ -1,0 +1,32 @@
+"""Models with a fixed batch dimension and more calibration samples than the batch: every stage
+that runs calibration data (sensitivity, calibration, fidelity) feeds whole batches of the
+model's size. Before the fix the fidelity planner's sensitivity pass fed 64 samples at once to
+a [1, 3, H, W] model: an ONNX Runtime InvalidArgument traceback."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from graphs import resnet_basic
+from onnxprune.cli import main
+
+
+@pytest.mark.parametrize("batch,samples", [(1, 8), (4, 46)])
+@pytest.mark.parametrize("mode", [[], ["--groups", "8"]], ids=["default", "groups8"])
+def test_fixed_batch_with_more_calibration_samples(tmp_path, capsys, batch, samples, mode):
+    model, calib = tmp_path / "in.onnx", tmp_path / "calib.npz"
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(resnet_basic(batch=batch).model(), model)
+    rng = np.random.default_rng(0)
+    np.savez(calib, input=rng.standard_normal((samples, 3, 16, 16)).astype(np.float32))
+    code = main([str(model), str(out), "--calib", str(calib), "--report", str(report), "-q", *mode])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Traceback" not in err
+    data = json.loads(report.read_text())
+    assert data["verify"]["passed"]
+    assert data["calibration"]["samples"] == samples // batch * batch
+    dim = onnx.load(out).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_value == batch  # the output keeps the fixed batch
