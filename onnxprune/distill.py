@@ -110,6 +110,10 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
         raise ValueError("batch_size and eval_limit must be >= 1")
     student = student if isinstance(student, onnx.ModelProto) else load_model(student)
     teacher = teacher if isinstance(teacher, onnx.ModelProto) else load_model(teacher)
+    fixed = fixed_batch(student)
+    if fixed is not None:
+        raise UnsupportedModel(f"the model's batch size is fixed at {fixed}, and distillation trains and "
+                               f"measures on batches of {batch_size} and {EVAL_BATCH}")
     say = _Say(progress)
 
     feeds = _load_images(images, student)
@@ -368,6 +372,16 @@ def _session(model, threads=None):
     from .runtime import create_session
 
     return create_session(model, threads=threads, load_error=None)  # our own models: a failure is a bug
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed leading dimension of the model's first real input, or None when it is symbolic."""
+    from .shapes import is_fixed
+
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
+    return int(dims[0].dim_value) if dims and is_fixed(dims[0]) else None
 
 
 def _logits(sess, feeds: dict) -> np.ndarray:

@@ -30,3 +30,20 @@ def test_fixed_batch_with_more_calibration_samples(tmp_path, capsys, batch, samp
     assert data["calibration"]["samples"] == samples // batch * batch
     dim = onnx.load(out).graph.input[0].type.tensor_type.shape.dim[0]
     assert dim.dim_value == batch  # the output keeps the fixed batch
+
+
+def test_distill_on_a_fixed_batch_model_is_skipped_with_the_reason(tmp_path, capsys):
+    """Distillation runs batches of 32: on a [1, 3, H, W] model it is skipped, saying why, and the
+    verified refit model is written (before: an ONNX Runtime InvalidArgument traceback)."""
+    pytest.importorskip("torch")
+    model, calib = tmp_path / "in.onnx", tmp_path / "calib.npz"
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(resnet_basic(batch=1).model(), model)
+    np.savez(calib, input=np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    code = main([str(model), str(out), "--calib", str(calib), "--groups", "8", "--distill", "--distill-steps", "1",
+                 "--report", str(report), "-q"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert "batch size is fixed at 1" in data["distill"]["skipped"]
+    assert data["verify"]["passed"] and out.exists()
