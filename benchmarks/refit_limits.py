@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from onnxprune import calibrate as C  # noqa: E402
+from onnxprune.calib_stream import HOLDOUT_DIVISOR  # noqa: E402
 from onnxprune.evaluate import compare_logits  # noqa: E402
 from onnxprune.model_io import load_model  # noqa: E402
 from onnxprune.normalize import normalize  # noqa: E402
@@ -122,7 +123,7 @@ def main() -> None:
     if args.per_layer and first is not None:
         work, options = first
         used = calib[:options["calib_size"]]
-        split = len(used) - len(used) // C.HOLDOUT_DIVISOR
+        split = len(used) - len(used) // HOLDOUT_DIVISOR
         sets = {"fit": used[:split], "refit held-out": used[split:], "eval photos": evaluation[:192]}
         errors = {k: per_layer_errors(model, work, v) for k, v in sets.items()}
         print("\n| layer output | " + " | ".join(f"rel. error, {k}" for k in sets) + " |")

@@ -54,34 +54,29 @@ How (per planned Conv, in graph order):
 The returned model is the normalized graph with each planned Conv's weight refit (pruned
 kernels exactly zero) and bias refit (added when the Conv had none); initializer names of the
 weights are unchanged, so the rewrite and verification against the masked model stay exact.
+
+Modules: this one decides what is refit and writes the result into the graph; the array
+mathematics (im2col, moments, ridge least squares, greedy selection) is ``least_squares``, and
+feeding the data through the graph (batches, held-out slice, segment runner, fidelity) is
+``calib_stream``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import scipy.linalg
-from onnx import helper
 from threadpoolctl import threadpool_limits
 
-from .calib_data import load_calibration_inputs, model_inputs
+from .calib_data import load_calibration_inputs
+from .calib_stream import HOLDOUT_DIVISOR, Stream, batch_size, count, fidelity, node_reads, split_holdout
 from .errors import UserError
-from .evaluate import log_softmax
-from .model_io import MAX_IR_VERSION
 from .graph import GraphIndex, NameAllocator, get_attr, set_initializer
+from .least_squares import (DEFAULT_RIDGE, GREEDY_BUDGET, GREEDY_STEPS, ConvGeometry, accumulate, fit_group,
+                            greedy_channels)
 from .plan import LayerPlan, Plan
-from .verify import masked_model, session
-
-DEFAULT_RIDGE = 1e-2  # λ relative to the mean variance of a group's im2col columns
-BATCH = 64  # samples per ONNX Runtime call and per statistics batch
-HOLDOUT_DIVISOR = 8  # the last 1/8 of the samples is held out for fidelity
-MIN_SAMPLES_FOR_HOLDOUT = 16
-RIDGE_GRID = (1.0, 10.0, 100.0, 1e3, 1e4)  # × DEFAULT_RIDGE; 1e4 is ~"original kernels, new bias"
-GREEDY_BUDGET = 2e10  # flops (groups·n_keep·D²·k²) above this: one-shot channel ranking, not greedy
-GREEDY_STEPS = 96  # layers wider than this add C_in/GREEDY_STEPS channels per greedy step (narrower: one)
+from .verify import masked_model
 
 
 def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: dict | None = None,
@@ -102,7 +97,7 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
         notes = []
         feeds = load_calibration_inputs(config.calib, model, getattr(config, "calib_size", None), notes)
     notes = list(notes or [])
-    batch, unit = _batch_size(model, feeds, notes)
+    batch, unit = batch_size(model, feeds, notes)
     fit, held = split_holdout(feeds, unit, getattr(config, "calib_holdout_divisor", None))
     layers = ordered_layers(model, plan)
     uncalibrated = masked_model(model, plan)  # before data-aware selection changes the plan
@@ -147,15 +142,15 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
     del original, pruned
 
     report = {
-        "samples": _count(feeds), "fit_samples": _count(fit), "held_out_samples": _count(held),
+        "samples": count(feeds), "fit_samples": count(fit), "held_out_samples": count(held),
         "source": config.calib if isinstance(config.calib, str) else "in-memory arrays",
         "conversions": notes, "ridge": ridge,
         "kernel_selection": ("per group, the lower refit error of the plan's weight-only choice and a data-aware "
                              "greedy choice" if select else "weight-only grouped-kernel rule of the plan (paper)"),
         "layers": entries,
-        "fidelity": fidelity(model, uncalibrated, work, held if _count(held) else fit, batch),
+        "fidelity": fidelity(model, uncalibrated, work, held if count(held) else fit, batch),
     }
-    report["fidelity"]["on"] = "held-out samples" if _count(held) else "fit samples (too few to hold out)"
+    report["fidelity"]["on"] = "held-out samples" if count(held) else "fit samples (too few to hold out)"
     report["wall_s"] = round(time.perf_counter() - started, 3)
     return work, report
 
@@ -218,7 +213,7 @@ def refit_gemm(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x:
     weight = index.constant(node.input[1])
     trans_b = get_attr(node, "transB", 0)
     w4 = (weight if trans_b else weight.T)[:, :, None, None]
-    bias = _bias(index, node, layer.c_out, weight.dtype)
+    bias = layer_bias(index, node, layer.c_out, weight.dtype)
     geo = ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0, 0, 0))
     new_w, new_b, entry = refit_weights(layer, w4, bias, x[:, :, None, None], y[:, :, None, None], geo, ridge, False)
     new_w = new_w[:, :, 0, 0]
@@ -240,7 +235,7 @@ def residual_partners(model: onnx.ModelProto, layers) -> dict[str, str]:
     produced_at = {name: i for i, node in enumerate(model.graph.node) for name in node.output if name}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
-        for name in _node_reads(node):
+        for name in node_reads(node):
             readers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in model.graph.output}
     partners = {}
@@ -262,40 +257,6 @@ def _mode(config, name: str, choices: tuple[str, ...]) -> str:
     if mode not in choices:
         raise UserError(f"{name} must be one of {', '.join(map(repr, choices))}, got {mode!r}")
     return mode
-
-
-# -- data split ---------------------------------------------------------------------------
-
-def _count(feeds: dict) -> int:
-    return len(next(iter(feeds.values()))) if feeds else 0
-
-
-def _batch_size(model: onnx.ModelProto, feeds: dict, notes: list) -> tuple[int, int]:
-    """(batch, unit): ``BATCH`` and 1, or the model's fixed batch size twice (then the sample
-    count is cut to a multiple of it)."""
-    fixed = {dims[0] for _, _, dims in model_inputs(model) if dims and dims[0]}
-    if not fixed:
-        return BATCH, 1
-    size = fixed.pop()
-    if _count(feeds) < size:
-        raise UserError(f"the model has a fixed batch size of {size}, but only {_count(feeds)} calibration "
-                        f"samples were given")
-    usable = _count(feeds) // size * size
-    if usable < _count(feeds):
-        notes.append(f"fixed batch size {size}: used {usable} of {_count(feeds)} samples")
-        for name in feeds:
-            feeds[name] = feeds[name][:usable]
-    return size, size
-
-
-def split_holdout(feeds: dict, unit: int = 1, divisor: int | None = None) -> tuple[dict, dict]:
-    """(fit, held_out): the last 1/``divisor`` (default ``HOLDOUT_DIVISOR``) of the samples (whole
-    batches of ``unit``) is held out."""
-    divisor = divisor or HOLDOUT_DIVISOR
-    n = _count(feeds)
-    held = (n // divisor) // unit * unit if n >= MIN_SAMPLES_FOR_HOLDOUT else 0
-    fit_n = n - held
-    return ({k: v[:fit_n] for k, v in feeds.items()}, {k: v[fit_n:] for k, v in feeds.items()})
 
 
 # -- graph order and masking ----------------------------------------------------------------
@@ -330,185 +291,7 @@ def _masked_copy(model: onnx.ModelProto, layers) -> tuple[onnx.ModelProto, dict]
     return work, skipped
 
 
-# -- running the graph segment by segment ---------------------------------------------------
-
-def _node_reads(node: onnx.NodeProto) -> list[str]:
-    """Names a node reads: its inputs plus what its subgraphs (If/Loop bodies) read."""
-    names = [n for n in node.input if n]
-    for attr in node.attribute:
-        for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-            for sub_node in sub.node:
-                names.extend(_node_reads(sub_node))
-    return names
-
-
-class Stream:
-    """Runs a model forward over all samples in node-range segments, caching live tensors.
-
-    ``advance(stop)`` runs nodes ``[position, stop)`` of the model *as it is now* (so weights
-    written in between take effect) and keeps only the tensors a later node still reads.
-    """
-
-    def __init__(self, model: onnx.ModelProto, feeds: dict, batch: int):
-        self.model, self.batch, self.position = model, batch, 0
-        self.cache = dict(feeds)
-        self.last_use: dict[str, int] = {}
-        for i, node in enumerate(model.graph.node):
-            for name in _node_reads(node):
-                self.last_use[name] = i
-        self.types = _tensor_types(model)
-
-    def advance(self, stop: int, keep=()) -> dict[str, np.ndarray]:
-        nodes = list(self.model.graph.node[self.position:stop])
-        produced = {name for node in nodes for name in node.output if name}
-        wanted = [name for node in nodes for name in node.output
-                  if name and (self.last_use.get(name, -1) >= stop or name in keep)]
-        if wanted:
-            self.cache.update(self._run(nodes, produced, wanted))
-        self.position = stop
-        self.cache = {k: v for k, v in self.cache.items() if self.last_use.get(k, -1) >= stop or k in keep}
-        return self.cache
-
-    def _run(self, nodes, produced: set, wanted: list[str]) -> dict[str, np.ndarray]:
-        initializers = {t.name: t for t in self.model.graph.initializer}
-        inputs = list(dict.fromkeys(n for node in nodes for n in _node_reads(node)
-                                    if n not in produced and n not in initializers and n in self.cache))
-        used_inits = [initializers[n] for n in dict.fromkeys(r for node in nodes for r in _node_reads(node))
-                      if n in initializers]
-        graph = helper.make_graph(
-            nodes, "calibration_segment",
-            [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(self.cache[n].dtype), None)
-             for n in inputs],
-            [helper.make_tensor_value_info(n, self.types.get(n, onnx.TensorProto.FLOAT), None) for n in wanted],
-            used_inits)
-        segment = helper.make_model(graph, opset_imports=list(self.model.opset_import),
-                                    ir_version=min(self.model.ir_version, MAX_IR_VERSION))
-        segment.functions.extend(self.model.functions)
-        sess = session(segment)
-        count = len(next(iter(self.cache.values())))
-        out: dict[str, np.ndarray] = {}
-        for start in range(0, count, self.batch):
-            results = sess.run(wanted, {n: self.cache[n][start:start + self.batch] for n in inputs})
-            for name, value in zip(wanted, results):
-                if name not in out:
-                    out[name] = np.empty((count,) + value.shape[1:], dtype=value.dtype)
-                out[name][start:start + len(value)] = value
-        return out
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor shape inference can type (segments need output types)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # inference is a convenience here; untyped outputs default to float
-        inferred = model
-    types = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        if vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    return types
-
-
 # -- statistics and refit -------------------------------------------------------------------
-
-@dataclass
-class ConvGeometry:
-    kernel: tuple[int, int]
-    strides: tuple[int, int]
-    dilations: tuple[int, int]
-    pads: tuple[int, int, int, int]  # top, left, bottom, right
-
-    @classmethod
-    def of(cls, node: onnx.NodeProto, kernel, in_hw) -> "ConvGeometry":
-        strides = tuple(get_attr(node, "strides", [1, 1]))
-        dilations = tuple(get_attr(node, "dilations", [1, 1]))
-        auto_pad = get_attr(node, "auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            pads = [0, 0, 0, 0]
-            for a in range(2):
-                out = -(-in_hw[a] // strides[a])
-                total = max(0, (out - 1) * strides[a] + dilations[a] * (kernel[a] - 1) + 1 - in_hw[a])
-                small, big = total // 2, total - total // 2
-                pads[a], pads[a + 2] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
-        elif auto_pad == "VALID":
-            pads = [0, 0, 0, 0]
-        else:
-            pads = list(get_attr(node, "pads", [0, 0, 0, 0]))
-        return cls(tuple(kernel), strides, dilations, tuple(pads))
-
-
-def im2col(x: np.ndarray, geo: ConvGeometry) -> np.ndarray:
-    """[B, C, H, W] -> rows [B·Ho·Wo, C·kh·kw], columns ordered like ``W.reshape(C_out, -1)``."""
-    (kh, kw), (sh, sw), (dh, dw), (pt, pl, pb, pr) = geo.kernel, geo.strides, geo.dilations, geo.pads
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any(geo.pads) else x
-    b, c, h, w = xp.shape
-    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    cols = np.empty((b, ho, wo, c, kh, kw), dtype=np.float32)
-    for i in range(kh):
-        for j in range(kw):
-            patch = xp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
-            cols[..., i, j] = patch.transpose(0, 2, 3, 1)
-    return cols.reshape(b * ho * wo, c * kh * kw)
-
-
-@dataclass
-class Moments:
-    """Sufficient statistics of (im2col rows X, outputs Y) for least squares, in float64."""
-    n: int
-    sx: np.ndarray  # [D]
-    xx: np.ndarray  # [D, D]
-    xy: np.ndarray  # [D, C_out]
-    sy: np.ndarray  # [C_out]
-    yy: np.ndarray  # [C_out]
-
-    def __add__(self, other: "Moments") -> "Moments":
-        return Moments(self.n + other.n, self.sx + other.sx, self.xx + other.xx, self.xy + other.xy,
-                       self.sy + other.sy, self.yy + other.yy)
-
-
-def accumulate(x: np.ndarray, y: np.ndarray, channels: np.ndarray, geo: ConvGeometry,
-               batch: int = BATCH) -> Moments:
-    """Moments over all rows, ``batch`` samples at a time (bounded memory).
-
-    Only the input ``channels`` that some group keeps are expanded.
-    """
-    d, c_out = len(channels) * geo.kernel[0] * geo.kernel[1], y.shape[1]
-    m = Moments(0, np.zeros(d), np.zeros((d, d)), np.zeros((d, c_out)), np.zeros(c_out), np.zeros(c_out))
-    for start in range(0, len(x), batch):
-        cols = im2col(np.asarray(x[start:start + batch][:, channels], dtype=np.float32), geo)
-        rows = np.ascontiguousarray(y[start:start + batch].transpose(0, 2, 3, 1), dtype=np.float32)
-        rows = rows.reshape(-1, c_out)
-        if len(rows) != len(cols):
-            raise RuntimeError(f"internal error: im2col gives {len(cols)} rows, the Conv output {len(rows)}")
-        m.n += len(rows)
-        m.sx += cols.sum(axis=0, dtype=np.float64)
-        m.xx += cols.T @ cols
-        m.xy += cols.T @ rows
-        m.sy += rows.sum(axis=0, dtype=np.float64)
-        m.yy += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
-    return m
-
-
-def squared_error(m: Moments, idx: np.ndarray, rows: np.ndarray, w: np.ndarray, b: np.ndarray) -> float:
-    """Σ over rows and filters of (y - x·w - b)², from the moments (w: [d, r], b: [r])."""
-    xx, xy, sx = m.xx[np.ix_(idx, idx)], m.xy[np.ix_(idx, rows)], m.sx[idx]
-    total = (m.yy[rows].sum() - 2 * np.sum(w * xy) - 2 * b @ m.sy[rows] + np.sum(w * (xx @ w))
-             + 2 * b @ (sx @ w) + m.n * b @ b)
-    return max(float(total), 0.0)
-
-
-def solve_group(m: Moments, idx: np.ndarray, rows: np.ndarray, w0: np.ndarray, ridge: float):
-    """Ridge towards ``w0`` with a free bias: returns (w [d, r], b [r])."""
-    mu, my = m.sx[idx] / m.n, m.sy[rows] / m.n
-    cov = m.xx[np.ix_(idx, idx)] / m.n - np.outer(mu, mu)
-    cross = m.xy[np.ix_(idx, rows)] / m.n - np.outer(mu, my)
-    lam = ridge * max(np.trace(cov) / len(idx), 1e-12)
-    try:
-        w = scipy.linalg.solve(cov + lam * np.eye(len(idx)), cross + lam * w0, assume_a="pos")
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
-        w = np.linalg.lstsq(cov + lam * np.eye(len(idx)), cross + lam * w0, rcond=None)[0]
-    return w, my - mu @ w
 
 
 def refit_layer(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x: np.ndarray,
@@ -522,7 +305,7 @@ def refit_layer(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x
     """
     index = GraphIndex(work.graph)
     weight = index.constant(node.input[1])
-    bias = _bias(index, node, layer.c_out, weight.dtype)
+    bias = layer_bias(index, node, layer.c_out, weight.dtype)
     geo = ConvGeometry.of(node, weight.shape[2:], x.shape[2:])
     new_w, new_b, entry = refit_weights(layer, weight, bias, x, y, geo, ridge, select)
     set_initializer(work.graph, node.input[1], new_w)
@@ -594,81 +377,11 @@ def refit_weights(layer: LayerPlan, weight: np.ndarray, bias: np.ndarray, x: np.
             "rel_mse_pruned": before / energy, "rel_mse_refit": after / energy}
 
 
-def fit_group(m: Moments, m_train, m_val, idx, rows, w0, b0, ridge: float):
-    """(w, b, e_pruned, e_refit, score, ridge) for one group and one kept set.
-
-    ``score`` ranks kept sets: the validation error when ``m_val`` is given (ridge chosen on it
-    from ``ridge × RIDGE_GRID``), else the error on all rows. The final fit uses all rows, and
-    is replaced by ``(w0, b0)`` in the (round-off) case it is worse than plain pruning.
-    """
-    lam, score = ridge, None
-    if m_val is not None:
-        for factor in RIDGE_GRID:
-            w, b = solve_group(m_train, idx, rows, w0, ridge * factor)
-            err = squared_error(m_val, idx, rows, w, b)
-            if score is None or err < score:
-                lam, score = ridge * factor, err
-    w, b = solve_group(m, idx, rows, w0, lam)
-    e0, e1 = squared_error(m, idx, rows, w0, b0), squared_error(m, idx, rows, w, b)
-    if not e1 <= e0:  # never worse than plain pruning on the calibration rows
-        w, b, e1 = w0, b0, e0
-    return w, b, e0, e1, e1 if score is None else score, lam
-
-
-def greedy_channels(m: Moments, rows: np.ndarray, k2: int, n_keep: int, ridge: float,
-                    greedy: bool = True, nested: bool = False, chunk: int = 1) -> list[int]:
-    """Data-aware grouped-kernel choice: greedily add the input channel whose k×k block explains
-    most of the group's remaining output variance (block forward selection on the moments).
-
-    Keeps the residual covariance of all columns after projecting out the chosen ones, so each
-    step is one rank-k² update; ``m`` must cover all input channels in order. With
-    ``greedy=False`` (very wide layers, where the updates would cost minutes) the channels are
-    ranked once by their individual gain instead. ``nested=True`` returns the channels in the
-    order they were chosen (every prefix is the choice for that many channels), else sorted.
-    ``chunk > 1`` adds that many channels per step (the best by current gain): coarser, but
-    ``chunk`` times fewer updates — the sensitivity curves order every channel of every layer.
-    """
-    mu = m.sx / m.n
-    cov = m.xx / m.n - np.outer(mu, mu)
-    cross = m.xy[:, rows] / m.n - np.outer(mu, m.sy[rows] / m.n)
-    d = cov.shape[0]
-    c = d // k2
-    lam_scalar = ridge * max(np.trace(cov) / d, 1e-12)
-    lam = lam_scalar * np.eye(k2)
-    available = np.ones(c, dtype=bool)
-    chosen: list[int] = []
-    while len(chosen) < n_keep:
-        diag = cov.reshape(c, k2, c, k2)[np.arange(c), :, np.arange(c), :]  # [c, k2, k2]
-        blocks = cross.reshape(c, k2, -1)
-        gain = np.einsum("ckr,ckr->c", blocks, np.linalg.solve(diag + lam, blocks))
-        gain[~available] = -np.inf
-        if not greedy:
-            ranked = [int(i) for i in np.argsort(-gain, kind="stable")[:n_keep]]
-            return ranked if nested else sorted(ranked)
-        take = min(chunk, n_keep - len(chosen))
-        if take == 1:
-            best = int(np.argmax(gain))
-            chosen.append(best)
-            available[best] = False
-            cols = slice(best * k2, (best + 1) * k2)
-            inv = np.linalg.inv(cov[cols, cols] + lam)
-        else:
-            picked = [int(i) for i in np.argsort(-gain, kind="stable")[:take]]
-            chosen.extend(picked)
-            available[picked] = False
-            cols = np.concatenate([np.arange(i * k2, (i + 1) * k2) for i in picked])
-            inv = np.linalg.inv(cov[np.ix_(cols, cols)] + lam_scalar * np.eye(len(cols)))
-        side = cov[:, cols] @ inv
-        cross = cross - side @ cross[cols]
-        cov = cov - side @ cov[cols]
-    return chosen if nested else sorted(chosen)
-
-
 def _bias_name(node: onnx.NodeProto) -> str:
     return node.input[2] if len(node.input) > 2 and node.input[2] else ""
 
 
-def _bias(index: GraphIndex, node: onnx.NodeProto, c_out: int, dtype) -> np.ndarray:
+def layer_bias(index: GraphIndex, node: onnx.NodeProto, c_out: int, dtype) -> np.ndarray:
     """The layer's bias (input 2), zeros when it has none."""
     name = _bias_name(node)
     return index.constant(name) if name else np.zeros(c_out, dtype=dtype)
@@ -683,36 +396,3 @@ def _write_bias(work: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto, 
             node.input.append("")
         node.input[2] = name
     set_initializer(work.graph, name, bias)
-
-
-# -- fidelity -------------------------------------------------------------------------------
-
-def fidelity(original: onnx.ModelProto, uncalibrated: onnx.ModelProto, calibrated: onnx.ModelProto,
-             feeds: dict, batch: int) -> dict:
-    """Top-1 agreement and mean KL(original || pruned) of the first output, before/after refit."""
-    reference = _first_output(original, feeds, batch)
-    result = {"samples": _count(feeds)}
-    for label, model in (("uncalibrated", uncalibrated), ("calibrated", calibrated)):
-        result[label] = compare_first_output(reference, _first_output(model, feeds, batch))
-    return result
-
-
-def _first_output(model: onnx.ModelProto, feeds: dict, batch: int) -> np.ndarray:
-    sess = session(model)
-    name = sess.get_outputs()[0].name
-    parts = [sess.run([name], {k: v[s:s + batch] for k, v in feeds.items()})[0]
-             for s in range(0, _count(feeds), batch)]
-    return np.concatenate(parts).astype(np.float64)
-
-
-def compare_first_output(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """Agreement of argmax over axis 1 and KL of softmax over axis 1 (logits assumed)."""
-    if reference.ndim < 2 or reference.shape[1] < 2:
-        rel = float(np.sum((candidate - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
-        return {"top1_agreement": None, "mean_kl": None, "rel_mse": rel}
-    ref_lp, cand_lp = log_softmax(reference), log_softmax(candidate)
-    kl = np.sum(np.exp(ref_lp) * (ref_lp - cand_lp), axis=1)
-    agree = np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1))
-    rel = float(np.sum((candidate - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
-    return {"top1_agreement": float(agree), "mean_kl": float(np.mean(kl)), "rel_mse": rel}
-

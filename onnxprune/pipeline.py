@@ -308,7 +308,7 @@ def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
     the masked original), and distillation may then only change weight values — checked here
     with ``distill.structure_problems`` (same nodes, names, shapes, dtypes; only Conv/Gemm
     weights and biases differ)."""
-    from .calibrate import split_holdout
+    from .calib_stream import split_holdout
     from .distill import UnsupportedModel, distill, structure_problems
 
     # the calibration's held-out slice stays held out: trained on the fit part, measured on it

@@ -8,13 +8,13 @@ gives the planner a *fidelity cost* for every candidate width of every prunable 
 spend the MACs budget where the output changes least (``allocate.py``).
 
 How, with calibration data (``measure``):
-1. One pass over the dense model (``calibrate.Stream``, segment by segment) collects, per
+1. One pass over the dense model (``calib_stream.Stream``, segment by segment) collects, per
    candidate Conv, the moments of its im2col input over *all* input channels and of its output.
-2. Block forward selection on those moments (``calibrate.greedy_channels``, adding up to
-   C_in/``calibrate.GREEDY_STEPS`` channels per step; redundant channels can share a step on
+2. Block forward selection on those moments (``least_squares.greedy_channels``, adding up to
+   C_in/``least_squares.GREEDY_STEPS`` channels per step; redundant channels can share a step on
    wide layers) orders the input channels so that every prefix explains as much of the output
    as the greedy can; because the order is nested, the least-squares refit error at every
-   candidate width n is read off the same moments (``calibrate.solve_group`` /
+   candidate width n is read off the same moments (``least_squares.solve_group`` /
    ``squared_error``): ``rel_err(n)``, the error the refit leaves in this layer's output,
    relative to the output's energy.
 3. Output sensitivity: at a few widths per layer the refit layer is substituted into the dense
@@ -43,9 +43,10 @@ import onnx
 from onnx import helper
 from threadpoolctl import threadpool_limits
 
-from .calibrate import (DEFAULT_RIDGE, GREEDY_BUDGET, GREEDY_STEPS, ConvGeometry, Stream, _batch_size, _bias,
-                        _first_output, _node_reads, accumulate, compare_first_output, greedy_channels, solve_group,
-                        split_holdout, squared_error)
+from .calib_stream import Stream, batch_size, compare_first_output, count, first_output, node_reads, split_holdout
+from .calibrate import layer_bias
+from .least_squares import (DEFAULT_RIDGE, GREEDY_BUDGET, GREEDY_STEPS, ConvGeometry, accumulate, greedy_channels,
+                            solve_group, squared_error)
 from .graph import GraphIndex
 from .model_io import MAX_IR_VERSION
 from .verify import session
@@ -116,13 +117,13 @@ def measure(model: onnx.ModelProto, feeds: dict, widths: dict[str, list[int]], p
     # a model with a fixed batch size runs only whole batches of it (calibrate's rule: sample
     # counts cut to a multiple); a copy, since that cut is made in place
     feeds = dict(feeds)
-    batch, unit = _batch_size(model, feeds, [])
+    batch, unit = batch_size(model, feeds, [])
     fit, held = split_holdout(feeds, unit)
-    if not _count(held):
+    if not count(held):
         held = fit
     fit = {k: v[:_whole(FIT_SAMPLES, unit)] for k, v in fit.items()}
     held = {k: v[:_whole(PROBE_SAMPLES, unit)] for k, v in held.items()}
-    reference = _first_output(model, held, batch)
+    reference = first_output(model, held, batch)
     position = {node.name: i for i, node in enumerate(model.graph.node)}
     order = sorted(widths, key=lambda name: position[name])
     index = GraphIndex(model.graph)
@@ -135,7 +136,7 @@ def measure(model: onnx.ModelProto, feeds: dict, widths: dict[str, list[int]], p
         x = stream.advance(position[name])[node.input[0]]
         y = stream.advance(position[name] + 1, keep=(node.output[0],))[node.output[0]]
         weight = index.constant(node.input[1])
-        bias = _bias(index, node, weight.shape[0], weight.dtype)
+        bias = layer_bias(index, node, weight.shape[0], weight.dtype)
         with threadpool_limits(limits=1, user_api="blas"):
             curve = refit_curve(node, weight, bias, x, y, widths[name])
         del x, y
@@ -143,11 +144,7 @@ def measure(model: onnx.ModelProto, feeds: dict, widths: dict[str, list[int]], p
         layers[name] = _probe(_suffix_model(model, position[name], live), node, curve, live, reference, batch)
     if progress is not None and order:
         progress(len(order), len(order), "")
-    return SensitivityReport(layers, "calibration data", _count(fit), _count(held), time.perf_counter() - started)
-
-
-def _count(feeds: dict) -> int:
-    return len(next(iter(feeds.values()))) if feeds else 0
+    return SensitivityReport(layers, "calibration data", count(fit), count(held), time.perf_counter() - started)
 
 
 def _whole(samples: int, unit: int) -> int:
@@ -241,7 +238,7 @@ def _suffix_model(model: onnx.ModelProto, position: int, live: dict) -> onnx.Mod
             copy.input[1], copy.input[2] = _W, _B
         nodes.append(copy)
     produced = {name for node in nodes for name in node.output if name}
-    reads = list(dict.fromkeys(name for node in nodes for name in _node_reads(node)))
+    reads = list(dict.fromkeys(name for node in nodes for name in node_reads(node)))
     initializers = {t.name: t for t in model.graph.initializer}
     inputs = [name for name in reads if name not in produced and name not in initializers and name in live]
     weight = GraphIndex(model.graph).constant(model.graph.node[position].input[1])

@@ -9,7 +9,8 @@ import pytest
 
 from graphs import FAMILIES, resnet_basic
 from onnxprune.analysis import find_prunable_convs
-from onnxprune.calibrate import ConvGeometry, calibrate, im2col, ordered_layers, residual_partners
+from onnxprune.calibrate import calibrate, ordered_layers, residual_partners
+from onnxprune.least_squares import ConvGeometry, im2col
 from onnxprune.cli import main
 from onnxprune.normalize import normalize
 from onnxprune.plan import LayerPlan, Plan
@@ -255,6 +256,7 @@ def test_ridge_is_validated_on_held_out_inputs(monkeypatch):
     ridge is chosen on held-out *inputs*, so it moves towards the original kernels and the refit
     generalises better than one with the fixed default ridge."""
     import onnxprune.calibrate as calibrate_module
+    import onnxprune.least_squares as least_squares
 
     rng = np.random.default_rng(0)
     c_in, c_out, n = 96, 4, 120
@@ -275,11 +277,11 @@ def test_ridge_is_validated_on_held_out_inputs(monkeypatch):
 
     x, y = data(1)
     bias = np.zeros(c_out, np.float32)
-    w_val, b_val, entry = calibrate_module.refit_weights(layer, w0, bias, x, y, geo, calibrate_module.DEFAULT_RIDGE,
+    w_val, b_val, entry = calibrate_module.refit_weights(layer, w0, bias, x, y, geo, least_squares.DEFAULT_RIDGE,
                                                          False)
-    assert entry["validated"] and entry["ridge"] >= 100 * calibrate_module.DEFAULT_RIDGE
-    monkeypatch.setattr(calibrate_module, "RIDGE_GRID", (1.0,))
-    w_fix, b_fix, fixed = calibrate_module.refit_weights(layer, w0, bias, x, y, geo, calibrate_module.DEFAULT_RIDGE,
+    assert entry["validated"] and entry["ridge"] >= 100 * least_squares.DEFAULT_RIDGE
+    monkeypatch.setattr(least_squares, "RIDGE_GRID", (1.0,))
+    w_fix, b_fix, fixed = calibrate_module.refit_weights(layer, w0, bias, x, y, geo, least_squares.DEFAULT_RIDGE,
                                                          False)
-    assert fixed["ridge"] == calibrate_module.DEFAULT_RIDGE
+    assert fixed["ridge"] == least_squares.DEFAULT_RIDGE
     assert held_out_error(w_val, b_val) < 0.9 * held_out_error(w_fix, b_fix)
