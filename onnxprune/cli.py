@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--min-agreement", type=_agreement_arg, default="auto", metavar="P",
                      help="fidelity budget: the deepest plan (not deeper than --rate/--target-macs) whose top-1 "
                           "agreement with the input model on held-out calibration inputs is at least P; 'off' "
-                          "disables it (default: 0.97 with --calib and no --target-macs/--target-speedup, else off)")
+                          "disables it (default: 0.97 with --calib and no --target-macs/--target-speedup, else off); "
+                          "with --groups N, --plan-in or --planner speed an explicit P is only checked (CI gate)")
     gate = p.add_argument_group("CI gates (a budget not met: exit 3, no model written at OUT; an explicit "
                                 "--min-agreement and --check-speed are gates too)")
     gate.add_argument("--eval-data", metavar="X.npz",

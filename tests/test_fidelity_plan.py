@@ -203,8 +203,8 @@ def test_min_agreement_options_are_checked():
         resolve_min_agreement(PruneConfig(min_agreement=0.9))
     with pytest.raises(UserError, match="fraction"):
         resolve_min_agreement(PruneConfig(min_agreement=1.5, calib=calib()))
-    with pytest.raises(UserError, match="fidelity planner"):
-        resolve_min_agreement(PruneConfig(min_agreement=0.9, calib=calib(), groups=8))
+    # not the fidelity planner's structure: no search, the value is only the CI gate (test_gate.py)
+    assert resolve_min_agreement(PruneConfig(min_agreement=0.9, calib=calib(), groups=8)) is None
     assert resolve_min_agreement(PruneConfig(calib=calib())) == 0.97  # the default with data
     assert resolve_min_agreement(PruneConfig(calib=calib(), target_macs=0.7)) is None  # explicit target wins
     assert resolve_min_agreement(PruneConfig()) is None

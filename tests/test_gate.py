@@ -201,3 +201,20 @@ def test_gate_options_are_checked_before_any_work(setup, capsys, extra, fragment
     assert len(err) == 1 and fragment in err[0], err
     assert "planning" not in "\n".join(err)
     assert {p.name: p.read_bytes() for p in setup.iterdir()} == before  # nothing written, nothing changed
+
+
+@pytest.mark.parametrize("mode", [["--groups", "8"], ["--planner", "speed"]], ids=["groups8", "speed"])
+def test_min_agreement_is_a_check_only_gate_outside_the_fidelity_planner(setup, capsys, mode):
+    """With a structure the fidelity planner does not choose, --min-agreement plans nothing and
+    checks the result (it used to be refused with exit 2): a kept budget passes, a missed one
+    fails with exit 3 and no model written."""
+    code, out = _run(setup, "--calib", setup / "calib.npz", "--min-agreement", "0.01", "--rate", "0.5", *mode)
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((setup / "r.json").read_text())
+    assert "budget" not in report or not report["budget"]
+    (gate,) = report["gates"]
+    assert gate["gate"] == "min_agreement" and gate["passed"]
+    out.unlink()
+    onnx.save(_one_score_model(), setup / "in.onnx")  # agreement not measurable: the gate fails
+    code, out = _run(setup, "--calib", setup / "calib.npz", "--min-agreement", "0.9", "--rate", "0.5", *mode)
+    assert code == 3 and not out.exists()
