@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "get faster stay dense (default auto)")
     p.add_argument("--input-shape", type=_input_shape_arg, action="append", metavar="NAME=1x3x640x640",
                    help="shape for an input with symbolic dimensions (repeat for several inputs), used for MACs, "
-                        "planning, calibration and verification; the output keeps the symbolic dimensions "
+                        "planning, calibration and verification (the same input again: a further size to verify "
+                        "at); the output keeps the symbolic dimensions "
                         f"(default: the --calib data's shape, else {DEFAULT_DIM} for each symbolic axis but the batch)")
     speed = p.add_argument_group("speed-aware planning (with --groups auto)")
     speed.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",

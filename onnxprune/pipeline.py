@@ -21,7 +21,7 @@ from .normalize import normalize, relist_initializer_inputs
 from .plan import Plan
 from .planner import PlanOptions, plan_model
 from .rewrite import apply_plan
-from .shapes import check_given, resolve_input_shapes, restore_input_dims, with_input_shapes
+from .shapes import check_given, resolve_input_shapes, restore_input_dims, verification_shapes, with_input_shapes
 from .shapes import describe as describe_shapes
 from .verify import DEFAULT_TOLERANCE, check_runs, verify
 
@@ -121,6 +121,10 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     if describe_shapes(shapes):
         progress.stage(describe_shapes(shapes))
         check_runs(working, config.seed)  # a shape the model cannot run at fails now, not after planning
+    also_verify = [resolve_input_shapes(original, extra, feeds)
+                   for extra in verification_shapes(original, config.input_shapes)]
+    for extra in also_verify:
+        check_runs(with_input_shapes(original, extra), config.seed)
     t = _lap(timings, "load", started)
 
     progress.stage("normalizing (folding BatchNormalization and per-channel affine ops)")
@@ -204,6 +208,16 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         if not verified.passed:
             raise RuntimeError(f"verification failed: rewritten model differs from the masked original by "
                                f"{verified.max_rel_diff:.3g} (relative), tolerance {verified.tolerance:g}")
+        for extra in also_verify:  # further --input-shape sizes of an input
+            sizes = ", ".join(f"{name}={shape.text()}" for name, shape in extra.items())
+            progress.stage(f"verifying again at {sizes}")
+            reference = with_input_shapes(_with_input_dims_of(model, original), extra)
+            at = verify(reference, with_input_shapes(pruned, extra), plan, tolerance=config.tolerance, seed=config.seed,
+                        original=original)
+            verified.other_shapes.append({"input_shapes": sizes, "max_rel_diff": at.max_rel_diff, "passed": at.passed})
+            if not at.passed:
+                raise RuntimeError(f"verification failed at {sizes}: rewritten model differs from the masked original "
+                                   f"by {at.max_rel_diff:.3g} (relative), tolerance {at.tolerance:g}")
     t = _lap(timings, "verify", t)
 
     distilled = None

@@ -71,10 +71,25 @@ def model_inputs(model: onnx.ModelProto) -> list[tuple[str, list[int | None]]]:
 
 def check_given(model: onnx.ModelProto, given) -> dict[str, tuple[int, ...]]:
     """``--input-shape`` values (``[(name or None, dims)]``) checked against the model's inputs:
-    known names, once each, matching ranks and fixed dims. Returns {name: dims}."""
+    known names, matching ranks and fixed dims. Returns {name: dims} of each input's *first*
+    shape, the working shape; later ones for the same input are ``verification_shapes``."""
+    return _checked(model, given)[0]
+
+
+def verification_shapes(model: onnx.ModelProto, given) -> list[dict[str, tuple[int, ...]]]:
+    """The further shapes given for an input (``--input-shape x=1x3x640x640 --input-shape
+    x=1x3x320x480``): the pruned model is verified at each of them too, after the working shape.
+    Why: a rewrite decision can hold at one size only (a map that is 1×1 there); a detector used
+    at several sizes should be checked at them. The k-th extra shape of every input forms set k
+    (inputs given fewer times keep their working shape)."""
+    return _checked(model, given)[1]
+
+
+def _checked(model: onnx.ModelProto, given):
     inputs = dict(model_inputs(model))
     names = ", ".join(inputs) or "none"
     checked: dict[str, tuple[int, ...]] = {}
+    extra: dict[str, list[tuple[int, ...]]] = {}
     for name, dims in (given.items() if isinstance(given, dict) else given or ()):
         dims = tuple(int(d) for d in dims)
         if any(d < 1 for d in dims):
@@ -87,16 +102,20 @@ def check_given(model: onnx.ModelProto, given) -> dict[str, tuple[int, ...]]:
         label = f"--input-shape {name}={'x'.join(map(str, dims))}"
         if name not in inputs:
             raise UserError(f"{label}: the model has no input {name!r} (inputs: {names})")
-        if name in checked:
-            raise UserError(f"{label}: input {name!r} is given more than once")
         model_dims = inputs[name]
         if len(dims) != len(model_dims):
             raise UserError(f"{label}: input {name!r} has rank {len(model_dims)}, got {len(dims)} dimensions")
         for axis, (want, have) in enumerate(zip(dims, model_dims)):
             if have is not None and want != have:
                 raise UserError(f"{label}: axis {axis} of {name!r} is fixed at {have} in the model, got {want}")
-        checked[name] = tuple(dims)
-    return checked
+        if name in checked:
+            if tuple(dims) != checked[name] and tuple(dims) not in extra.get(name, []):
+                extra.setdefault(name, []).append(tuple(dims))
+        else:
+            checked[name] = tuple(dims)
+    sets = [{name: shapes[k] if k < len(shapes) else checked[name] for name, shapes in extra.items()}
+            for k in range(max((len(v) for v in extra.values()), default=0))]
+    return checked, [{**checked, **s} for s in sets]
 
 
 def resolve_input_shapes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | None = None,

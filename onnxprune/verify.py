@@ -47,6 +47,7 @@ class VerifyResult:
     passed: bool
     batch: int
     new_required_inputs: list[str] = field(default_factory=list)  # inputs only the rewritten model needs
+    other_shapes: list[dict] = field(default_factory=list)  # verified again at further --input-shape sizes
 
     def as_dict(self) -> dict:
         return asdict(self)

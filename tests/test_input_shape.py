@@ -120,7 +120,7 @@ def test_bad_input_shape_syntax_is_a_usage_error(tmp_path, detector, value, frag
     (["images=1x3x64x64"], "the model has no input 'images' (inputs: input)"),
     (["input=1x3x64"], "has rank 4, got 3 dimensions"),
     (["input=1x4x64x64"], "axis 1 of 'input' is fixed at 3 in the model, got 4"),
-    (["input=1x3x64x64", "input=1x3x32x32"], "given more than once"),
+    (["input=1x3x64x64", "input=1x3x32x32x4"], "has rank 4, got 5 dimensions"),  # a further shape is checked too
 ])
 def test_input_shape_that_does_not_fit_the_model(tmp_path, detector, values, fragment, capsys, no_work):
     argv = [str(detector[0]), str(tmp_path / "o.onnx")]
@@ -194,3 +194,18 @@ def test_the_rewrite_holds_at_other_sizes_than_the_working_one(tmp_path):
     reference = normalize(with_input_shapes(model, resolve_input_shapes(model, at_56)))
     result = verify(reference, pruned, report.plan)
     assert result.passed, result
+
+
+def test_further_shapes_of_an_input_are_verified_too(tmp_path, detector, capsys):
+    """``--input-shape`` given again for the same input: the first is the working shape (MACs,
+    planning, calibration), each further one is a size the output is verified at as well."""
+    path, macs_at_32 = detector
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    assert main([str(path), str(out), "--report", str(report), "--groups", "8", "--input-shape", "input=1x3x64x96",
+                 "--input-shape", "input=1x3x40x56", "--input-shape", "input=1x3x64x96"]) == 0
+    assert "verifying again at input=Nx3x40x56" in capsys.readouterr().err
+    data = json.loads(report.read_text())
+    assert data["input_shapes"]["input"]["dims"] == [None, 3, 64, 96]
+    assert data["macs_before"] == macs_at_32 * 64 * 96 // (32 * 32)
+    (other,) = data["verify"]["other_shapes"]  # the repeated working shape is not verified twice
+    assert other["input_shapes"] == "input=Nx3x40x56" and other["passed"] and other["max_rel_diff"] <= 1e-4
