@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from .errors import ArgumentParser, UserError, run_reporting_errors
+from .errors import ArgumentParser, PassFailed, UserError, run_reporting_errors
 from .shapes import is_fixed
 from .verify import random_inputs
 
@@ -208,7 +208,7 @@ def format_report(report: dict) -> str:
 def check_speed(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = "cpu",
                 threads: int = 0, batch: int = 1, min_rounds: int = 20, max_rounds: int = 200,
                 min_seconds: float = 3.0, margin: float = CHECK_MARGIN, fail: bool = True) -> dict:
-    """Measure ``pruned`` against ``original``; raise RuntimeError if it is slower (with
+    """Measure ``pruned`` against ``original``; raise PassFailed if it is slower (with
     ``fail=False`` only report it: ``passed`` in the result; the pipeline's gates decide).
 
     Rule: both models run interleaved (after 5 warm-up rounds) for at least ``min_rounds`` rounds
@@ -238,7 +238,7 @@ def check_speed(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: st
               "ratio": round(ratio, 4), "speedup": round(1 / ratio, 4), "margin": margin,
               "passed": bool(ratio <= 1.0 + margin)}
     if fail and not result["passed"]:
-        raise RuntimeError(f"the pruned model is slower than the input on {provider}: median "
+        raise PassFailed(f"the pruned model is slower than the input on {provider}: median "
                            f"{after['median_ms']:.3f} ms vs {before['median_ms']:.3f} ms (ratio {ratio:.3f} > "
                            f"{1 + margin:.2f}); nothing written")
     return result

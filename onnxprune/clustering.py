@@ -69,6 +69,8 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import cdist
 from threadpoolctl import threadpool_limits
 
+from .errors import InternalError
+
 CLUSTERING_METHODS = ("kpca", "spectral", "density")
 
 _KPCA_GAMMA = 1.0  # on unit-norm rows == sklearn's 1/n_features on unit-RMS features
@@ -208,7 +210,7 @@ def _balanced_from_cost(cost: np.ndarray, cap: int) -> np.ndarray:
         dist, pred = _bellman_ford(move_cost, over, tol)
         target = int(np.argmin(np.where(counts < cap, dist, np.inf)))
         if not np.isfinite(dist[target]):  # cannot happen: every cluster can take any point
-            raise RuntimeError("balanced assignment: no augmenting path")
+            raise InternalError("balanced assignment: no augmenting path")
         path = _walk_back(pred, target)
         moved = [(int(move_point[a, b]), b) for a, b in zip(path[:-1], path[1:])]
         for point, b in moved:
@@ -255,7 +257,7 @@ def _walk_back(pred: np.ndarray, target: int) -> list[int]:
     while pred[path[-1]] != -1:
         path.append(int(pred[path[-1]]))
         if len(path) > pred.size:
-            raise RuntimeError("balanced assignment: cycle in shortest-path tree")
+            raise InternalError("balanced assignment: cycle in shortest-path tree")
     return path[::-1]
 
 

@@ -42,6 +42,7 @@ import time
 import numpy as np
 import onnx
 
+from .errors import InternalError
 from .torch_bridge import OnnxModule, UnsupportedModel, default_trainable, require_torch
 
 __all__ = ["distill", "structure_problems", "UnsupportedModel"]
@@ -227,7 +228,7 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
         bridged = module(*[torch.from_numpy(check[k]) for k in input_names])[0].numpy()
     export_diff = _rel_diff((after_hold if n_hold else after_train)[:4], bridged)
     if not export_diff <= 1e-3:
-        raise RuntimeError(f"internal error: the distilled ONNX model differs from the trained torch module "
+        raise InternalError(f"the distilled ONNX model differs from the trained torch module "
                            f"by {export_diff:.3g} (relative)")
 
     report = {

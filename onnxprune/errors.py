@@ -1,20 +1,33 @@
-"""Error types that the CLI turns into a one-line message and exit code 2.
+"""The error classes and the exit-code contract every onnxprune command shares.
 
-Why a dedicated type: anything raised as ``UserError`` is the user's input being unusable
-(missing file, bad option, a model we cannot process). The CLI prints it without a traceback;
-any other exception is a bug and keeps its traceback.
+Why three classes: the person reading the message must know whose move it is.
+- ``UserError``: the input or an option is unusable (missing file, bad option, a model we cannot
+  process) — one line saying what to change, exit 2;
+- ``PassFailed``: the pass ran but its result fails a check the user asked for or relies on
+  (verification against the masked original, ``--check-speed``) — one line, exit 1;
+- anything else, ``InternalError`` included (an invariant of our own broken): a bug — the
+  traceback, then one line asking for a report, exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 MAX_MESSAGE = 1000  # characters of an error line; longer ones are cut with "..."
 
 
 class UserError(Exception):
     """An input or option that cannot be processed; the message says what to do."""
+
+
+class PassFailed(RuntimeError):
+    """The pass ran, but its result fails a check (verification, a speed check)."""
+
+
+class InternalError(RuntimeError):
+    """An invariant of onnxprune's own is broken: a bug, shown with its traceback."""
 
 
 def one_line(text: object) -> str:
@@ -35,19 +48,25 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_reporting_errors(prog: str, run, args) -> int:
     """``run(args)`` with the exit-code contract every onnxprune command shares.
 
-    UserError -> its message on one line, exit 2; RuntimeError (the pass itself failed, e.g.
-    verification or a speed check) -> one line, exit 1; Ctrl-C -> one line, exit 130. Outputs
-    are written all at once and atomically, so none of these leaves a partial file. (A budget not
-    met, ``gate.BudgetNotMet``, is caught by the pruning command itself: exit 3.)
+    UserError -> its message on one line, exit 2; PassFailed (e.g. verification or a speed
+    check) -> one line, exit 1; Ctrl-C -> one line, exit 130; any other exception (a bug) -> its
+    traceback and a line asking for a report, exit 1. Outputs are written all at once and
+    atomically, so none of these leaves a partial file. (A budget not met, ``gate.BudgetNotMet``,
+    is caught by the pruning command itself: exit 3.)
     """
     try:
         return run(args)
     except UserError as exc:
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
+    except PassFailed as exc:
         print(f"{prog}: failed: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing written", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: keep the traceback for the report
+        traceback.print_exc()
+        print(f"{prog}: internal error: {one_line(exc)} (a bug in onnxprune: please report it with the traceback "
+              f"above and, if you can, the model)", file=sys.stderr)
+        return 1

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import scipy.linalg
 
+from .errors import InternalError
 from .graph import get_attr
 
 DEFAULT_RIDGE = 1e-2  # λ relative to the mean variance of a group's im2col columns
@@ -99,7 +100,7 @@ def accumulate(x: np.ndarray, y: np.ndarray, channels: np.ndarray, geo: ConvGeom
         rows = np.ascontiguousarray(y[start:start + batch].transpose(0, 2, 3, 1), dtype=np.float32)
         rows = rows.reshape(-1, c_out)
         if len(rows) != len(cols):
-            raise RuntimeError(f"internal error: im2col gives {len(cols)} rows, the Conv output {len(rows)}")
+            raise InternalError(f"im2col gives {len(cols)} rows, the Conv output {len(rows)}")
         m.n += len(rows)
         m.sx += cols.sum(axis=0, dtype=np.float64)
         m.xx += cols.T @ cols

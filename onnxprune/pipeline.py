@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import onnx
 
 from . import __version__
-from .errors import UserError
+from .errors import InternalError, PassFailed, UserError
 from .gate import AccuracyCheck, BudgetNotMet, evaluate_gates
 from .gate import check_options as check_gate_options
 from .macs import count_macs, count_params
@@ -196,17 +196,17 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     try:
         onnx.checker.check_model(pruned, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise RuntimeError(f"internal error: the rewritten model fails onnx.checker: {exc}") from exc
+        raise InternalError(f"the rewritten model fails onnx.checker: {exc}") from exc
 
     verified = None
     if config.verify:
         progress.stage("verifying against the masked dense model in ONNX Runtime")
         verified = verify(model, pruned, plan, tolerance=config.tolerance, seed=config.seed, original=original)
         if verified.new_required_inputs:
-            raise RuntimeError(f"verification failed: the rewritten model requires input(s) "
+            raise PassFailed(f"verification failed: the rewritten model requires input(s) "
                                f"{', '.join(map(repr, verified.new_required_inputs))} that the input model does not")
         if not verified.passed:
-            raise RuntimeError(f"verification failed: rewritten model differs from the masked original by "
+            raise PassFailed(f"verification failed: rewritten model differs from the masked original by "
                                f"{verified.max_rel_diff:.3g} (relative), tolerance {verified.tolerance:g}")
         for extra in also_verify:  # further --input-shape sizes of an input
             sizes = ", ".join(f"{name}={shape.text()}" for name, shape in extra.items())
@@ -216,7 +216,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
                         original=original)
             verified.other_shapes.append({"input_shapes": sizes, "max_rel_diff": at.max_rel_diff, "passed": at.passed})
             if not at.passed:
-                raise RuntimeError(f"verification failed at {sizes}: rewritten model differs from the masked original "
+                raise PassFailed(f"verification failed at {sizes}: rewritten model differs from the masked original "
                                    f"by {at.max_rel_diff:.3g} (relative), tolerance {at.tolerance:g}")
     t = _lap(timings, "verify", t)
 
@@ -341,7 +341,7 @@ def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
         return pruned, {"skipped": str(exc)}
     problems = structure_problems(pruned, student)
     if problems:
-        raise RuntimeError(f"internal error: distillation changed the model's structure: {problems[0]}")
+        raise InternalError(f"distillation changed the model's structure: {problems[0]}")
     if report.get("improved") is False or report.get("diverged"):
         report["kept"] = False  # held-out KL did not drop: ship the verified refit weights instead
         progress.stage("distillation did not lower the held-out KL: keeping the refit weights")

@@ -36,7 +36,7 @@ from onnx import helper
 from .graph import (GraphIndex, NameAllocator, get_attr, has_subgraphs, remove_unused_initializers,
                     set_attr, set_initializer)
 from .analysis import foldable_producer
-from .errors import UserError
+from .errors import InternalError, UserError
 from .ops import CHANNEL_PARAM_NORMS, CHANNELWISE_UNARY, ELEMENTWISE_BINARY, REDUCTIONS, UNIT_RESHAPES
 from .plan import LayerPlan, Plan
 
@@ -135,7 +135,7 @@ class _Rewriter:
             position[sigma] = np.arange(len(sigma))
             indices = position[indices]
             if np.any(indices < 0):
-                raise RuntimeError(f"internal error: {node.name} reads channels its narrowed producer dropped")
+                raise InternalError(f"{node.name} reads channels its narrowed producer dropped")
         physical_width = layer.c_in if sigma is None else len(sigma)
         if not (len(indices) == physical_width and is_identity(indices)):
             gathered = self.names.new(f"{source}__kept_by_{node.name}")
@@ -433,7 +433,7 @@ class _Rewriter:
     @staticmethod
     def _require_full(sigma: np.ndarray, width: int, name: str) -> None:
         if len(sigma) != width:
-            raise RuntimeError(f"internal error: {name} was narrowed but a consumer needs all its channels")
+            raise InternalError(f"{name} was narrowed but a consumer needs all its channels")
 
     def _restore_inputs(self, node) -> None:
         for i, name in enumerate(node.input):

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import UserError
+from .errors import InternalError, UserError
 from .graph import GraphIndex, set_initializer
 from .plan import Plan
 from .runtime import create_session
@@ -155,7 +155,7 @@ def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], which: str) -
         message = f"ONNX Runtime cannot run {which} on inputs {shapes}: {str(exc).strip() or type(exc).__name__}"
         if which == "the input model":
             raise UserError(message + SHAPE_HINT) from None
-        raise RuntimeError(f"internal error: {message}") from exc
+        raise InternalError(message) from exc
 
 
 def check_runs(model: onnx.ModelProto, seed: int = 0) -> None:

@@ -136,7 +136,7 @@ def test_model_with_external_data(tmp_path):
 
 
 def test_shared_exit_code_contract(capsys):
-    from onnxprune.errors import UserError, run_reporting_errors
+    from onnxprune.errors import InternalError, PassFailed, UserError, run_reporting_errors
 
     def raises(exc):
         def run(_):
@@ -145,6 +145,12 @@ def test_shared_exit_code_contract(capsys):
 
     assert run_reporting_errors("x", lambda a: 0, None) == 0
     assert run_reporting_errors("x", raises(UserError("bad input")), None) == 2
-    assert run_reporting_errors("x", raises(RuntimeError("slower than the input")), None) == 1
+    assert run_reporting_errors("x", raises(PassFailed("slower than the input")), None) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["x: error: bad input", "x: failed: slower than the input"]
+    # a bug (ours, or an exception nobody turned into one of the above): traceback + a report request
+    for bug in (InternalError("a narrowed producer lost channels"), KeyError("weight")):
+        assert run_reporting_errors("x", raises(bug), None) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0] == "Traceback (most recent call last):"
+        assert err[-1].startswith("x: internal error: ") and "please report" in err[-1]
