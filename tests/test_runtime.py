@@ -48,3 +48,19 @@ def test_own_models_fail_loudly():
     assert not isinstance(info.value, UserError)
     assert isinstance(info.value, (onnxruntime.capi.onnxruntime_pybind11_state.Fail,
                                    onnxruntime.capi.onnxruntime_pybind11_state.InvalidProtobuf, RuntimeError))
+
+
+def test_a_rewritten_model_ort_cannot_load_is_a_bug_not_bad_input():
+    """verify(): the input model loads, the rewritten one does not -> not a UserError (exit 2
+    would tell the user their input is bad)."""
+    from onnxprune.normalize import normalize
+    from onnxprune.plan import Plan
+    from onnxprune.verify import verify
+
+    model = normalize(FAMILIES["vgg"]().model())
+    broken = type(model)()
+    broken.CopyFrom(model)
+    broken.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(Exception) as info:
+        verify(model, broken, Plan([]))
+    assert not isinstance(info.value, UserError)
