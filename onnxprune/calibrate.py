@@ -370,6 +370,12 @@ def refit_weights(layer: LayerPlan, weight: np.ndarray, bias: np.ndarray, x: np.
         selection = "weight-only (plan)"
     else:
         selection = f"data-aware ({greedy}) in {data_groups} of {layer.groups} groups, weight-only (plan) in the rest"
+    if data_groups:
+        chosen = "calibration: data-aware greedy selection (lower refit error than the weight rule)"
+        if data_groups < layer.groups:
+            chosen = (f"{chosen} in {data_groups} of {layer.groups} groups; "
+                      f"{layer.provenance.get('channels', 'the plan')} in the others")
+        layer.provenance["channels"] = chosen
     return new_w.astype(weight.dtype), new_b.astype(weight.dtype), {
             "refit": True, "selection": selection, "data_selected_groups": data_groups,
             "rows": int(m.n), "columns": int(len(channels) * k2), "validated": m_val is not None,

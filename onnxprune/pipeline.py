@@ -143,7 +143,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         progress.stage(f"choosing groups and kept channels per layer for the {config.provider} provider")
         speed_plan = plan_speed(model, config)
         progress.stage(describe(speed_plan))
-        config = replace(config, layer_configs=speed_plan.configs)
+        structure = f"speed planner: fastest predicted cut ({speed_plan.cost_source}) at the MACs/speed target"
+        config = replace(config, layer_configs=_sourced(speed_plan.configs, structure))
     elif auto:
         from .fidelity_plan import FidelityPlanner
         from .speed_plan import describe
@@ -155,12 +156,19 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         speed_plan, _ = fidelity_planner.plan(target, config.target_speedup)
         t = _lap(timings, "sensitivity", t)
         progress.stage(describe(speed_plan))
-        config = replace(config, layer_configs=speed_plan.configs)
+        structure = ("fidelity planner: least total output KL measured on the calibration data" if feeds else
+                     "fidelity planner: least weight-norm proxy (no --calib: fidelity unmeasured)") + \
+            ", within the MACs/speed target (knapsack)"
+        config = replace(config, layer_configs=_sourced(speed_plan.configs, structure))
     if config.plan is None:
         progress.stage("planning")
         plan = plan_model(model, config, snapshots, progress.layer)
     else:
         plan = config.plan
+        for layer in plan.layers:  # a saved plan keeps its own provenance; a version-1 plan has none
+            layer.provenance = layer.provenance or {"structure": "--plan-in (a saved plan without provenance)",
+                                                    "channels": "--plan-in",
+                                                    "kept_fraction": round(layer.kept_per_group / layer.c_in, 4)}
     t = _lap(timings, "plan", t)
 
     calibration = None
@@ -174,7 +182,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
             from .budget import search_budget
 
             def plan_and_calibrate(candidate):
-                trial = replace(config, layer_configs=candidate.configs)
+                trial = replace(config, layer_configs=_sourced(candidate.configs, structure + ", at the depth "
+                                                                                     "--min-agreement chose"))
                 trial_plan = plan_model(model, trial, snapshots, None)
                 return (trial_plan, *calibrate(model, trial_plan, trial, None, feeds, calib_notes))
 
@@ -350,6 +359,11 @@ def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
     return student, report
 
 
+def _sourced(configs: dict[str, dict], structure: str) -> dict[str, dict]:
+    """The planner's per-layer configs, each carrying who decided it (``LayerPlan.provenance``)."""
+    return {name: {**config, "source": structure} for name, config in configs.items()}
+
+
 def _with_input_dims_of(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -375,7 +389,7 @@ def build_report(original, normalized, pruned, plan: Plan, verified, config: Pru
         layers.append({"name": layer.node, "c_out": layer.c_out, "c_in": layer.c_in, "kernel": layer.kernel,
                        "groups": layer.groups, "kept_in_channels_per_group": layer.kept_per_group,
                        "clustering_method": layer.clustering_method, "criterion": layer.criterion,
-                       "macs_before": before, "macs_after": after})
+                       "macs_before": before, "macs_after": after, "provenance": layer.provenance})
     layers += [{"name": s["node"], "skipped": s["reason"]} for s in plan.skipped]
     order = {n.name: i for i, n in enumerate(normalized.graph.node)}
     layers.sort(key=lambda entry: order.get(entry["name"], len(order)))

@@ -8,7 +8,10 @@ Per pruned Conv the plan holds:
 - ``filter_order``: new output position j -> original filter index; groups are contiguous
   blocks of ``c_out / groups`` positions.
 - ``kept_in_channels``: for each group, the sorted original input channels it keeps.
-- how it was decided (``clustering_method``, ``criterion``, ``scores``).
+- how it was decided (``clustering_method``, ``criterion``, ``scores``) and, since version 2,
+  ``provenance``: which stage chose the structure (groups and kept count) and which the kept
+  channels, with the fraction of input channels each group keeps — the answer to "why did this
+  layer keep these channels?" in one place. Version 1 plans still load (no provenance).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import numpy as np
 from .errors import UserError
 
 PLAN_FORMAT = "onnxprune-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before ``provenance``
 
 
 @dataclass
@@ -38,6 +42,9 @@ class LayerPlan:
     clustering_method: str = "none"
     criterion: str = "none"
     scores: dict = field(default_factory=dict)
+    # {"structure": who chose groups and kept count, "channels": who chose the kept channels,
+    #  "kept_fraction": kept channels per group / C_in}; see provenance_of and the stages that set it
+    provenance: dict = field(default_factory=dict)
 
     @property
     def filters_per_group(self) -> int:
@@ -100,8 +107,9 @@ class Plan:
             raise UserError(f"plan is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise UserError(f"not an onnxprune plan (expected \"format\": \"{PLAN_FORMAT}\")")
-        if data.get("version") != PLAN_VERSION:
-            raise UserError(f"plan version {data.get('version')} is not supported (expected {PLAN_VERSION})")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise UserError(f"plan version {data.get('version')} is not supported (expected one of "
+                            f"{', '.join(map(str, READABLE_VERSIONS))})")
         _check_type("plan", "layers", data.get("layers"), _is_list_of(_is(dict)), "a list of layer objects")
         _check_type("plan", "skipped", data.get("skipped", []), _is_list_of(_is(dict)), "a list of objects")
         _check_type("plan", "options", data.get("options", {}), _is(dict), "an object")
@@ -137,9 +145,9 @@ _LAYER_FIELDS = {
     "groups": (_is(int), "an integer"), "filter_order": (_INTS, "a list of integers"),
     "kept_in_channels": (_is_list_of(_INTS), "a list of integer lists"),
     "clustering_method": (_is(str), "a string"), "criterion": (_is(str), "a string"),
-    "scores": (_is(dict), "an object"),
+    "scores": (_is(dict), "an object"), "provenance": (_is(dict), "an object"),
 }
-_OPTIONAL = {"clustering_method", "criterion", "scores"}
+_OPTIONAL = {"clustering_method", "criterion", "scores", "provenance"}
 
 
 def _check_layer_fields(layer: dict) -> None:

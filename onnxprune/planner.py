@@ -188,9 +188,22 @@ def plan_layer(info: ConvInfo, weight: np.ndarray, options: PlanOptions, snapsho
                 starts = None if info.c_in <= EXHAUSTIVE_GREEDY_UP_TO else MAX_GREEDY_STARTS
                 chosen = kernel_selection.select_grouped_kernels(w[rows], n_keep, max_starts=starts)
                 kept.append([int(c) for c in chosen])
+    config = (options.layer_configs or {}).get(info.name)
+    if config is not None:
+        structure = str(config.get("source", "speed-aware planner"))
+    else:
+        structure = f"--groups {groups} --rate {options.rate:g} (the paper's rule, the same for every layer)"
+    if n_keep == info.c_in:
+        channels = "all kept"
+    elif scores.get("kernel_selection") == "disjoint-energy":
+        channels = "weights: disjoint partition by kernel energy"
+    else:
+        channels = "weights: the paper's greedy grouped-kernel cost"
     return LayerPlan(node=info.name, weight=info.weight, c_out=info.c_out, c_in=info.c_in,
                      kernel=list(info.kernel), groups=groups, filter_order=filter_order,
-                     kept_in_channels=kept, clustering_method=method, criterion=criterion, scores=scores)
+                     kept_in_channels=kept, clustering_method=method, criterion=criterion, scores=scores,
+                     provenance={"structure": structure, "channels": channels,
+                                 "kept_fraction": round(n_keep / info.c_in, 4)})
 
 
 def match_snapshot_weights(model: onnx.ModelProto, prunable: list[ConvInfo], snapshot: onnx.ModelProto,
