@@ -97,6 +97,7 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
         notes = []
         feeds = load_calibration_inputs(config.calib, model, getattr(config, "calib_size", None), notes)
     notes = list(notes or [])
+    feeds = dict(feeds)  # batch_size cuts to whole batches in place: not the caller's (shared) dict
     batch, unit = batch_size(model, feeds, notes)
     fit, held = split_holdout(feeds, unit, getattr(config, "calib_holdout_divisor", None))
     layers = ordered_layers(model, plan)

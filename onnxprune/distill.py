@@ -113,8 +113,8 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
     teacher = teacher if isinstance(teacher, onnx.ModelProto) else load_model(teacher)
     fixed = fixed_batch(student)
     if fixed is not None:
-        raise UnsupportedModel(f"the model's batch size is fixed at {fixed}, and distillation trains and "
-                               f"measures on batches of {batch_size} and {EVAL_BATCH}")
+        raise UnsupportedModel(f"the model's batch size is fixed at {fixed}; distillation feeds batches of "
+                               f"other sizes (training {batch_size}, measuring up to {EVAL_BATCH})")
     say = _Say(progress)
 
     feeds = _load_images(images, student)

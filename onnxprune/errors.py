@@ -3,8 +3,9 @@
 Why three classes: the person reading the message must know whose move it is.
 - ``UserError``: the input or an option is unusable (missing file, bad option, a model we cannot
   process) — one line saying what to change, exit 2;
-- ``PassFailed``: the pass ran but its result fails a check the user asked for or relies on
-  (verification against the masked original, ``--check-speed``) — one line, exit 1;
+- ``PassFailed``: the pass ran but its result fails a check the user relies on (verification
+  against the masked original; ``bench.check_speed`` called from Python — in the CLI
+  ``--check-speed`` is a CI gate, exit 3) — one line, exit 1;
 - anything else, ``InternalError`` included (an invariant of our own broken): a bug — the
   traceback, then one line asking for a report, exit 1.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from concurrent.futures.process import BrokenProcessPool
 
 MAX_MESSAGE = 1000  # characters of an error line; longer ones are cut with "..."
 
@@ -23,7 +25,7 @@ class UserError(Exception):
 
 
 class PassFailed(RuntimeError):
-    """The pass ran, but its result fails a check (verification, a speed check)."""
+    """The pass ran, but its result fails a check (verification; ``bench.check_speed(fail=True)``)."""
 
 
 class InternalError(RuntimeError):
@@ -48,8 +50,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_reporting_errors(prog: str, run, args) -> int:
     """``run(args)`` with the exit-code contract every onnxprune command shares.
 
-    UserError -> its message on one line, exit 2; PassFailed (e.g. verification or a speed
-    check) -> one line, exit 1; Ctrl-C -> one line, exit 130; any other exception (a bug) -> its
+    UserError -> its message on one line, exit 2; PassFailed (e.g. verification) -> one line,
+    exit 1; Ctrl-C -> one line, exit 130; any other exception (a bug) -> its
     traceback and a line asking for a report, exit 1. Outputs are written all at once and
     atomically, so none of these leaves a partial file. (A budget not met, ``gate.BudgetNotMet``,
     is caught by the pruning command itself: exit 3.)
@@ -65,6 +67,10 @@ def run_reporting_errors(prog: str, run, args) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing written", file=sys.stderr)
         return 130
+    except (MemoryError, BrokenProcessPool) as exc:  # the machine, not a bug: a planner worker killed too
+        print(f"{prog}: failed: out of memory ({type(exc).__name__}: {one_line(exc) or 'no details'}); nothing "
+              f"written — free memory or try a smaller model or --calib-size", file=sys.stderr)
+        return 1
     except Exception as exc:  # a bug: keep the traceback for the report
         traceback.print_exc()
         print(f"{prog}: internal error: {one_line(exc)} (a bug in onnxprune: please report it with the traceback "

@@ -1,7 +1,8 @@
 """Least squares on convolution im2col rows: the pure-numpy mathematics of the calibration refit.
 
-Why apart from ``calibrate``: these functions see only arrays (inputs, targets, kernels) and
-know nothing of graphs, sessions or plans, so they can be tested on synthetic data and are
+Why apart from ``calibrate``: these functions see only arrays (inputs, targets, kernels) — the
+one exception, ``ConvGeometry.of``, reads a Conv node's attributes — and know nothing of
+sessions or plans, so they can be tested on synthetic data and are
 shared by the refit (``calibrate.refit_weights``) and the sensitivity curves
 (``sensitivity.measure``).
 

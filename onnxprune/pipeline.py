@@ -121,8 +121,11 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     if describe_shapes(shapes):
         progress.stage(describe_shapes(shapes))
         check_runs(working, config.seed)  # a shape the model cannot run at fails now, not after planning
-    also_verify = [resolve_input_shapes(original, extra, feeds)
-                   for extra in verification_shapes(original, config.input_shapes)]
+    also_verify = []  # further --input-shape sizes; one that resolves to the working shape adds nothing
+    for extra in verification_shapes(original, config.input_shapes):
+        resolved = resolve_input_shapes(original, extra, feeds)
+        if any(resolved[n].dims != shapes[n].dims for n in resolved) and resolved not in also_verify:
+            also_verify.append(resolved)
     for extra in also_verify:
         check_runs(with_input_shapes(original, extra), config.seed)
     t = _lap(timings, "load", started)
@@ -165,10 +168,12 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         plan = plan_model(model, config, snapshots, progress.layer)
     else:
         plan = config.plan
-        for layer in plan.layers:  # a saved plan keeps its own provenance; a version-1 plan has none
-            layer.provenance = layer.provenance or {"structure": "--plan-in (a saved plan without provenance)",
-                                                    "channels": "--plan-in",
-                                                    "kept_fraction": round(layer.kept_per_group / layer.c_in, 4)}
+        for layer in plan.layers:  # applied as saved: say so, with what the saving run recorded (if any)
+            saved = layer.provenance or {}
+            layer.provenance = {
+                "structure": "--plan-in" + (f" (saved: {saved['structure']})" if saved.get("structure") else ""),
+                "channels": "--plan-in" + (f" (saved: {saved['channels']})" if saved.get("channels") else ""),
+                "kept_fraction": round(layer.kept_per_group / layer.c_in, 4)}
     t = _lap(timings, "plan", t)
 
     calibration = None

@@ -154,3 +154,5 @@ def test_shared_exit_code_contract(capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[0] == "Traceback (most recent call last):"
         assert err[-1].startswith("x: internal error: ") and "please report" in err[-1]
+    assert run_reporting_errors("x", raises(MemoryError()), None) == 1  # the machine's limit, not a bug
+    assert capsys.readouterr().err.startswith("x: failed: out of memory")

@@ -47,3 +47,20 @@ def test_distill_on_a_fixed_batch_model_is_skipped_with_the_reason(tmp_path, cap
     data = json.loads(report.read_text())
     assert "batch size is fixed at 1" in data["distill"]["skipped"]
     assert data["verify"]["passed"] and out.exists()
+
+
+def test_calibrate_leaves_the_callers_data_whole():
+    """The pipeline hands one set of calibration arrays to every calibration: cutting them to
+    whole batches must happen on a copy, so each call reports the cut."""
+    from types import SimpleNamespace
+
+    from onnxprune.calibrate import calibrate
+    from onnxprune.normalize import normalize
+    from onnxprune.plan import Plan
+
+    model = normalize(resnet_basic(batch=4).model())
+    feeds = {"input": np.random.default_rng(0).standard_normal((46, 3, 16, 16)).astype(np.float32)}
+    for _ in range(2):
+        _, report = calibrate(model, Plan([]), SimpleNamespace(calib=feeds, calib_size=None), feeds=feeds)
+        assert report["conversions"] == ["fixed batch size 4: used 44 of 46 samples"]
+    assert len(feeds["input"]) == 46

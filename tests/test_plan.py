@@ -65,3 +65,14 @@ def test_bad_plans_are_refused(change, fragment):
     change(data)
     with pytest.raises(UserError, match=fragment):
         Plan.from_json(json.dumps(data))
+
+
+def test_plan_in_says_so_and_recomputes_the_kept_fraction():
+    _, report = prune(resnet_basic().model(), PruneConfig(groups=4, rate=0.5))
+    saved = Plan.from_json(report.plan.to_json())
+    layer = saved.layers[0]
+    layer.kept_in_channels = [kept[: len(kept) // 2] for kept in layer.kept_in_channels]  # edited by hand
+    _, applied = prune(resnet_basic().model(), PruneConfig(plan=saved))
+    first = applied.plan.layers[0].provenance
+    assert first["structure"] == "--plan-in (saved: --groups 4 --rate 0.5 (the paper's rule, the same for every layer))"
+    assert first["kept_fraction"] == pytest.approx(layer.kept_per_group / layer.c_in, abs=1e-4)
