@@ -54,6 +54,7 @@ class Allocation:
     outcome: Outcome
     cost: float  # Σ predicted fidelity cost of the chosen cuts
     notes: list[str] = field(default_factory=list)
+    considered: frozenset = frozenset()  # layers that had at least one candidate cut
 
 
 def candidate_widths(c_in: int, align: int) -> list[int]:
@@ -98,8 +99,17 @@ def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcom
     total = dense.time_us if by_time else dense.macs
     need = total - limit
     if need <= 0:
-        return Allocation({}, dense, 0.0)
+        return Allocation({}, dense, 0.0, considered=frozenset(table))
     notes: list[str] = []
+    reachable = sum(max((c.saving_us if by_time else c.saving_macs) for c in cands) for cands in table.values())
+    capped = need > reachable
+    if capped:
+        # quantised to need/BINS, cuts much smaller than an unreachable need would all round to 0
+        # and the "deepest plan" would be no plan: aim at the most the candidates can save instead
+        notes.append("target not reachable with the candidate cuts; deepest plan used")
+        need = reachable
+        if need <= 0:
+            return Allocation({}, dense, 0.0, notes, frozenset(table))
     state: dict[str, Option] = {}
     outcome = dense
     for _ in range(ROUNDS):
@@ -107,15 +117,16 @@ def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcom
         outcome = planner.evaluate(0.0, state)
         value = outcome.time_us if by_time else outcome.macs
         if not feasible:
-            notes.append("target not reachable with the candidate cuts; deepest plan used")
+            if not notes:
+                notes.append("target not reachable with the candidate cuts; deepest plan used")
             break
-        if value <= limit:
+        if value <= limit or capped:  # capped: already the deepest the candidates allow
             break
         need += value - limit + need / BINS
     else:
         notes.append("target missed by layer interactions after tightening; closest plan used")
     cost = sum(next(c.cost for c in table[name] if c.option == option) for name, option in state.items())
-    return Allocation(state, outcome, cost, notes)
+    return Allocation(state, outcome, cost, notes, frozenset(table))
 
 
 def _knapsack(table: dict[str, list[Candidate]], need: float, by_time: bool) -> tuple[dict[str, Option], bool]:
@@ -159,8 +170,12 @@ def speed_plan_of(allocation: Allocation, planner: _Planner, dense: Outcome, ski
         if not layer.prunable:
             continue
         option = allocation.state.get(name)
-        configs[name] = option.as_config() if option else {
-            "skip": f"auto: kept dense (its cuts cost more fidelity per MAC saved on {provider})"}
+        if option:
+            configs[name] = option.as_config()
+        elif name in allocation.considered:
+            configs[name] = {"skip": f"auto: kept dense (its cuts cost more fidelity per MAC saved on {provider})"}
+        else:
+            configs[name] = {"skip": f"auto: kept dense (no narrower width is predicted to save time on {provider})"}
     outcome = allocation.outcome
     speedup, macs_ratio = ratios(dense, outcome)
     return SpeedPlan(configs, None, speedup, macs_ratio, dense.time_us, outcome.time_us, cost_source,

@@ -312,3 +312,25 @@ def test_calibration_data_is_read_once_per_run(tmp_path, monkeypatch):
     _, report = prune(wide_resnet(), PruneConfig(calib=str(path), min_agreement=0.999, rate=0.6))
     assert len(report["budget"]["trials"]) > 1 and reads == [1]
     assert report["calibration"]["source"] == str(path)
+
+
+def test_unreachable_target_gives_the_deepest_plan_not_an_empty_one():
+    """A MACs target far beyond what the candidates can save: each cut is smaller than one
+    quantisation step of the (unreachable) need, so before the cap every saving rounded to 0 and
+    the "deepest plan used" was no plan at all. Now the deepest cut of every layer is taken."""
+    from onnxprune.speed_plan import Outcome
+
+    table = {f"L{i}": [Candidate(n, Option(1, n), saving, 0.0, cost)
+                       for n, saving, cost in ((8, 100, 0.5), (12, 40, 0.1))] for i in range(3)}
+
+    class Planner:
+        def evaluate(self, rate, state):
+            saved = sum(next(c.saving_macs for c in table[name] if c.option == option)
+                        for name, option in state.items())
+            return Outcome(rate, dict(state), 0.0, 1_000_000 - saved)
+
+    dense = Outcome(0.0, {}, 0.0, 1_000_000)
+    result = allocate.allocate(Planner(), table, dense, macs_limit=10_000)
+    assert {name: option.n_keep for name, option in result.state.items()} == {"L0": 8, "L1": 8, "L2": 8}
+    assert result.outcome.macs == 1_000_000 - 300
+    assert result.notes == ["target not reachable with the candidate cuts; deepest plan used"]
