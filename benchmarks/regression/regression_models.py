@@ -24,7 +24,7 @@ CACHE_ENV = "ONNXPRUNE_MODEL_CACHE"
 
 # The two modes the suite runs: the default (--groups auto, fidelity planner, no calibration) and
 # the paper's fixed G=8. Verification stays on in both: a mode "passes" only when verified.
-MODES = {"default": [], "groups8": ["--groups", "8"]}
+MODES = {"default": [], "groups8": ["--groups", "8"], "rate0": ["--rate", "0"]}  # rate0: the identity (issue 12)
 
 
 def load_manifest(path: Path = MANIFEST) -> dict:
