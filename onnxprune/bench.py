@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from .errors import ArgumentParser, PassFailed, UserError, run_reporting_errors
-from .shapes import is_fixed
+from .shapes import fixed_batch
 from .verify import random_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -83,17 +83,6 @@ def make_session(model: onnx.ModelProto, settings: Settings):
     return sess
 
 
-def input_batch(model: onnx.ModelProto) -> int | None:
-    """The fixed batch size of the model's first input, or None when it is symbolic."""
-    dims = _graph_inputs(model)[0].type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and is_fixed(dims[0]) else None
-
-
-def _graph_inputs(model: onnx.ModelProto):
-    inits = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
-
-
 def make_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random inputs; a symbolic first dimension becomes ``batch`` (see verify.random_inputs)."""
     return random_inputs(model, seed=seed, batch=batch)
@@ -137,7 +126,7 @@ def compare(models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: S
     """Interleaved timing of ``models`` at each batch size; a JSON-ready report."""
     stats = [model_stats(m) for m in models]
     sessions = [make_session(m, settings) for m in models]
-    fixed = [input_batch(m) for m in models]
+    fixed = [fixed_batch(m) for m in models]
     if all(fixed):
         batches = [fixed[0]]  # nothing to vary: every model runs at its own batch
     results = []
@@ -219,7 +208,7 @@ def check_speed(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: st
     """
     settings = Settings(provider, threads)
     sessions = [make_session(m, settings) for m in (original, pruned)]
-    fixed = input_batch(original)
+    fixed = fixed_batch(original)
     feeds = [make_feeds(m, fixed or batch) for m in (original, pruned)]
     runners = [runner(s, f, settings) for s, f in zip(sessions, feeds)]
     samples = interleave(runners, 0, warmup=5)

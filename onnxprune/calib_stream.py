@@ -33,12 +33,13 @@ def count(feeds: dict) -> int:
     return len(next(iter(feeds.values()))) if feeds else 0
 
 
-def batch_size(model: onnx.ModelProto, feeds: dict, notes: list) -> tuple[int, int]:
-    """(batch, unit): ``BATCH`` and 1, or the model's fixed batch size twice (then the sample
-    count is cut to a multiple of it)."""
+def batch_size(model: onnx.ModelProto, feeds: dict, notes: list) -> tuple[int, int, dict]:
+    """(batch, unit, feeds): ``BATCH``, 1 and ``feeds`` as given, or the model's fixed batch
+    size twice and the samples cut to a multiple of it (a new dict: the caller's arrays are
+    shared by every calibration of a run and stay whole)."""
     fixed = {dims[0] for _, _, dims in model_inputs(model) if dims and dims[0]}
     if not fixed:
-        return BATCH, 1
+        return BATCH, 1, feeds
     size = fixed.pop()
     if count(feeds) < size:
         raise UserError(f"the model has a fixed batch size of {size}, but only {count(feeds)} calibration "
@@ -46,9 +47,8 @@ def batch_size(model: onnx.ModelProto, feeds: dict, notes: list) -> tuple[int, i
     usable = count(feeds) // size * size
     if usable < count(feeds):
         notes.append(f"fixed batch size {size}: used {usable} of {count(feeds)} samples")
-        for name in feeds:
-            feeds[name] = feeds[name][:usable]
-    return size, size
+        feeds = {name: value[:usable] for name, value in feeds.items()}
+    return size, size, feeds
 
 
 def split_holdout(feeds: dict, unit: int = 1, divisor: int | None = None) -> tuple[dict, dict]:

@@ -43,6 +43,7 @@ import numpy as np
 import onnx
 
 from .errors import InternalError
+from .shapes import fixed_batch
 from .torch_bridge import OnnxModule, UnsupportedModel, default_trainable, require_torch
 
 __all__ = ["distill", "structure_problems", "UnsupportedModel"]
@@ -373,16 +374,6 @@ def _session(model, threads=None):
     from .runtime import create_session
 
     return create_session(model, threads=threads, load_error=None)  # our own models: a failure is a bug
-
-
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The fixed leading dimension of the model's first real input, or None when it is symbolic."""
-    from .shapes import is_fixed
-
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
-    return int(dims[0].dim_value) if dims and is_fixed(dims[0]) else None
 
 
 def _logits(sess, feeds: dict) -> np.ndarray:

@@ -31,16 +31,14 @@ def create_session(model, *, providers=CPU, threads: int | None = None, inter_th
     """An ``InferenceSession`` for ``model`` (ModelProto, serialized bytes or a path).
 
     ``threads``/``inter_threads``: intra-/inter-op thread counts (None: ORT's default);
-    ``optimize=False`` disables graph optimizations; ``sequential`` selects ORT_SEQUENTIAL
-    execution and full optimization explicitly (the benchmark's fixed settings).
+    ``optimize=False`` disables graph optimizations (default: ORT's, all of them); ``sequential``
+    selects ORT_SEQUENTIAL execution (the benchmark's fixed settings).
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    elif sequential:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if sequential:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if threads is not None:

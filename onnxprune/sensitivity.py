@@ -115,9 +115,8 @@ def measure(model: onnx.ModelProto, feeds: dict, widths: dict[str, list[int]], p
     """Measured cost curves for the Convs in ``widths`` (name -> ascending candidate widths)."""
     started = time.perf_counter()
     # a model with a fixed batch size runs only whole batches of it (calibrate's rule: sample
-    # counts cut to a multiple); a copy, since that cut is made in place
-    feeds = dict(feeds)
-    batch, unit = batch_size(model, feeds, [])
+    # counts cut to a multiple)
+    batch, unit, feeds = batch_size(model, feeds, [])
     fit, held = split_holdout(feeds, unit)
     if not count(held):
         held = fit

@@ -69,6 +69,12 @@ def model_inputs(model: onnx.ModelProto) -> list[tuple[str, list[int | None]]]:
             for inp in model.graph.input if inp.name not in init_names]
 
 
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed leading dimension of the model's first real input, or None when it is symbolic."""
+    inputs = model_inputs(model)
+    return inputs[0][1][0] if inputs and inputs[0][1] else None
+
+
 def check_given(model: onnx.ModelProto, given) -> dict[str, tuple[int, ...]]:
     """``--input-shape`` values (``[(name or None, dims)]``) checked against the model's inputs:
     known names, matching ranks and fixed dims. Returns {name: dims} of each input's *first*
