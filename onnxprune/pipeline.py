@@ -201,7 +201,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     progress.stage("rewriting")
     # rewritten with the input's own (symbolic) dims, so no rewrite decision rests on a size that
     # holds only at the working shape (a map that is 1x1 there), and the output keeps them
-    pruned = apply_plan(_with_input_dims_of(model, original), plan)
+    symbolic = _with_input_dims_of(model, original)
+    pruned = apply_plan(symbolic, plan)
     relist_initializer_inputs(pruned, original.ir_version)
     entry = pruned.metadata_props.add()
     entry.key, entry.value = "onnxprune", f"{__version__}; {len(plan.layers)} Convs grouped-kernel pruned"
@@ -215,23 +216,13 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     verified = None
     if config.verify:
         progress.stage("verifying against the masked dense model in ONNX Runtime")
-        verified = verify(model, pruned, plan, tolerance=config.tolerance, seed=config.seed, original=original)
-        if verified.new_required_inputs:
-            raise PassFailed(f"verification failed: the rewritten model requires input(s) "
-                               f"{', '.join(map(repr, verified.new_required_inputs))} that the input model does not")
-        if not verified.passed:
-            raise PassFailed(f"verification failed: rewritten model differs from the masked original by "
-                               f"{verified.max_rel_diff:.3g} (relative), tolerance {verified.tolerance:g}")
+        verified = _verified(model, pruned, plan, config, original)
         for extra in also_verify:  # further --input-shape sizes of an input
             sizes = ", ".join(f"{name}={shape.text()}" for name, shape in extra.items())
             progress.stage(f"verifying again at {sizes}")
-            reference = with_input_shapes(_with_input_dims_of(model, original), extra)
-            at = verify(reference, with_input_shapes(pruned, extra), plan, tolerance=config.tolerance, seed=config.seed,
-                        original=original)
+            at = _verified(with_input_shapes(symbolic, extra), with_input_shapes(pruned, extra), plan, config, original,
+                           f" at {sizes}")
             verified.other_shapes.append({"input_shapes": sizes, "max_rel_diff": at.max_rel_diff, "passed": at.passed})
-            if not at.passed:
-                raise PassFailed(f"verification failed at {sizes}: rewritten model differs from the masked original "
-                                   f"by {at.max_rel_diff:.3g} (relative), tolerance {at.tolerance:g}")
     t = _lap(timings, "verify", t)
 
     distilled = None
@@ -362,6 +353,18 @@ def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
         return pruned, report
     report["kept"] = True
     return student, report
+
+
+def _verified(reference, rewritten, plan: Plan, config: PruneConfig, original, where: str = ""):
+    """``verify`` -> its result, or ``PassFailed`` saying why (``where``: at which input sizes)."""
+    result = verify(reference, rewritten, plan, tolerance=config.tolerance, seed=config.seed, original=original)
+    if result.new_required_inputs:
+        raise PassFailed(f"verification failed{where}: the rewritten model requires input(s) "
+                         f"{', '.join(map(repr, result.new_required_inputs))} that the input model does not")
+    if not result.passed:
+        raise PassFailed(f"verification failed{where}: rewritten model differs from the masked original by "
+                         f"{result.max_rel_diff:.3g} (relative), tolerance {result.tolerance:g}")
+    return result
 
 
 def _sourced(configs: dict[str, dict], structure: str) -> dict[str, dict]:
