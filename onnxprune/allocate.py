@@ -38,6 +38,7 @@ MAX_WIDTHS = 12  # candidate widths per layer
 BINS = 400  # quantisation of the required saving in the knapsack
 ROUNDS = 8  # tightening rounds when layer interactions make the exact MACs miss the target
 
+NOT_REACHABLE = "target not reachable with the candidate cuts; deepest plan used"
 
 @dataclass(frozen=True)
 class Candidate:
@@ -106,7 +107,7 @@ def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcom
     if capped:
         # quantised to need/BINS, cuts much smaller than an unreachable need would all round to 0
         # and the "deepest plan" would be no plan: aim at the most the candidates can save instead
-        notes.append("target not reachable with the candidate cuts; deepest plan used")
+        notes.append(NOT_REACHABLE)
         need = reachable
         if need <= 0:
             return Allocation({}, dense, 0.0, notes, frozenset(table))
@@ -118,7 +119,7 @@ def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcom
         value = outcome.time_us if by_time else outcome.macs
         if not feasible:
             if not notes:
-                notes.append("target not reachable with the candidate cuts; deepest plan used")
+                notes.append(NOT_REACHABLE)
             break
         if value <= limit or capped:  # capped: already the deepest the candidates allow
             break

@@ -30,21 +30,15 @@ import numpy as np
 import onnx
 
 from .errors import UserError
-from .shapes import is_fixed
+from .shapes import model_inputs as shape_inputs
 
 
 def model_inputs(model: onnx.ModelProto) -> list[tuple[str, np.dtype, list]]:
-    """(name, dtype, dims) of the real graph inputs; dims hold ints or None for symbolic axes."""
-    init_names = {t.name for t in model.graph.initializer}
-    inputs = []
-    for inp in model.graph.input:
-        if inp.name in init_names:
-            continue
-        ttype = inp.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
-        dims = [d.dim_value if is_fixed(d) else None for d in ttype.shape.dim]
-        inputs.append((inp.name, dtype, dims))
-    return inputs
+    """(name, dtype, dims) of the real graph inputs (``shapes.model_inputs`` with the element type);
+    dims hold ints or None for symbolic axes."""
+    elem_types = {inp.name: inp.type.tensor_type.elem_type for inp in model.graph.input}
+    return [(name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_types[name])), dims)
+            for name, dims in shape_inputs(model)]
 
 
 def load_calibration_inputs(source, model: onnx.ModelProto, limit: int | None = None,

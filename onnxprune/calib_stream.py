@@ -18,10 +18,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .calib_data import model_inputs
 from .errors import UserError
 from .evaluate import compare_logits
 from .model_io import MAX_IR_VERSION
+from .shapes import model_inputs
 from .verify import session
 
 BATCH = 64  # samples per ONNX Runtime call
@@ -37,7 +37,7 @@ def batch_size(model: onnx.ModelProto, feeds: dict, notes: list) -> tuple[int, i
     """(batch, unit, feeds): ``BATCH``, 1 and ``feeds`` as given, or the model's fixed batch
     size twice and the samples cut to a multiple of it (a new dict: the caller's arrays are
     shared by every calibration of a run and stay whole)."""
-    fixed = {dims[0] for _, _, dims in model_inputs(model) if dims and dims[0]}
+    fixed = {dims[0] for _, dims in model_inputs(model) if dims and dims[0]}
     if not fixed:
         return BATCH, 1, feeds
     size = fixed.pop()
