@@ -196,7 +196,7 @@ class ChannelTracer(LayoutRules):
             if dims is None:
                 return f"shape of {name!r} unknown"
             extent = dims[len(dims) - (rank - 1)] if len(dims) >= rank - 1 else 1
-            if extent == 1 and not (len(dims) == rank and name in self.width):
+            if extent == 1 and (width != 1 or not (len(dims) == rank and name in self.width)):
                 continue  # broadcast along channels
             if len(dims) != rank or name not in self.width or extent != width:
                 return f"operand {name!r} varies along channels without its own channel axis"

@@ -203,24 +203,27 @@ def spatial_ops():
 
 
 def channel_ranges():
-    """Slice and Gather of contiguous channel ranges, and a Gather that reorders (frozen)."""
+    """Slices (one from a negative start to past the end) and a Gather of contiguous channel
+    ranges, and a Gather that reorders (frozen)."""
     b = CoupledBuilder()
     x = b.relu(b.conv("input", 12, name="stem"))
-    lo = b.slice_channels(x, 0, 5)
-    hi = b.op("Gather", [x, b.const([5, 6, 7, 8, 9, 10, 11], np.int64)], (7, 8, 8), axis=1)
-    y = b.relu(b.conv(b.concat([b.conv(lo, 6, name="lo"), b.conv(hi, 6, name="hi")]), 6, name="mix"))
+    lo = b.slice_channels(x, 0, 4)
+    mid = b.op("Gather", [x, b.const([4, 5, 6, 7], np.int64)], (4, 8, 8), axis=1)
+    hi = b.slice_channels(x, -4, 2**62)
+    parts = [b.conv(lo, 6, name="lo"), b.conv(mid, 6, name="mid"), b.conv(hi, 6, name="hi")]
+    y = b.relu(b.conv(b.concat(parts), 6, name="mix"))
     shuffled = b.op("Gather", [y, b.const([1, 0, 2, 3, 4, 5], np.int64)], (6, 8, 8), axis=1)
     b.output(b.conv(shuffled, 4, name="head"))
     return b.model()
 
 
 def frozen_ops():
-    """A Softmax over channels, a grouped Conv and a mid-stream graph output, each next to a
-    prunable layer."""
+    """A Softmax over channels, a grouped Conv and a mid-stream graph output, each between
+    prunable layers."""
     b = CoupledBuilder()
     x = b.relu(b.conv("input", 8, name="stem"))
     y = b.op("Softmax", [b.conv(x, 8, name="to_softmax")], (8, 8, 8), name="attn", axis=1)
-    z = b.conv(y, 8, group=2, name="grouped")
+    z = b.conv(b.relu(b.conv(y, 8, name="after_softmax")), 8, group=2, name="grouped")
     mid = b.relu(b.conv(z, 6, name="exposed"))
     b.output(mid)
     b.output(b.conv(mid, 4, name="head"))
