@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 
 import coupled_graphs as cg
+from graphs import FAMILIES
 from onnxprune.channel_groups import channel_groups
 from onnxprune.graph import GraphIndex, get_attr
 from onnxprune.prune_groups import masked_model, prune_channel_groups
@@ -92,6 +93,23 @@ def test_pruned_equals_masked_and_zeroed_consumers(name, seed):
         assert compare_outputs(run(reference, x), got)[1] <= TOLERANCE
     assert compare_outputs(original, got)[1] > 1e-3  # the keep sets did change the function
     assert widths(pruned) != widths(model)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES) + ["reduce_mean_head_opset18"])
+def test_existing_families_prune_exactly(name):
+    """The core's graph families (BN left in place, GAP -> Flatten -> Gemm, ReduceMean ->
+    Reshape -> Gemm; at opset 18 ReduceMean's axes are an input)."""
+    build = FAMILIES[name.replace("_opset18", "")]
+    model = build(opset=18).model() if name.endswith("opset18") else build().model()
+    analysis = channel_groups(model)
+    keep = random_keep(analysis, 0)
+    pruned = prune_channel_groups(model, keep, analysis)
+    onnx.checker.check_model(pruned, full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    got = run(pruned, x)
+    assert compare_outputs(run(masked_model(model, keep, analysis), x), got)[1] <= TOLERANCE
+    assert compare_outputs(run(zeroed_consumers(model, analysis, keep), x), got)[1] <= TOLERANCE
+    assert [o.shape for o in got] == [o.shape for o in run(model, x)]
 
 
 def test_masked_model_masks_at_reads_not_after_producers():
