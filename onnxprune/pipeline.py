@@ -168,6 +168,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         plan = plan_model(model, config, snapshots, progress.layer)
     else:
         plan = config.plan
+        for layer in plan.layers:  # a hand-made plan (Python API) is checked as --plan-in's are
+            layer.validate()
         for layer in plan.layers:  # applied as saved: say so, with what the saving run recorded (if any)
             saved = layer.provenance or {}
             layer.provenance = {

@@ -169,3 +169,24 @@ def test_no_verify_skips_the_check():
     _, report = prune(vgg().model(), PruneConfig(groups=2, verify=False))
     assert report["verify"] is None and "verify" in report["timings_s"]
     assert np.isfinite(report["timings_s"]["total"])
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda layer: layer.kept_in_channels[1].pop(), "every group must keep the same"),
+    (lambda layer: setattr(layer, "kept_in_channels", []), "0 kept-channel lists for 2 groups"),
+    (lambda layer: layer.filter_order.__setitem__(0, 1), "filter_order is not a permutation"),
+])
+def test_a_malformed_hand_made_plan_is_a_user_error(edit, fragment):
+    """Plans from --plan-in are validated on load; one made in Python gets the same checks (it
+    used to fail with numpy's ValueError, or an IndexError, deep in the rewrite)."""
+    from onnxprune.normalize import normalize
+    from onnxprune.rewrite import apply_plan
+
+    model = vgg().model()
+    layer = LayerPlan("conv6", "conv6.weight", 64, 32, [3, 3], 2, list(range(64)), [list(range(16)),
+                                                                                   list(range(16, 32))])
+    edit(layer)
+    with pytest.raises(UserError, match=fragment):
+        prune(model, PruneConfig(plan=Plan([layer])))
+    with pytest.raises(UserError, match=fragment):
+        apply_plan(normalize(model), Plan([layer]))
