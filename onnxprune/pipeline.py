@@ -1,4 +1,5 @@
-"""The whole pass, one visible step per stage: load → normalize → plan → rewrite → verify → report.
+"""The whole pass, one visible step per stage: load → normalize → plan → calibrate → rewrite → verify →
+(distill, check speed, accuracy) → report; README "How it works" walks through them.
 
 ``prune()`` is the Python API the CLI wraps; it never writes files (the CLI saves atomically).
 """
