@@ -1,4 +1,5 @@
-"""The whole pass, one visible step per stage: load → normalize → plan → rewrite → verify → report.
+"""The whole pass, one visible step per stage: load → normalize → plan → calibrate → rewrite → verify →
+(distill, check speed, accuracy) → report; README "How it works" walks through them.
 
 ``prune()`` is the Python API the CLI wraps; it never writes files (the CLI saves atomically).
 """
@@ -168,6 +169,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         plan = plan_model(model, config, snapshots, progress.layer)
     else:
         plan = config.plan
+        for layer in plan.layers:  # a hand-made plan (Python API) is checked as --plan-in's are
+            layer.validate()
         for layer in plan.layers:  # applied as saved: say so, with what the saving run recorded (if any)
             saved = layer.provenance or {}
             layer.provenance = {

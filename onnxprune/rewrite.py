@@ -65,6 +65,8 @@ def grouped_weight(weight: np.ndarray, layer: LayerPlan, filter_order=None) -> n
 
 def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     """Return a new model with every Conv of ``plan`` rewritten; ``model`` must be normalized."""
+    for layer in plan.layers:  # a hand-made plan gets the checks a loaded one gets
+        layer.validate()
     out = onnx.ModelProto()
     out.CopyFrom(model)
     _Rewriter(out, plan).run()

@@ -1,0 +1,224 @@
+"""verify.py: the exactness oracle (``masked_model``), the comparison rule and ``verify`` itself;
+and the rewrite on hand-made plans (plan.py promises plans can be written by hand), checked
+against the masked model in ONNX Runtime."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphs import FAMILIES, resnet_basic, vgg
+from onnxprune.normalize import normalize
+from onnxprune.plan import LayerPlan, Plan
+from onnxprune.rewrite import apply_plan
+from onnxprune.verify import compare_outputs, masked_model, random_inputs, required_inputs, verify
+from oracle import feeds_for, rel_diff, run, zero_pruned_kernels
+
+
+def _weights(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _layer(model, node, groups, filter_order, kept):
+    conv = next(n for n in model.graph.node if n.name == node)
+    w = _weights(model)[conv.input[1]]
+    return LayerPlan(node, conv.input[1], int(w.shape[0]), int(w.shape[1]), [int(w.shape[2]), int(w.shape[3])],
+                     groups, [int(i) for i in filter_order], [sorted(int(c) for c in k) for k in kept])
+
+
+def _vgg_plan(model):
+    """By hand, for vgg (conv3 32->32, conv6 32->64, conv8 64->32): reversed filters in 4 groups
+    keeping overlapping channel sets; G=2 with disjoint halves; G=1 keeping every third channel."""
+    return Plan([
+        _layer(model, "conv3", 4, range(31, -1, -1), [range(g, g + 30, 2) for g in range(4)]),
+        _layer(model, "conv6", 2, [*range(0, 64, 2), *range(1, 64, 2)], [range(0, 32, 2), range(1, 32, 2)]),
+        _layer(model, "conv8", 1, range(32), [range(0, 64, 3)]),
+    ])
+
+
+# -- masked_model ---------------------------------------------------------------------------
+
+def test_masked_model_zeroes_exactly_the_pruned_kernels():
+    model = normalize(vgg().model())
+    plan = _vgg_plan(model)
+    before, after = _weights(model), _weights(masked_model(model, plan))
+    assert before.keys() == after.keys()
+    for layer in plan.layers:
+        expected = before[layer.weight].copy()
+        position = {f: p for p, f in enumerate(layer.filter_order)}
+        for f in range(layer.c_out):
+            kept = layer.kept_in_channels[position[f] // (layer.c_out // layer.groups)]
+            expected[f, [c for c in range(layer.c_in) if c not in kept]] = 0
+        np.testing.assert_array_equal(after[layer.weight], expected)
+        assert after[layer.weight].dtype == before[layer.weight].dtype
+        assert np.count_nonzero(after[layer.weight] != before[layer.weight]) > 0
+    planned = {layer.weight for layer in plan.layers}
+    for name in before.keys() - planned:  # biases and the unplanned stem: untouched
+        np.testing.assert_array_equal(after[name], before[name])
+    # the same as the tests' independent oracle
+    oracle = _weights(zero_pruned_kernels(model, plan.layers))
+    for name in before:
+        np.testing.assert_array_equal(after[name], oracle[name])
+
+
+def test_masked_model_leaves_its_input_alone():
+    model = normalize(vgg().model())
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    masked_model(model, _vgg_plan(model))
+    assert model == copy
+
+
+def test_a_weight_shared_by_two_convs_is_masked_only_for_the_planned_one():
+    w = np.random.default_rng(0).standard_normal((16, 16, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="first", pads=[1] * 4),
+             helper.make_node("Conv", ["a", "w"], ["y"], name="second", pads=[1] * 4)]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 16, 8, 8])  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [vi("x")], [vi("y")], [numpy_helper.from_array(w, "w")]),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    plan = Plan([_layer(model, "second", 2, range(16), [range(8), range(8, 16)])])
+    masked = masked_model(model, plan)
+    weights = _weights(masked)
+    first, second = masked.graph.node
+    assert first.input[1] == "w" and second.input[1] == "w__masked_second"
+    np.testing.assert_array_equal(weights["w"], w)
+    np.testing.assert_array_equal(weights["w__masked_second"], np.where(plan.layers[0].kernel_mask()[:, :, None, None],
+                                                                         w, 0))
+    # and the rewrite of that plan agrees with it (the unplanned Conv keeps the dense weight)
+    assert verify(model, apply_plan(model, plan), plan).passed
+
+
+# -- compare_outputs ------------------------------------------------------------------------
+
+def test_compare_outputs_is_relative_to_the_largest_reference_value():
+    ref = [np.array([10.0, -20.0, 5.0], np.float32)]
+    got = [np.array([10.0, -20.002, 5.001], np.float32)]
+    max_abs, max_rel = compare_outputs(ref, got)
+    assert max_abs == pytest.approx(0.002, rel=1e-3) and max_rel == pytest.approx(1e-4, rel=1e-3)
+    assert compare_outputs(ref, ref) == (0.0, 0.0)
+
+
+def test_compare_outputs_reports_the_worst_output():
+    ref = [np.ones(4, np.float32), np.full(4, 100.0, np.float32)]
+    got = [np.array([1, 1, 1, 1.01], np.float32), np.full(4, 100.5, np.float32)]
+    max_abs, max_rel = compare_outputs(ref, got)
+    assert max_abs == pytest.approx(0.5) and max_rel == pytest.approx(0.01, rel=1e-3)  # abs from one, rel from other
+
+
+def test_compare_outputs_shape_mismatch_empty_outputs_and_zero_reference():
+    assert compare_outputs([np.zeros((2, 3))], [np.zeros((3, 2))]) == (float("inf"), float("inf"))
+    assert compare_outputs([np.zeros((0, 3)), np.ones(2)], [np.zeros((0, 3)), np.ones(2)]) == (0.0, 0.0)
+    max_abs, max_rel = compare_outputs([np.zeros(3)], [np.array([0, 0, 1e-9])])
+    assert max_abs == pytest.approx(1e-9) and max_rel == pytest.approx(1e3)  # scale floored at 1e-12, not 0
+
+
+def test_compare_outputs_floor_raises_the_scale():
+    ref, got = [np.full(3, 1e-4)], [np.full(3, 1.01e-4)]
+    assert compare_outputs(ref, got)[1] == pytest.approx(1e-2)
+    assert compare_outputs(ref, got, [1.0])[1] == pytest.approx(1e-6)
+    assert compare_outputs(ref, got, [1e-5])[1] == pytest.approx(1e-2)  # a floor below max|a| changes nothing
+
+
+def test_tolerance_decides_pass():
+    model = normalize(vgg().model())
+    plan = _vgg_plan(model)
+    rewritten = apply_plan(model, plan)
+    result = verify(model, rewritten, plan)
+    assert result.passed and result.max_rel_diff < 1e-5 and result.tolerance == 1e-4
+    assert not verify(model, rewritten, plan, tolerance=result.max_rel_diff / 2).passed or result.max_rel_diff == 0
+
+
+# -- verify catches wrong rewrites ----------------------------------------------------------
+
+def _rewritten_vgg():
+    model = normalize(vgg().model())
+    plan = _vgg_plan(model)
+    return model, plan, apply_plan(model, plan)
+
+
+def test_verify_catches_swapped_gather_indices():
+    model, plan, rewritten = _rewritten_vgg()
+    assert verify(model, rewritten, plan).passed
+    gathers = {n.input[1] for n in rewritten.graph.node if n.op_type == "Gather"}
+    tensor = next(t for t in rewritten.graph.initializer if t.name in gathers)
+    indices = numpy_helper.to_array(tensor).copy()
+    indices[[0, 1]] = indices[[1, 0]]
+    tensor.CopyFrom(numpy_helper.from_array(indices, tensor.name))
+    result = verify(model, rewritten, plan)
+    assert not result.passed and result.max_rel_diff > 1e-3
+
+
+def test_verify_catches_a_rewrite_of_another_plan():
+    model, plan, rewritten = _rewritten_vgg()
+    other = Plan.from_json(plan.to_json())
+    other.layers[2].kept_in_channels = [list(range(1, 64, 3))]
+    result = verify(model, rewritten, other)
+    assert not result.passed and result.max_rel_diff > 1e-3
+
+
+def test_verify_catches_a_changed_bias():
+    model, plan, rewritten = _rewritten_vgg()
+    bias = next(t for t in rewritten.graph.initializer if t.name == "conv8.bias")
+    value = numpy_helper.to_array(bias).copy()
+    value[5] += 0.05
+    bias.CopyFrom(numpy_helper.from_array(value, bias.name))
+    assert not verify(model, rewritten, plan).passed
+
+
+def test_verify_refuses_a_rewrite_that_needs_a_new_input():
+    model, plan, rewritten = _rewritten_vgg()
+    rewritten.graph.input.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, [1]))
+    assert required_inputs(rewritten) == ["input", "extra"]
+    result = verify(model, rewritten, plan)
+    assert not result.passed and result.new_required_inputs == ["extra"] and result.max_rel_diff == float("inf")
+
+
+def test_random_inputs_are_seeded_and_batched():
+    model = vgg().model()
+    a, b, c = random_inputs(model, seed=0, batch=3), random_inputs(model, seed=0, batch=3), random_inputs(model, 1)
+    assert a["input"].shape == (3, 3, 16, 16) and a["input"].dtype == np.float32
+    np.testing.assert_array_equal(a["input"], b["input"])
+    assert not np.array_equal(a["input"][:2], c["input"])
+
+
+# -- the rewrite on hand-made plans ---------------------------------------------------------
+
+def _resnet_plan(model):
+    """resnet_basic (BN folded): conv4 16->16 and conv7 16->16 in the identity block, conv11
+    16->32 stride 2, conv14 32->32, conv16 the 1x1 projection 16->32."""
+    rng = np.random.default_rng(7)
+    return Plan([
+        _layer(model, "conv4", 2, rng.permutation(16), [[0, 3, 5, 9, 12], [1, 3, 6, 10, 15]]),
+        _layer(model, "conv7", 4, range(16), [[0, 1], [2, 3], [4, 5], [14, 15]]),
+        _layer(model, "conv11", 1, range(31, -1, -1), [[2, 4, 6, 8, 10, 12, 14]]),
+        _layer(model, "conv14", 8, rng.permutation(32), [sorted(rng.choice(32, 9, replace=False)) for _ in range(8)]),
+        _layer(model, "conv16", 2, range(32), [range(16), range(16)]),  # keeps everything: a pure regrouping
+    ])
+
+
+@pytest.mark.parametrize("family, make_plan", [("vgg", _vgg_plan), ("resnet_basic", _resnet_plan)])
+def test_hand_made_plans_rewrite_exactly(family, make_plan):
+    model = normalize(FAMILIES[family]().model())
+    plan = make_plan(model)
+    for layer in plan.layers:
+        layer.validate()
+    rewritten = apply_plan(model, plan)
+    onnx.checker.check_model(rewritten, full_check=True)
+    feeds = feeds_for(model, batch=3)
+    reference = run(masked_model(model, plan), feeds)
+    assert rel_diff(reference, run(rewritten, feeds)) < 1e-4
+    # the masked model really differs from the dense one: the check above is not vacuous
+    assert rel_diff(run(model, feeds), reference) > 1e-3
+    convs = {n.name: n for n in rewritten.graph.node if n.op_type == "Conv"}
+    for layer in plan.layers:
+        groups = next((a.i for a in convs[layer.node].attribute if a.name == "group"), 1)
+        assert groups == layer.groups
+        assert _weights(rewritten)[convs[layer.node].input[1]].shape[1] == layer.kept_per_group
+
+
+def test_apply_plan_leaves_its_input_alone():
+    model = normalize(resnet_basic().model())
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    apply_plan(model, _resnet_plan(model))
+    assert model == copy
