@@ -168,6 +168,18 @@ def build_variants(name: str, folder: Path, args) -> tuple[list, list]:
             labels.append(f"onnxprune auto --planner {planner} --provider {provider}"), models.append(auto)
             notes.append(f"{pruned} Convs pruned"), slugs.append(f"auto-{provider}-{planner}")
 
+    for rate in args.coupled:
+        for planner in args.planners:
+            t = time.perf_counter()
+            auto, report = prune(dense, PruneConfig(groups="auto", target_macs=target, provider=args.provider,
+                                                    latency_table=args.latency_table, verify=False,
+                                                    planner=planner, coupled_rate=rate))
+            groups = len(report["coupled"]["groups"])
+            log(f"{name}: auto --coupled-rate {rate} ({planner} planner) pruned in {time.perf_counter() - t:.0f}s, "
+                f"MACs x{report['macs_after'] / report['macs_before']:.3f}")
+            labels.append(f"onnxprune auto --coupled-rate {rate} --planner {planner}"), models.append(auto)
+            notes.append(f"{groups} coupled groups narrowed"), slugs.append(f"coupled{rate}-{planner}")
+
     if "onnxsim" in args.peers:
         t = time.perf_counter()
         model, note = onnxsim_at(dense, target)
@@ -191,6 +203,8 @@ def main() -> None:
     parser.add_argument("--peers", nargs="*", default=["onnxsim", "torch-pruning"],
                         choices=["onnxsim", "torch-pruning"])
     parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--coupled", nargs="*", type=float, default=[],
+                        help="also build --groups auto with these --coupled-rate values (same MACs target)")
     parser.add_argument("--repeat", type=int, default=12, help="timed runs per model and batch (default 12)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--planners", nargs="+", choices=["fidelity", "speed"], default=["fidelity", "speed"],

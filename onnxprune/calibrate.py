@@ -76,7 +76,7 @@ from .graph import GraphIndex, NameAllocator, get_attr, set_initializer
 from .least_squares import (DEFAULT_RIDGE, GREEDY_BUDGET, GREEDY_STEPS, ConvGeometry, accumulate, fit_group,
                             greedy_channels)
 from .plan import LayerPlan, Plan
-from .verify import masked_model
+from .verify import PLANNED_OPS, masked_model, masked_weight
 
 
 def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: dict | None = None,
@@ -106,6 +106,7 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
     followers = dense_followers(model, layers) if _mode(config, "calib_layers", ("all", "pruned")) == "all" else []
     steps = sorted(layers + followers, key=lambda step: step[0])
     following = {node.name for _, node, _ in followers}
+    fixed = set(getattr(config, "fixed_channels", ()))  # channels decided for a coupled group (coupled.py)
     residual = _mode(config, "calib_target", ("residual", "output")) == "residual"
     partners = residual_partners(model, steps) if residual else {}
 
@@ -134,7 +135,8 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
                 entries.append(refit_gemm(work, work.graph.node[position], layer, x, y, ridge))
             else:
                 entries.append(refit_layer(work, work.graph.node[position], layer, x, y, ridge,
-                                           select and node.name not in following and not is_disjoint(layer)))
+                                           select and node.name not in following and node.name not in fixed
+                                           and not is_disjoint(layer)))
         entries[-1]["pruned"] = node.name not in following
         entries[-1]["target"] = f"output + residual error of {partner!r}" if partner else "output"
     if progress is not None and steps:
@@ -265,7 +267,7 @@ def ordered_layers(model: onnx.ModelProto, plan: Plan) -> list[tuple[int, onnx.N
     """(node position, Conv node, layer plan) for each planned Conv, in graph order."""
     by_node = plan.by_node()
     found = [(i, node, by_node[node.name]) for i, node in enumerate(model.graph.node)
-             if node.op_type == "Conv" and node.name in by_node]
+             if node.op_type in PLANNED_OPS and node.name in by_node]
     missing = set(by_node) - {node.name for _, node, _ in found}
     if missing:
         raise UserError(f"plan names Conv nodes not in this model: {', '.join(sorted(missing)[:5])}")
@@ -286,8 +288,7 @@ def _masked_copy(model: onnx.ModelProto, layers) -> tuple[onnx.ModelProto, dict]
         if index.use_count(node.input[1]) > 1:
             skipped[node.name] = f"weight {node.input[1]!r} is shared with another node"
             continue
-        weight = index.constant(node.input[1])
-        set_initializer(work.graph, node.input[1], np.where(layer.kernel_mask()[:, :, None, None], weight, 0))
+        set_initializer(work.graph, node.input[1], masked_weight(node, index.constant(node.input[1]), layer))
     return work, skipped
 
 

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep this fraction of the model's MACs (e.g. 0.6); implies --groups auto")
     speed.add_argument("--target-speedup", type=float, metavar="S",
                        help="aim for this latency speedup over the input; implies --groups auto")
+    speed.add_argument("--coupled-rate", type=float, metavar="R",
+                       help="experimental: also remove this fraction of every coupled channel group (residual "
+                            "streams, Concat/Split, SE gates; provider-aligned, weight-norm importance), then plan "
+                            "the rest; the report's 'coupled' section lists each group and what was left alone")
     speed.add_argument("--latency-table", metavar="table.json",
                        help="per-layer latencies measured by 'onnxprune autotune' (default: analytical model)")
     speed.add_argument("--check-speed", action="store_true",
@@ -260,7 +264,7 @@ def _run(args) -> int:
                          min_channels=args.min_channels, exclude=tuple(args.exclude), tickets=list(args.tickets),
                          plan=plan, verify=not args.no_verify, provider=args.provider,
                          target_macs=args.target_macs, target_speedup=args.target_speedup,
-                         latency_table=args.latency_table, check_speed=args.check_speed,
+                         coupled_rate=args.coupled_rate, latency_table=args.latency_table, check_speed=args.check_speed,
                          calib=args.calib, calib_size=args.calib_size, calib_selection=args.calib_selection,
                          calib_layers=args.calib_layers, calib_target=args.calib_target,
                          planner=args.planner, min_agreement=args.min_agreement, distill=args.distill,

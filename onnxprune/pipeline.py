@@ -21,6 +21,7 @@ from .model_io import cap_ir_version, load_model
 from .normalize import normalize, relist_initializer_inputs
 from .plan import Plan
 from .planner import PlanOptions, plan_model
+from .coupled import lift, lower
 from .rewrite import apply_plan
 from .shapes import check_given, resolve_input_shapes, restore_input_dims, verification_shapes, with_input_shapes
 from .shapes import describe as describe_shapes
@@ -60,6 +61,10 @@ class PruneConfig(PlanOptions):
     # the most it may drop (percentage points); an explicit min_agreement and check_speed are gates too
     eval_data: object = None  # .npz path with 'images' and 'labels', an evaluate.Dataset or a gate.AccuracyCheck
     max_accuracy_drop: float | None = None
+    # coupled channel groups (see coupled.py): fraction of each residual stream / Concat / SE group removed
+    coupled_rate: float | None = None
+    g1_only: tuple[str, ...] = ()  # set by the pass: Convs writing a narrowed group (G=1 cuts only)
+    fixed_channels: tuple[str, ...] = ()  # set by the pass: Convs whose kept channels a group decided
 
 
 @dataclass
@@ -135,6 +140,17 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     model = normalize(working)
     t = _lap(timings, "normalize", t)
 
+    coupled, plan_base = None, model  # plan_base: the model the single-Conv planner plans
+    if config.coupled_rate is not None:
+        coupled, plan_base, config = _couple(model, config, progress)
+        t = _lap(timings, "couple", t)
+    narrowing, dense = plan_base is not model, model  # with groups: the rest planned narrowed, then lifted
+
+    def make_plan(options: PruneConfig, layer_progress=None) -> Plan:
+        """The single-Conv plan, on the dense model (with the coupled groups' readers, see coupled.py)."""
+        made = plan_model(plan_base, options, snapshots, layer_progress)
+        return lift(made, coupled, dense) if narrowing else made
+
     speed_plan = search = fidelity_planner = None
     if budget is not None and config.calib_holdout_divisor is None:
         # the budget is judged on the held-out slice: a quarter of the inputs resolves ~1% steps
@@ -145,7 +161,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         from .speed_plan import describe, plan_speed
 
         progress.stage(f"choosing groups and kept channels per layer for the {config.provider} provider")
-        speed_plan = plan_speed(model, config)
+        speed_plan = plan_speed(plan_base, config)
         progress.stage(describe(speed_plan))
         structure = f"speed planner: fastest predicted cut ({speed_plan.cost_source}) at the MACs/speed target"
         config = replace(config, layer_configs=_sourced(speed_plan.configs, structure))
@@ -155,7 +171,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
         progress.stage("measuring how much each candidate cut changes the output on the calibration data"
                        if feeds else "ranking candidate cuts by a data-free proxy (no --calib: fidelity unmeasured)")
-        fidelity_planner = FidelityPlanner(model, config, feeds, progress.layer)
+        fidelity_planner = FidelityPlanner(plan_base, config, feeds, progress.layer)
         target = fidelity_planner.default_target()
         speed_plan, _ = fidelity_planner.plan(target, config.target_speedup)
         t = _lap(timings, "sensitivity", t)
@@ -166,7 +182,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         config = replace(config, layer_configs=_sourced(speed_plan.configs, structure))
     if config.plan is None:
         progress.stage("planning")
-        plan = plan_model(model, config, snapshots, progress.layer)
+        plan = make_plan(config, progress.layer)
     else:
         plan = config.plan
         for layer in plan.layers:  # a hand-made plan (Python API) is checked as --plan-in's are
@@ -192,7 +208,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
             def plan_and_calibrate(candidate):
                 trial = replace(config, layer_configs=_sourced(candidate.configs, structure + ", at the depth "
                                                                                      "--min-agreement chose"))
-                trial_plan = plan_model(model, trial, snapshots, None)
+                trial_plan = make_plan(trial)
                 return (trial_plan, *calibrate(model, trial_plan, trial, None, feeds, calib_notes))
 
             search = search_budget(fidelity_planner, target, budget, speed_plan, (plan, calibrated, calibration),
@@ -205,7 +221,11 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     # rewritten with the input's own (symbolic) dims, so no rewrite decision rests on a size that
     # holds only at the working shape (a map that is 1x1 there), and the output keeps them
     symbolic = _with_input_dims_of(model, original)
-    pruned = apply_plan(symbolic, plan)
+    if not narrowing:
+        pruned = apply_plan(symbolic, plan)
+    else:  # coupled groups removed first, then the single-Conv plan on the narrowed graph
+        narrowed = coupled.apply(symbolic)
+        pruned = apply_plan(narrowed, lower(plan, coupled, symbolic, narrowed))
     relist_initializer_inputs(pruned, original.ir_version)
     entry = pruned.metadata_props.add()
     entry.key, entry.value = "onnxprune", f"{__version__}; {len(plan.layers)} Convs grouped-kernel pruned"
@@ -257,6 +277,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         report["auto"]["planner"] = "fidelity"
         report["sensitivity"] = fidelity_planner.sensitivity_report()
     report["budget"] = None if search is None else search.as_dict()
+    report["coupled"] = None if coupled is None else coupled.as_dict()
     report["calibration"] = calibration
     report["distill"] = distilled
     report["speed"] = speed
@@ -373,6 +394,26 @@ def _verified(reference, rewritten, plan: Plan, config: PruneConfig, original, w
 def _sourced(configs: dict[str, dict], structure: str) -> dict[str, dict]:
     """The planner's per-layer configs, each carrying who decided it (``LayerPlan.provenance``)."""
     return {name: {**config, "source": structure} for name, config in configs.items()}
+
+
+def _couple(model: onnx.ModelProto, config: PruneConfig, progress: Progress):
+    """Choose the coupled groups to narrow -> (CoupledPlan, model to plan the rest on, its config)."""
+    from .coupled import choose
+    from .latency import profile
+
+    if config.plan is not None or config.groups != "auto" or config.tickets:
+        raise UserError("--coupled-rate works with --groups auto only (not with --plan-in, --groups N or --tickets)")
+    progress.stage("narrowing coupled channel groups (residual streams, Concat/Split, SE gates)")
+    coupled = choose(model, config.coupled_rate, profile(config.provider).align, config.exclude)
+    if coupled.narrowed is None:
+        return coupled, model, config
+    target = config.target_macs
+    if target is not None:  # the planner's target is relative to the narrowed model
+        target = min(1.0, target * count_macs(model)[0] / max(1, count_macs(coupled.narrowed)[0]))
+        coupled.notes.append(f"single-Conv planner target on the narrowed model: {target:.4f} of its MACs")
+    readers = tuple(sorted(coupled.consumers))
+    return coupled, coupled.narrowed, replace(config, exclude=tuple(config.exclude) + readers, fixed_channels=readers,
+                                              g1_only=tuple(sorted(coupled.producers)), target_macs=target)
 
 
 def _with_input_dims_of(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:

@@ -78,6 +78,7 @@ class Layer:
     consumer: str | None = None  # the pruned Conv this layer is the foldable producer of
     chain: tuple[str, ...] = ()  # depthwise Convs between producer and this layer (narrowed with it)
     narrowed_by: str | None = None  # for a depthwise Conv on such a chain: the consumer that narrows it
+    g1_only: bool = False  # writes a coupled channel group (coupled.py): only G=1 cuts keep its filters free
 
 
 @dataclass
@@ -209,6 +210,7 @@ def collect_layers(model: onnx.ModelProto, config) -> tuple[dict[str, Layer], di
     shapes = static_shapes(inferred)
     prunable, skipped_convs = find_prunable_convs(model, lambda info: 1, config.min_channels, config.exclude)
     prunable_names = {info.name for info in prunable}
+    g1_only = set(getattr(config, "g1_only", ()))
     skipped = {s.name: s.reason for s in skipped_convs}
     layers: dict[str, Layer] = {}
     for node in model.graph.node:
@@ -224,7 +226,8 @@ def collect_layers(model: onnx.ModelProto, config) -> tuple[dict[str, Layer], di
         strides = tuple(get_attr(node, "strides", [1, 1]))
         layers[node.name] = Layer(node.name, int(x[1]), int(weight.shape[0]), groups,
                                   (int(weight.shape[2]), int(weight.shape[3])), (int(strides[0]), int(strides[1])),
-                                  int(x[2]), int(x[3]), int(y[2]), int(y[3]), prunable=node.name in prunable_names)
+                                  int(x[2]), int(x[3]), int(y[2]), int(y[3]), prunable=node.name in prunable_names,
+                                  g1_only=node.name in g1_only)
     for layer in layers.values():
         if layer.prunable:
             producer, chain = foldable_chain(index, layer.name)
@@ -254,6 +257,8 @@ def candidate_options(layer: Layer, n: int, prof: Profile) -> list[Option]:
     if n >= layer.c_in:
         return []
     options = [Option(1, n)]
+    if layer.g1_only:
+        return options
     g = 2
     while g <= MAX_GROUPS and layer.c_out // g >= prof.min_filters_per_group:
         per_group = layer.c_out // g

@@ -31,8 +31,8 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InternalError, UserError
-from .graph import GraphIndex, set_initializer
-from .plan import Plan
+from .graph import GraphIndex, get_attr, set_initializer
+from .plan import LayerPlan, Plan
 from .runtime import create_session
 from .shapes import resolve_input_shapes
 
@@ -61,16 +61,28 @@ def masked_model(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     layers = plan.by_node()
     for node in out.graph.node:
         layer = layers.get(node.name)
-        if layer is None or node.op_type != "Conv":
+        if layer is None or node.op_type not in PLANNED_OPS:
             continue
-        weight = index.constant(node.input[1])
-        mask = layer.kernel_mask()[:, :, None, None]
         name = node.input[1]
         if index.use_count(name) > 1:
             name = f"{name}__masked_{node.name}"
             node.input[1] = name
-        set_initializer(out.graph, name, np.where(mask, weight, 0).astype(weight.dtype))
+        set_initializer(out.graph, name, masked_weight(node, index.constant(node.input[1]), layer))
     return out
+
+
+PLANNED_OPS = ("Conv", "Gemm")  # a Gemm is planned only as a reader of a coupled group (coupled.py)
+
+
+def masked_weight(node: onnx.NodeProto, weight: np.ndarray, layer: LayerPlan) -> np.ndarray:
+    """``weight`` with the kernels ``layer`` prunes zeroed; a Gemm's is read as a 1×1 Conv's
+    [outputs, features] (transposed when ``transB`` is 0)."""
+    mask = layer.kernel_mask()
+    if node.op_type == "Gemm":
+        mask = mask if get_attr(node, "transB", 0) else mask.T
+    else:
+        mask = mask[:, :, None, None]
+    return np.where(mask, weight, 0).astype(weight.dtype)
 
 
 def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:

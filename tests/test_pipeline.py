@@ -18,7 +18,8 @@ from oracle import feeds_for, rel_diff, run, zero_pruned_kernels
 REPORT_KEYS = {
     "onnxprune_version", "options", "macs_before", "macs_after", "params_before", "params_after",
     "params_before_normalization", "pruned_layers_macs_before", "pruned_layers_macs_after", "convs_pruned",
-    "convs_skipped", "input_shapes", "layers", "verify", "auto", "budget", "calibration", "distill", "speed",
+    "convs_skipped", "input_shapes", "layers", "verify", "auto", "budget", "coupled", "calibration", "distill",
+    "speed",
     "accuracy", "gates", "timings_s"}
 
 

@@ -1,0 +1,250 @@
+"""Coupled-channel narrowing (``--coupled-rate``): residual streams, Concat/Split and SE groups.
+
+Why: the single-Conv planner narrows a Conv's input and folds the selection into a *private*
+producer; a channel written by several Convs (a residual stream), read by several Convs, glued by
+Concat or gated by an SE block stays full width, and that is where Torch-Pruning's outputs win at
+equal MACs. ``channel_groups`` finds which channels must go together and ``prune_groups`` removes
+them exactly; this module decides *which* groups and channels, and fits that decision into the
+rest of the pass without a second calibration or verification path.
+
+How, in four steps (each a plain function of plain data):
+1. ``choose``: every prunable group that the single-Conv planner cannot narrow (more than one
+   producer or more than one consumer; a private chain is left to it) and whose readers are all
+   plain Convs loses ``rate`` of its channels, kept count aligned to the provider's block
+   (``latency.profile(provider).align``) and at least one block. Channels are ranked by a
+   data-free importance: for every producer the squared norm of the channel's filter (+ bias),
+   for every consumer the squared norm of the weights reading it, each divided by that layer's
+   mean so wide and narrow layers count alike; the highest sum is kept (ties: lower index).
+   Groups left alone are listed with the reason.
+2. The single-Conv planner then plans the *narrowed* model (``CoupledPlan.narrowed``: shapes,
+   MACs and costs as they will be), with the groups' consumers excluded (their input is the
+   group's choice) and their producers limited to G=1 (a grouped layer's equal filter groups
+   cannot lose arbitrary filters).
+3. ``lift``: that plan is re-expressed on the dense (normalized) model: producers get back their
+   dropped filters (never read: see 4), and every consumer gets a G=1 ``LayerPlan`` keeping the
+   group's channels. So calibration refits the consumers against the dense model's outputs like
+   any pruned layer (their channels fixed: ``fixed_channels``), and ``verify.masked_model`` of this
+   plan — consumers' dropped columns zeroed — is the exactness reference: a dropped channel is then
+   computed but read by no one, which is what removing it computes.
+4. ``lower``: after calibration the groups are removed physically (``prune_channel_groups`` on the
+   calibrated model) and the plan is mapped onto the narrowed graph for the rewrite: consumers'
+   layers disappear (their columns are gone), producers' filter orders lose the dropped filters.
+Groups are matched between model versions by their members (tensor, offset), never by position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx
+
+from .channel_groups import ChannelAnalysis, ChannelGroup, channel_groups
+from .errors import InternalError, UserError
+from .graph import GraphIndex, get_attr
+from .plan import LayerPlan, Plan
+from .prune_groups import prune_channel_groups
+from .speed_plan import align_channels
+
+STRUCTURE = "coupled channel group: --coupled-rate of the group's channels, provider-aligned"
+CHANNELS = "coupled channel group: data-free importance (filter and reader weight norms, summed)"
+PRIVATE = "a private chain (one producer, one reader): the single-Conv planner narrows it"
+
+
+@dataclass(frozen=True)
+class CoupledCut:
+    """One group narrowed: group channel i is channel offset + i of every member tensor."""
+
+    members: tuple[tuple[str, int], ...]
+    width: int
+    kept: tuple[int, ...]
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        return {"members": [list(m) for m in self.members], "width_before": self.width,
+                "width_after": len(self.kept), "producers": list(self.producers),
+                "consumers": list(self.consumers), "importance": CHANNELS}
+
+
+@dataclass
+class CoupledPlan:
+    rate: float
+    align: int
+    cuts: list[CoupledCut]
+    left: list[dict]  # groups not narrowed: {"members", "width", "reason"}
+    narrowed: onnx.ModelProto | None = None  # the model with the cuts applied (planning only)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def consumers(self) -> set[str]:
+        return {name for cut in self.cuts for name in cut.consumers}
+
+    @property
+    def producers(self) -> set[str]:
+        return {name for cut in self.cuts for name in cut.producers}
+
+    def keep(self, analysis: ChannelAnalysis) -> dict[int, list[int]]:
+        """Group id in ``analysis`` (of any version of the model) -> kept channels."""
+        by_members = {g.members: g for g in analysis.groups}
+        keep = {}
+        for cut in self.cuts:
+            group = by_members.get(cut.members)
+            if group is None or group.width != cut.width or not group.prunable:
+                raise InternalError(f"coupled group at {cut.members[0]} is not the same in this model version")
+            keep[group.id] = list(cut.kept)
+        return keep
+
+    def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """``model`` (a version of the model ``choose`` saw) with the cut channels removed."""
+        analysis = channel_groups(model)
+        return prune_channel_groups(model, self.keep(analysis), analysis)
+
+    def as_dict(self) -> dict:
+        return {"rate": self.rate, "align": self.align, "groups": [cut.as_dict() for cut in self.cuts],
+                "left_alone": self.left, "notes": self.notes}
+
+
+def choose(model: onnx.ModelProto, rate: float, align: int, exclude=()) -> CoupledPlan:
+    """Step 1 (see the module docstring) on ``model`` (normalized)."""
+    if not 0.0 < rate < 1.0:
+        raise UserError(f"--coupled-rate must be in (0, 1), got {rate}")
+    analysis = channel_groups(model)
+    index = GraphIndex(model.graph)
+    nodes = {n.name: n for n in model.graph.node}
+    excluded = set(exclude)
+    cuts, left = [], []
+    for group in analysis.groups:
+        reason = _why_not(group, nodes, index, excluded)
+        kept_count = group.width if reason else align_channels((1.0 - rate) * group.width, align, group.width)
+        if not reason and kept_count >= group.width:
+            reason = f"too narrow to lose a {align}-channel block"
+        if reason:
+            if group.width >= align:  # tiny groups (a scalar gate, an RGB input) are noise in a report
+                left.append({"members": [list(m) for m in group.members[:3]], "width": group.width,
+                             "reason": reason})
+            continue
+        score = _importance(group, nodes, index)
+        kept = np.sort(np.argsort(-score, kind="stable")[:kept_count])
+        cuts.append(CoupledCut(group.members, group.width, tuple(int(k) for k in kept), group.producers,
+                               group.consumers))
+    plan = CoupledPlan(rate, align, cuts, left)
+    if cuts:
+        plan.narrowed = prune_channel_groups(model, plan.keep(analysis), analysis)
+    else:
+        plan.notes.append("no coupled channel group could be narrowed")
+    return plan
+
+
+def _plain_gemm(node: onnx.NodeProto, weight) -> bool:
+    """Y = X·W(ᵀ) + b with a constant 2-D W: refit like a 1×1 Conv (calibrate.refit_gemm)."""
+    return (node.op_type == "Gemm" and weight is not None and weight.ndim == 2 and get_attr(node, "transA", 0) == 0
+            and get_attr(node, "alpha", 1.0) == 1.0 and get_attr(node, "beta", 1.0) == 1.0)
+
+
+def _why_not(group: ChannelGroup, nodes: dict, index: GraphIndex, excluded: set) -> str:
+    offsets = dict(group.members)
+    if group.frozen_by:
+        node, op, reason = group.frozen_by[0]
+        return f"frozen by {op} {node!r}: {reason}"
+    if not group.producers:
+        return "no producer (its channels come from a constant)"
+    if len(group.producers) == 1 and len(group.consumers) <= 1:
+        return PRIVATE
+    if excluded & (set(group.producers) | set(group.consumers)):
+        return "a producer or reader is excluded (--exclude)"
+    for name in group.consumers:
+        node = nodes[name]
+        weight = index.constant(node.input[1]) if len(node.input) > 1 else None
+        if node.op_type == "Conv" and get_attr(node, "group", 1) == 1 and weight is not None and weight.ndim == 4:
+            continue
+        if _plain_gemm(node, weight) and node.input[0] in offsets:
+            continue
+        return f"read by {node.op_type} {name!r} (only plain Convs and Gemms reading channels 1:1 can be refit yet)"
+    for name in group.producers:
+        node = nodes[name]
+        if node.op_type != "Conv" or get_attr(node, "group", 1) != 1:
+            return f"written by {node.op_type} {name!r} (only plain Convs can be narrowed as writers yet)"
+    return ""
+
+
+def _importance(group: ChannelGroup, nodes: dict, index: GraphIndex) -> np.ndarray:
+    """Per group channel: Σ over producers and consumers of the channel's weight energy / layer mean."""
+    offsets = dict(group.members)
+    score = np.zeros(group.width)
+    for name in group.producers:
+        node = nodes[name]
+        weight = index.constant(node.input[1]).astype(np.float64)
+        energy = (weight.reshape(weight.shape[0], -1) ** 2).sum(1)
+        if len(node.input) > 2 and node.input[2]:
+            energy = energy + index.constant(node.input[2]).astype(np.float64) ** 2
+        start = offsets[node.output[0]]
+        score += energy[start:start + group.width] / max(energy.mean(), 1e-30)
+    for name in group.consumers:
+        node = nodes[name]
+        weight = index.constant(node.input[1]).astype(np.float64)
+        if node.op_type == "Gemm" and not get_attr(node, "transB", 0):
+            weight = weight.T  # [features, outputs] -> [outputs, features]
+        energy = (np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1) ** 2).sum(1)
+        start = offsets[node.input[0]]
+        score += energy[start:start + group.width] / max(energy.mean(), 1e-30)
+    return score
+
+
+def lift(narrow_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto) -> Plan:
+    """Step 3: ``narrow_plan`` (made on ``coupled.narrowed``) + the consumers' layers, on ``dense``."""
+    dense_index = GraphIndex(dense.graph)
+    kept_out = _kept_outputs(coupled, dense)
+    planned = narrow_plan.by_node()
+    layers = []
+    for node in dense.graph.node:
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        weight = dense_index.constant(node.input[1]) if len(node.input) > 1 else None
+        if node.name in coupled.consumers:
+            kept = kept_out.get(node.input[0])
+            if node.op_type == "Gemm":  # as a 1×1 Conv: [outputs, features, 1, 1]
+                weight = (weight if get_attr(node, "transB", 0) else weight.T)[:, :, None, None]
+            layers.append(LayerPlan(
+                node.name, node.input[1], int(weight.shape[0]), int(weight.shape[1]),
+                [int(k) for k in weight.shape[2:]], 1, list(range(int(weight.shape[0]))), [[int(k) for k in kept]],
+                provenance={"structure": STRUCTURE, "channels": CHANNELS,
+                            "kept_fraction": round(len(kept) / int(weight.shape[1]), 4)}))
+            continue
+        layer = planned.get(node.name)
+        if layer is None:
+            continue
+        rows = kept_out.get(node.output[0])
+        if rows is not None:  # a producer: its dropped filters come back, read by no one
+            if layer.groups != 1:
+                raise InternalError(f"{node.name} writes a coupled group but was planned with G={layer.groups}")
+            order = [int(rows[f]) for f in layer.filter_order]
+            taken = set(order)
+            order += [f for f in range(int(weight.shape[0])) if f not in taken]
+            layer = replace(layer, c_out=int(weight.shape[0]), filter_order=order)
+        layers.append(replace(layer, weight=node.input[1]))
+    return Plan(layers, narrow_plan.skipped, narrow_plan.options)
+
+
+def _kept_outputs(coupled: CoupledPlan, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    analysis = channel_groups(model)
+    return analysis.kept_channels(coupled.keep(analysis))
+
+
+def lower(dense_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto, narrowed: onnx.ModelProto) -> Plan:
+    """Step 4: ``dense_plan`` (on ``dense``) mapped onto ``narrowed`` = ``coupled.apply(dense)``."""
+    kept_out = _kept_outputs(coupled, dense)
+    nodes = {n.name: n for n in narrowed.graph.node}
+    dense_nodes = {n.name: n for n in dense.graph.node}
+    layers = []
+    for layer in dense_plan.layers:
+        if layer.node in coupled.consumers:
+            continue
+        node = nodes[layer.node]
+        rows = kept_out.get(dense_nodes[layer.node].output[0])
+        if rows is not None:
+            position = {int(r): i for i, r in enumerate(rows)}
+            order = [position[f] for f in layer.filter_order if f in position]
+            layer = replace(layer, c_out=len(rows), filter_order=order)
+        layers.append(replace(layer, weight=node.input[1]))
+    return Plan(layers, dense_plan.skipped, dense_plan.options)

@@ -1,0 +1,155 @@
+"""coupled.py through ``prune()``: ``--coupled-rate`` narrows residual streams, SE gates and
+depthwise stacks physically, the output equals the original with the dropped channels' readers
+zeroed (checked here independently of the library's verify), calibration keeps the groups'
+channels and refits their readers, and what cannot be narrowed is left alone with a reason."""
+
+import numpy as np
+import onnx
+import pytest
+
+from coupled_graphs import CoupledBuilder
+from onnxprune.errors import UserError
+from onnxprune.graph import GraphIndex
+from onnxprune.pipeline import PruneConfig, prune
+from oracle import feeds_for, rel_diff, run
+
+
+def residual_stream(head="conv"):
+    """stem 3->32, two basic blocks on the 32-wide stream, a stride-2 block with a 1x1 shortcut
+    onto a 48-wide stream, then a Conv head (or GAP -> Flatten -> Gemm)."""
+    b = CoupledBuilder(size=8)
+    x = b.relu(b.conv("input", 32, name="stem"))
+    for i in range(2):
+        y = b.relu(b.conv(x, 32, name=f"b{i}a"))
+        x = b.relu(b.add(b.conv(y, 32, name=f"b{i}b"), x))
+    y = b.relu(b.conv(x, 48, stride=2, name="b2a"))
+    x = b.relu(b.add(b.conv(y, 48, name="b2b"), b.conv(x, 48, k=1, stride=2, name="b2s")))
+    if head == "conv":
+        b.output(b.conv(x, 10, k=1, name="head"))
+    elif head == "gemm":
+        b.output(b.gemm(b.gap_flatten(x), 10))
+    else:  # the 4x4 map flattened: channel c is 16 features of the Gemm
+        c, h, w = b.shape[x]
+        b.output(b.gemm(b.op("Flatten", [x], (c * h * w,), axis=1), 10))
+    return b.model()
+
+
+def se_depthwise():
+    """MobileNet-style stream (32) of two expand -> depthwise -> SE -> project blocks."""
+    b = CoupledBuilder(size=8)
+    x = b.relu(b.conv("input", 32, name="stem"))
+    for i in range(2):
+        y = b.relu(b.conv(x, 64, k=1, name=f"expand{i}"))
+        y = b.relu(b.conv(y, 64, group=64, name=f"dw{i}"))
+        y = b.se_conv(y, 16)
+        x = b.add(b.conv(y, 32, k=1, name=f"project{i}"), x)
+    b.output(b.conv(x, 10, k=1, name="head"))
+    return b.model()
+
+
+def zero_dropped_reads(model, plan):
+    """The original with, for every Conv of the plan, the grouped kernels it does not keep zeroed
+    (coupled readers: the input channels their group drops), computed here from the plan's data."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    index = GraphIndex(out.graph)
+    layers = plan.by_node()
+    for node in out.graph.node:
+        layer = layers.get(node.name)
+        if layer is None:
+            continue
+        weight = index.constant(node.input[1]).copy()
+        group_of = np.empty(layer.c_out, dtype=int)
+        group_of[layer.filter_order] = np.arange(layer.c_out) // (layer.c_out // layer.groups)
+        mask = np.zeros((layer.c_out, layer.c_in), dtype=bool)
+        for f in range(layer.c_out):
+            mask[f, layer.kept_in_channels[group_of[f]]] = True
+        weight[~mask] = 0  # a Gemm head's weight here is [outputs, features] (transB=1)
+        for t in out.graph.initializer:
+            if t.name == node.input[1]:
+                t.CopyFrom(onnx.numpy_helper.from_array(weight, t.name))
+    return out
+
+
+def conv_shapes(model):
+    index = GraphIndex(model.graph)
+    return {n.name: index.constant(n.input[1]).shape for n in model.graph.node if n.op_type == "Conv"}
+
+
+@pytest.mark.parametrize("build", [residual_stream, se_depthwise])
+def test_coupled_groups_are_removed_and_the_output_is_exact(build):
+    model = build()
+    pruned, report = prune(model, PruneConfig(coupled_rate=0.5, target_macs=0.6))
+    groups = report["coupled"]["groups"]
+    assert groups, report["coupled"]["left_alone"]
+    assert all(g["width_after"] < g["width_before"] and g["width_after"] % 16 == 0 for g in groups)
+    shapes = conv_shapes(pruned)
+    if build is residual_stream:
+        assert shapes["stem"][0] == 16 and shapes["b0a"][1] == 16 and shapes["b1b"][0] == 16  # the 32-wide stream
+        assert shapes["b2b"][0] == shapes["b2s"][0] == shapes["head"][1] < 48  # the 48-wide one
+    else:
+        assert shapes["stem"][0] == shapes["project1"][0] == shapes["expand0"][1] == 16
+    feeds = feeds_for(model)
+    reference = run(zero_dropped_reads(model, report.plan), feeds)
+    assert rel_diff(reference, run(pruned, feeds)) < 1e-4
+    assert report["verify"]["passed"]
+    assert report["macs_after"] <= 0.6 * 1.02 * report["macs_before"]
+    onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_coupled_cut_is_deeper_than_single_conv_at_the_same_rate_and_deterministic():
+    model = residual_stream()
+    plain, plain_report = prune(model, PruneConfig(groups="auto", rate=0.3))
+    a, report = prune(model, PruneConfig(groups="auto", rate=0.3, coupled_rate=0.5))
+    b, _ = prune(model, PruneConfig(groups="auto", rate=0.3, coupled_rate=0.5))
+    assert report["macs_after"] < plain_report["macs_after"]
+    assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_calibration_keeps_the_groups_channels_and_refits_their_readers():
+    model = residual_stream()
+    rng = np.random.default_rng(0)
+    calib = {"input": rng.standard_normal((48, 3, 8, 8)).astype(np.float32)}
+    pruned, report = prune(model, PruneConfig(coupled_rate=0.5, target_macs=0.6, calib=calib))
+    readers = {name for g in report["coupled"]["groups"] for name in g["consumers"]}
+    layers = report.plan.by_node()
+    assert readers <= set(layers)
+    for name in readers:
+        assert layers[name].provenance["channels"].startswith("coupled channel group")
+    refit = {entry["name"]: entry for entry in report["calibration"]["layers"]}
+    assert all(refit[name]["refit"] for name in readers)
+    assert report["verify"]["passed"]
+
+
+def test_a_gemm_head_reading_the_pooled_stream_is_a_reader_refit_like_a_conv():
+    model = residual_stream(head="gemm")
+    rng = np.random.default_rng(1)
+    calib = {"input": rng.standard_normal((48, 3, 8, 8)).astype(np.float32)}
+    pruned, report = prune(model, PruneConfig(coupled_rate=0.5, target_macs=0.7, calib=calib))
+    assert [g["width_before"] for g in report["coupled"]["groups"]] == [32, 48]
+    gemm = next(n for n in pruned.graph.node if n.op_type == "Gemm")
+    assert GraphIndex(pruned.graph).constant(gemm.input[1]).shape[1] == report["coupled"]["groups"][1]["width_after"]
+    refit = {entry["name"]: entry for entry in report["calibration"]["layers"]}
+    assert refit[gemm.name]["refit"] and refit[gemm.name]["pruned"]
+    assert report["verify"]["passed"]
+    uncalibrated, report = prune(model, PruneConfig(coupled_rate=0.5, target_macs=0.7))
+    feeds = feeds_for(model)
+    assert rel_diff(run(zero_dropped_reads(model, report.plan), feeds), run(uncalibrated, feeds)) < 1e-4
+
+
+def test_a_gemm_reading_a_flattened_map_leaves_the_group_alone_with_the_reason():
+    pruned, report = prune(residual_stream(head="flat"), PruneConfig(coupled_rate=0.5, target_macs=0.7))
+    left = report["coupled"]["left_alone"]
+    assert any("Gemm" in entry["reason"] and entry["width"] == 48 for entry in left), left
+    assert [g["width_before"] for g in report["coupled"]["groups"]] == [32]
+    assert report["verify"]["passed"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"groups": 8}, "--groups auto only"),
+    ({"coupled_rate": 1.0}, "--coupled-rate must be in (0, 1)"),
+    ({"coupled_rate": 0.0}, "--coupled-rate must be in (0, 1)"),
+])
+def test_bad_coupled_options_are_user_errors(options, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        prune(residual_stream(), PruneConfig(**{"coupled_rate": 0.5, **options}))
