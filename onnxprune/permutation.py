@@ -57,7 +57,7 @@ def is_identity(perm: np.ndarray) -> bool:
 class _PermutationRules:
     """Rebuilds ``graph``'s node list (``nodes``) while tracking each tensor's channel permutation.
 
-    ``shapes``: static shapes by tensor name (``rewrite._static_shapes``); ``fold``: whether
+    ``shapes``: static shapes by tensor name (symbolic dims as names); ``fold``: whether
     permutations may travel (False: restore each one at once, see above).
     """
 
