@@ -132,6 +132,23 @@ def foldable_chain(model_or_index, conv_name: str) -> tuple[str | None, list[str
         tensor = producer.input[0]
 
 
+def gather_folds(producer_groups: int | None, reads_each_channel_once: bool) -> bool:
+    """The fold rule: does a pruned Conv's input Gather disappear into its producer?
+
+    It does when ``foldable_chain`` found a producer (``producer_groups`` is None when it found
+    none), that producer's output order is free — it stays dense or is pruned with G=1
+    (``producer_groups == 1``; a grouped producer emits its filters group by group, in an order
+    its own plan fixes) — and the Gather reads each channel at most once, i.e. it only permutes
+    or selects (a channel read twice cannot be one filter's output).
+
+    One rule, two callers that know different things: the rewrite (``gather_fold.py``) applies
+    it to a plan's actual kept channels; the speed planner (``speed_plan._Planner.needs_gather``)
+    predicts it before any channel is chosen, from a candidate's groups: G=1 and disjoint groups
+    read each channel at most once, other grouped choices are taken to read some channel twice.
+    """
+    return producer_groups == 1 and reads_each_channel_once
+
+
 def is_depthwise(index: GraphIndex, node) -> bool:
     """A Conv with one constant filter per channel (group = C_in = C_out, depth multiplier 1), a
     constant bias if any, and one live output: selecting its output channels selects its input

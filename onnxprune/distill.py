@@ -15,9 +15,11 @@ How, and why:
 - augmentation (per sample, from a numpy generator seeded by ``seed``): a random zoom (crop or
   pad, side scale in ``zoom``), a random shift of up to ``max_shift`` of the side beyond the
   crop's slack, a horizontal flip with probability 1/2; one bilinear ``grid_sample`` with
-  reflection padding; applied to every 4-D float input alike;
+  reflection padding; applied to every 4-D float input alike (batches and augmentation:
+  ``distill_data.py``);
 - loss: KL(teacher || student) on softmax(logits / temperature) x temperature² (``loss="kl"``),
-  or mean squared logit error (``loss="mse"``), on the first graph output, class axis 1;
+  or mean squared logit error (``loss="mse"``), on the first graph output, class axis 1 (the loss
+  and the reported agreement measures: ``distill_metrics.py``);
 - Adam with a short linear warm-up (5% of the steps) then cosine decay to zero, fp32;
 - a fraction ``holdout`` of the images (chosen by ``seed``) is never trained on (or the separate
   ``eval_images``); KL and top-1 agreement with the teacher are measured on (at most
@@ -42,13 +44,13 @@ import time
 import numpy as np
 import onnx
 
+from .distill_data import Batches, augment, load_images
+from .distill_metrics import EVAL_BATCH, agreement, distill_loss, logits, loss_curve, rel_diff
 from .errors import InternalError
 from .shapes import fixed_batch
 from .torch_bridge import OnnxModule, UnsupportedModel, default_trainable, require_torch
 
 __all__ = ["distill", "structure_problems", "UnsupportedModel"]
-
-EVAL_BATCH = 32
 
 
 def distill(student, teacher, images, *, time_budget_s: float | None = None, steps: int | None = None,
@@ -118,13 +120,13 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
                                f"other sizes (training {batch_size}, measuring up to {EVAL_BATCH})")
     say = _Say(progress)
 
-    feeds = _load_images(images, student)
+    feeds = load_images(images, student)
     input_names = list(feeds)
     count = len(feeds[input_names[0]])
     rng = np.random.default_rng(seed)
     order = rng.permutation(count)
     if eval_images is not None:
-        hold, n_hold, train_idx = _load_images(eval_images, student), None, np.arange(count)
+        hold, n_hold, train_idx = load_images(eval_images, student), None, np.arange(count)
         n_hold = len(hold[input_names[0]])
     else:
         n_hold = min(count - 1, max(1, int(round(holdout * count)))) if holdout > 0 and count >= 2 else 0
@@ -143,10 +145,10 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
         raise ValueError(f"teacher inputs {teacher_inputs} differ from the student's {sorted(input_names)}")
 
     t_eval = time.perf_counter()
-    t_hold = _logits(teacher_sess, hold)
-    t_train = _logits(teacher_sess, train_eval)
-    before_hold = _logits(student_sess, hold)
-    before_train = _logits(student_sess, train_eval)
+    t_hold = logits(teacher_sess, hold)
+    t_train = logits(teacher_sess, train_eval)
+    before_hold = logits(student_sess, hold)
+    before_train = logits(student_sess, train_eval)
     eval_s = time.perf_counter() - t_eval
     if t_hold.shape[1:] != before_hold.shape[1:] or t_train.shape[1:] != before_train.shape[1:]:
         raise ValueError(f"teacher output shape {t_train.shape[1:]} differs from the student's "
@@ -154,23 +156,23 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
     check = {k: v[:4] for k, v in (hold if n_hold else train).items()}
     with torch.no_grad():
         bridged = module(*[torch.from_numpy(check[k]) for k in input_names])[0].numpy()
-    bridge_diff = _rel_diff((before_hold if n_hold else before_train)[:4], bridged)
+    bridge_diff = rel_diff((before_hold if n_hold else before_train)[:4], bridged)
     if not bridge_diff <= 1e-3:
         raise UnsupportedModel(f"the torch bridge differs from ONNX Runtime by {bridge_diff:.3g} (relative)")
 
     params = [module.parameter(name) for name in module.trainable_names]
     opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else \
         torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
-    sampler = _Batches(len(train_idx), batch_size, rng)
+    sampler = Batches(len(train_idx), batch_size, rng)
     train_t = {k: torch.from_numpy(v) for k, v in train.items()}
 
     def step_loss(step_rng, index):
         batch = {k: v[index] for k, v in train_t.items()}
-        batch = _augment(batch, step_rng, zoom, max_shift, flip, augment_prob)
+        batch = augment(batch, step_rng, zoom, max_shift, flip, augment_prob)
         target = torch.from_numpy(teacher_sess.run([teacher_sess.get_outputs()[0].name],
                                                    {k: v.numpy() for k, v in batch.items()})[0])
         output = module(*[batch[k] for k in input_names])[0]
-        return _loss(output, target, loss, temperature)
+        return distill_loss(output, target, loss, temperature)
 
     probe_s = None
     budget_started = time.perf_counter()
@@ -223,11 +225,11 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
         module, done = OnnxModule(student, module.trainable_names), 0
     distilled = module.export() if done else _copy(student)
     after_sess = _session(distilled, threads)
-    after_hold = _logits(after_sess, hold)
-    after_train = _logits(after_sess, train_eval)
+    after_hold = logits(after_sess, hold)
+    after_train = logits(after_sess, train_eval)
     with torch.no_grad():
         bridged = module(*[torch.from_numpy(check[k]) for k in input_names])[0].numpy()
-    export_diff = _rel_diff((after_hold if n_hold else after_train)[:4], bridged)
+    export_diff = rel_diff((after_hold if n_hold else after_train)[:4], bridged)
     if not export_diff <= 1e-3:
         raise InternalError(f"the distilled ONNX model differs from the trained torch module "
                            f"by {export_diff:.3g} (relative)")
@@ -244,11 +246,11 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
         "images": {"train": int(len(train_idx)), "holdout": int(n_hold), "train_eval": len(t_train)},
         "trainable_tensors": len(params), "trainable_values": int(sum(p.numel() for p in params)),
         "bridge_max_rel_diff": float(bridge_diff), "export_max_rel_diff": float(export_diff),
-        "loss_curve": _curve(losses),
-        "holdout": {"before": _agreement(t_hold, before_hold, temperature),
-                    "after": _agreement(t_hold, after_hold, temperature)} if n_hold else None,
-        "train": {"before": _agreement(t_train, before_train, temperature),
-                  "after": _agreement(t_train, after_train, temperature)},
+        "loss_curve": loss_curve(losses),
+        "holdout": {"before": agreement(t_hold, before_hold, temperature),
+                    "after": agreement(t_hold, after_hold, temperature)} if n_hold else None,
+        "train": {"before": agreement(t_train, before_train, temperature),
+                  "after": agreement(t_train, after_train, temperature)},
     }
     report["improved"] = report["holdout"]["after"]["kl"] < report["holdout"]["before"]["kl"] if n_hold else None
     return distilled, report
@@ -290,18 +292,6 @@ def structure_problems(before: onnx.ModelProto, after: onnx.ModelProto,
 
 # -- helpers ------------------------------------------------------------------------------
 
-def _load_images(images, model) -> dict:
-    from .calib_data import load_calibration_inputs
-
-    if isinstance(images, np.ndarray):
-        init_names = {t.name for t in model.graph.initializer}
-        names = [i.name for i in model.graph.input if i.name not in init_names]
-        if len(names) != 1:
-            raise ValueError(f"the model has {len(names)} inputs; pass images as {{input name: array}}")
-        images = {names[0]: images}
-    return load_calibration_inputs(images, model)
-
-
 class _Say:
     def __init__(self, progress):
         self.progress = progress
@@ -317,104 +307,11 @@ class _Say:
             self.progress(done, total, value)
 
 
-class _Batches:
-    """Indices of the next batch: a fresh seeded permutation each epoch, wrapping across epochs."""
-
-    def __init__(self, count: int, batch_size: int, rng):
-        self.count, self.size, self.rng = count, min(batch_size, count), rng
-        self.pool = np.empty(0, dtype=np.int64)
-
-    def next(self):
-        import torch
-
-        while len(self.pool) < self.size:
-            self.pool = np.concatenate([self.pool, self.rng.permutation(self.count)])
-        index, self.pool = self.pool[:self.size], self.pool[self.size:]
-        return torch.from_numpy(np.sort(index))
-
-
-def _augment(batch: dict, rng, zoom, max_shift, flip, prob) -> dict:
-    """Random zoom/shift/flip of a sample with probability ``prob`` (the same on every 4-D float
-    input); the other samples, and inputs of other ranks, unchanged."""
-    import torch
-    import torch.nn.functional as F
-
-    n = len(next(iter(batch.values())))
-    scale = rng.uniform(zoom[0], zoom[1], n)
-    slack = np.abs(1.0 - scale) + 2.0 * max_shift  # normalized coordinates span 2 per side
-    tx, ty = rng.uniform(-1.0, 1.0, (2, n)) * slack
-    sign = np.where(rng.random(n) < 0.5, -1.0, 1.0) if flip else np.ones(n)
-    plain = rng.random(n) >= prob
-    scale[plain], tx[plain], ty[plain], sign[plain] = 1.0, 0.0, 0.0, 1.0
-    theta = np.zeros((n, 2, 3), dtype=np.float32)
-    theta[:, 0, 0], theta[:, 0, 2] = scale * sign, tx
-    theta[:, 1, 1], theta[:, 1, 2] = scale, ty
-    theta = torch.from_numpy(theta)
-    out = {}
-    for name, x in batch.items():
-        if x.dim() == 4 and x.is_floating_point():
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        out[name] = x.contiguous()
-    return out
-
-
-def _loss(output, target, kind, temperature):
-    import torch
-
-    if kind == "mse":
-        return torch.mean((output - target) ** 2)
-    s = torch.log_softmax(output / temperature, dim=1)
-    t = torch.log_softmax(target / temperature, dim=1)
-    kl = torch.sum(t.exp() * (t - s), dim=1)
-    return kl.mean() * temperature ** 2
-
 
 def _session(model, threads=None):
     from .runtime import create_session
 
     return create_session(model, threads=threads, load_error=None)  # our own models: a failure is a bug
-
-
-def _logits(sess, feeds: dict) -> np.ndarray:
-    name = sess.get_outputs()[0].name
-    count = len(next(iter(feeds.values())))
-    parts = [sess.run([name], {k: v[i:i + EVAL_BATCH] for k, v in feeds.items()})[0]
-             for i in range(0, count, EVAL_BATCH)]
-    return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
-
-
-def _agreement(teacher: np.ndarray, student: np.ndarray, temperature: float) -> dict:
-    if len(teacher) == 0:
-        return {"kl": None, "top1_agreement": None, "count": 0}
-    t = _log_softmax(teacher.astype(np.float64))
-    s = _log_softmax(student.astype(np.float64))
-    kl = np.sum(np.exp(t) * (t - s), axis=1)
-    kl = kl.reshape(len(kl), -1).mean(axis=1)
-    agree = np.argmax(teacher, axis=1) == np.argmax(student, axis=1)
-    return {"kl": round(float(kl.mean()), 6), "top1_agreement": round(float(agree.mean()), 4),
-            "count": int(len(teacher))}
-
-
-def _log_softmax(x, axis=1):
-    x = x - x.max(axis=axis, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
-
-
-def _rel_diff(reference, candidate) -> float:
-    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
-    if reference.shape != candidate.shape:
-        return float("inf")
-    return float(np.max(np.abs(reference - candidate)) / max(float(np.max(np.abs(reference))), 1e-12))
-
-
-def _curve(losses: list[float], points: int = 20) -> dict:
-    if not losses:
-        return {"first": None, "last": None, "min": None, "points": []}
-    k = max(1, len(losses) // 10)
-    chunks = np.array_split(np.asarray(losses), min(points, len(losses)))
-    return {"first": round(float(np.mean(losses[:k])), 6), "last": round(float(np.mean(losses[-k:])), 6),
-            "min": round(float(np.min(losses)), 6), "points": [round(float(c.mean()), 6) for c in chunks]}
 
 
 def _copy(model):

@@ -12,10 +12,11 @@ How it decides:
    G>1 with block-aligned filters per group (≥ the provider minimum), and disjoint groups
    (G·n = C_in: every input channel kept by exactly one group) when n is within one block of
    C_in/G. Their latency comes from the cost model, including the effects on neighbours: a G=1
-   or disjoint layer fed by a foldable producer (``analysis.foldable_producer``) needs no Gather,
-   and with G=1 the producer computes only the kept channels (its MACs drop too); otherwise a
-   Gather is charged. The fastest candidate wins (disjoint groups win ties within 3%); a layer
-   stays dense unless some candidate saves at least 2% of the time it and its neighbours take.
+   or disjoint layer fed by a foldable producer (``analysis.foldable_producer``) needs no Gather
+   (the rewrite's fold rule, ``analysis.gather_folds``), and with G=1 the producer computes only
+   the kept channels (its MACs drop too); otherwise a Gather is charged. The fastest candidate
+   wins (disjoint groups win ties within 3%); a layer stays dense unless some candidate saves at
+   least 2% of the time it and its neighbours take.
    Layers are visited in graph order, twice, so each sees its neighbours' final choices.
 3. r is scanned on a fixed grid; the smallest r that meets the MACs target (and the speedup
    target, if any) is taken: the mildest pruning that gets there. Block rounding makes that
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .analysis import find_prunable_convs, foldable_chain
+from .analysis import find_prunable_convs, foldable_chain, gather_folds
 from .errors import UserError
 from .graph import GraphIndex, get_attr
 from .latency import ConvOp, GatherOp, Profile, load_cost_model, profile
@@ -289,12 +290,11 @@ class _Planner:
         if option is None:
             return False
         layer = self.layers[name]
-        if layer.producer is None:
-            return True
-        producer = state.get(layer.producer)
-        if producer is not None and producer.groups != 1:
-            return True
-        return not (option.groups == 1 or option.disjoint)
+        producer_groups = None
+        if layer.producer is not None:
+            producer = state.get(layer.producer)
+            producer_groups = 1 if producer is None else producer.groups
+        return not gather_folds(producer_groups, option.groups == 1 or option.disjoint)
 
     def out_channels(self, name: str, state: dict[str, Option]) -> int:
         consumer = self.layers[name].consumer
