@@ -39,6 +39,7 @@ from .analysis import foldable_producer
 from .errors import InternalError, UserError
 from .ops import CHANNEL_PARAM_NORMS, CHANNELWISE_UNARY, ELEMENTWISE_BINARY, REDUCTIONS, UNIT_RESHAPES
 from .plan import LayerPlan, Plan
+from .shape_facts import tensor_shapes
 
 
 
@@ -80,7 +81,7 @@ class _Rewriter:
         self.layers = plan.by_node()
         self.index = GraphIndex(self.graph)
         self.names = NameAllocator(self.graph)
-        self.shapes = _static_shapes(model)
+        self.shapes = tensor_shapes(model)
         self.fold = not has_subgraphs(self.graph)
         # tensor -> sigma: physical channel p holds logical channel sigma[p]. sigma may be shorter
         # than the logical width (``width``) when a producer was narrowed to the channels read.
@@ -452,20 +453,3 @@ class _Rewriter:
         set_initializer(self.graph, idx_name, np.asarray(indices, dtype=np.int64))
         self.nodes.append(helper.make_node("Gather", [source, idx_name], [output],
                                            name=self.names.new(node_name), axis=1))
-
-
-def _static_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    """Inferred shapes by tensor name; symbolic dims kept as their names (or None)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # shape inference is best effort: unknown shapes only disable folding
-        inferred = model
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                               for d in t.shape.dim]
-    for init in model.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
