@@ -46,7 +46,9 @@ CALIB = SAMPLES / "fmnist_calib.npz"
 sys.path.insert(0, str(ROOT))
 
 from onnxprune.calib_data import load_calibration_inputs  # noqa: E402
-from onnxprune.evaluate import FMNIST_DIR, Dataset, _read_idx, _to_float_images, evaluate, load_dataset  # noqa: E402
+from onnxprune.commands.eval import FMNIST_DIR, load_dataset  # noqa: E402  (the eval command's default data)
+from onnxprune.eval_data import Dataset, _read_idx, _to_float_images  # noqa: E402
+from onnxprune.evaluate import evaluate  # noqa: E402
 from onnxprune.macs import count_macs  # noqa: E402
 from onnxprune.normalize import normalize  # noqa: E402
 from onnxprune.pipeline import PruneConfig, prune  # noqa: E402

@@ -33,7 +33,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import accuracy  # noqa: E402  (benchmarks/accuracy.py: peers and onnxprune runners)
-from onnxprune.evaluate import evaluate, load_dataset  # noqa: E402
+from onnxprune.commands.eval import load_dataset  # noqa: E402  (the eval command's default data)
+from onnxprune.evaluate import evaluate  # noqa: E402
 from onnxprune.macs import count_macs  # noqa: E402
 from onnxprune.normalize import normalize  # noqa: E402
 

@@ -19,16 +19,12 @@ one for each reorder).
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import ArgumentParser, run_reporting_errors
 from .latency import AnalyticalModel, ConvOp, GatherOp, MeasuredTable
 
 GATHER_LAYOUT_FACTOR = 3.0
@@ -127,43 +123,3 @@ def autotune(model: onnx.ModelProto, config, settings, repeat: int = 10, max_sec
             log(f"[{i + 1}/{len(todo)}] {op.key}: {table.entries[op.key]:.1f} us")
     table._scale = None
     return table
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="onnxprune autotune", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--out", metavar="table.json",
-                   help="latency table to write (entries already in it are kept); default MODEL.latency-PROVIDER.json")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all usable cores)")
-    p.add_argument("--repeat", type=int, default=10, help="timed runs per op (default 10)")
-    p.add_argument("--max-seconds", type=float, default=600.0, help="measurement budget (default 600)")
-    p.add_argument("--min-channels", type=int, default=16)
-    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE_NAME")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_reporting_errors("onnxprune autotune", _run, build_parser().parse_args(argv))
-
-
-def _run(args) -> int:
-    from .bench import Settings
-    from .model_io import check_paths, load_model
-    from .normalize import normalize
-    from .pipeline import PruneConfig
-
-    out = Path(args.out) if args.out else Path(args.model).with_suffix(f".latency-{args.provider}.json")
-    # --out may be an existing table (it is read, extended and replaced atomically), never the model.
-    check_paths([("MODEL.onnx", args.model)], [("--out", str(out))])
-    table = MeasuredTable.load(out, args.provider, label="--out") if out.is_file() else None
-    model = normalize(load_model(args.model))
-    config = PruneConfig(groups="auto", provider=args.provider, min_channels=args.min_channels,
-                         exclude=tuple(args.exclude), target_macs=0.5)
-    settings = Settings(args.provider, args.threads)
-    log = lambda msg: print(f"onnxprune autotune: {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    table = autotune(model, config, settings, args.repeat, args.max_seconds, table, log)
-    table.save(out)
-    print(f"onnxprune autotune: {len(table.entries)} ops in {out} (use --latency-table {out})", file=sys.stderr)
-    return 0

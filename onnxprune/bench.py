@@ -13,8 +13,6 @@ intra-op thread count, and on CUDA a pinned ``cudnn_conv_algo_search`` (it domin
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from .errors import ArgumentParser, PassFailed, UserError, run_reporting_errors
+from .errors import PassFailed, UserError
 from .shapes import fixed_batch
 from .verify import random_inputs
 
@@ -231,51 +229,3 @@ def check_speed(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: st
                            f"{after['median_ms']:.3f} ms vs {before['median_ms']:.3f} ms (ratio {ratio:.3f} > "
                            f"{1 + margin:.2f}); nothing written")
     return result
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="onnxprune bench", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="+", metavar="MODEL.onnx", help="models to compare; ratios are to the first")
-    p.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
-    p.add_argument("--batch", default="1", help="comma-separated batch sizes for models with a symbolic batch "
-                                                "(fixed-batch models run at their own); default 1")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all usable cores)")
-    p.add_argument("--repeat", type=int, default=30, help="timed runs per model and batch (default 30)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
-    p.add_argument("--cudnn-conv-algo-search", choices=("EXHAUSTIVE", "HEURISTIC", "DEFAULT"), default="EXHAUSTIVE")
-    p.add_argument("--host-io", action="store_true",
-                   help="cuda: feed numpy arrays and fetch outputs each run, timing the PCIe copies too "
-                        "(default: inputs and outputs stay on the GPU via IOBinding)")
-    p.add_argument("--json", metavar="out.json", help="also write the full report as JSON")
-    return p
-
-
-def parse_batches(text: str) -> list[int]:
-    try:
-        batches = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise UserError(f"--batch expects comma-separated positive integers, got {text!r}") from None
-    if not batches or min(batches) < 1:
-        raise UserError(f"--batch expects comma-separated positive integers, got {text!r}")
-    return batches
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_reporting_errors("onnxprune bench", _run, build_parser().parse_args(argv))
-
-
-def _run(args) -> int:
-    from .model_io import check_paths, load_model, write_text_atomic
-
-    batches = parse_batches(args.batch)
-    if args.threads < 0 or args.repeat < 1 or args.warmup < 0:
-        raise UserError("--threads must be >= 0, --repeat >= 1, --warmup >= 0")
-    check_paths([("MODEL.onnx", path) for path in args.models], [("--json", args.json)])
-    models = [load_model(path) for path in args.models]
-    settings = Settings(args.provider, args.threads, args.cudnn_conv_algo_search, args.host_io)
-    report = compare(models, [str(p) for p in args.models], batches, settings, args.repeat, args.warmup)
-    print(format_report(report))
-    if args.json:
-        write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
-    return 0

@@ -21,6 +21,7 @@ from onnx import helper
 from .errors import UserError
 from .evaluate import compare_logits
 from .model_io import MAX_IR_VERSION
+from .shape_facts import tensor_types
 from .shapes import model_inputs
 from .verify import session
 
@@ -85,7 +86,7 @@ class Stream:
         for i, node in enumerate(model.graph.node):
             for name in node_reads(node):
                 self.last_use[name] = i
-        self.types = _tensor_types(model)
+        self.types = tensor_types(model)  # once per model version, shared by copies (shape_facts)
 
     def advance(self, stop: int, keep=()) -> dict[str, np.ndarray]:
         nodes = list(self.model.graph.node[self.position:stop])
@@ -123,19 +124,6 @@ class Stream:
                     out[name] = np.empty((count,) + value.shape[1:], dtype=value.dtype)
                 out[name][start:start + len(value)] = value
         return out
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor shape inference can type (segments need output types)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # inference is a convenience here; untyped outputs default to float
-        inferred = model
-    types = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        if vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    return types
 
 
 def fidelity(original: onnx.ModelProto, uncalibrated: onnx.ModelProto, calibrated: onnx.ModelProto,

@@ -67,7 +67,7 @@ import onnx
 
 from .channel_rules import ChannelTracer, Edit, Read
 from .errors import UserError
-from .rewrite import _static_shapes
+from .shape_facts import tensor_shapes
 
 __all__ = ["ChannelAnalysis", "ChannelGroup", "Edit", "Read", "channel_groups"]
 
@@ -127,7 +127,7 @@ class ChannelAnalysis:
 
 def channel_groups(model: onnx.ModelProto) -> ChannelAnalysis:
     """The coupled channel groups of ``model`` (normalized: constants are initializers)."""
-    tracer = ChannelTracer(model, _static_shapes(model))
+    tracer = ChannelTracer(model, tensor_shapes(model))
     tracer.run()
     visible = [t for t in tracer.order if t not in tracer.hidden]
     classes: dict[int, list[tuple[int, int]]] = defaultdict(list)  # root -> (tensor position, channel)

@@ -13,30 +13,8 @@ import numpy as np
 import onnx
 
 from .graph import get_attr
-from .shapes import with_input_shapes
-
-
-def inferred_at_batch_one(model: onnx.ModelProto, shapes=None) -> onnx.ModelProto:
-    """A copy at batch 1 and the input shapes ``shapes`` (``shapes.resolve_input_shapes``; None:
-    resolved by its rules), with every static shape inferred."""
-    fixed = with_input_shapes(model, shapes, batch=1)
-    del fixed.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(fixed, data_prop=True)
-
-
-def static_shapes(inferred: onnx.ModelProto) -> dict[str, list[int]]:
-    """Fully static shapes by tensor name (initializers included) of an inferred model."""
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        ttype = vi.type.tensor_type
-        if not ttype.HasField("shape"):  # rank unknown: not a scalar
-            continue
-        dims = ttype.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            shapes[vi.name] = [d.dim_value for d in dims]
-    for init in inferred.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
+from .shape_facts import inferred_at_batch_one, static_shapes  # noqa: F401  (their home before shape_facts)
+from .shape_facts import static_shapes_at_batch_one
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -48,11 +26,11 @@ def count_params(model: onnx.ModelProto) -> int:
 
 
 def count_macs(model: onnx.ModelProto, shapes=None) -> tuple[int, dict[str, int]]:
-    """(total MACs, MACs per counted node name) at ``inferred_at_batch_one``'s shapes."""
-    inferred = inferred_at_batch_one(model, shapes)
-    shapes = static_shapes(inferred)
+    """(total MACs, MACs per counted node name) at ``shape_facts.static_shapes_at_batch_one``'s
+    shapes (inferred once per model version)."""
+    shapes = static_shapes_at_batch_one(model, shapes)
     per_node = {}
-    for node in inferred.graph.node:
+    for node in model.graph.node:
         macs = _node_macs(node, shapes)
         if macs is not None:
             per_node[node.name or node.output[0]] = macs

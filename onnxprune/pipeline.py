@@ -1,12 +1,13 @@
 """The whole pass, one visible step per stage: load → normalize → plan → calibrate → rewrite → verify →
 (distill, check speed, accuracy) → report; README "How it works" walks through them.
 
-``prune()`` is the Python API the CLI wraps; it never writes files (the CLI saves atomically).
+``prune()`` is the Python API the ``onnxprune`` command (``commands/prune.py``) wraps; it never
+reads ``argv``, prints or writes files (the command saves atomically). The report's core fields
+are built in ``report.py``; each stage adds its own section here.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 
@@ -16,10 +17,10 @@ from . import __version__
 from .errors import InternalError, PassFailed, UserError
 from .gate import AccuracyCheck, BudgetNotMet, evaluate_gates
 from .gate import check_options as check_gate_options
-from .macs import count_macs, count_params
 from .model_io import cap_ir_version, load_model
 from .normalize import normalize, relist_initializer_inputs
 from .plan import Plan
+from .report import Report, build_report
 from .planner import PlanOptions, plan_model
 from .coupled import lift, lower
 from .rewrite import apply_plan
@@ -65,20 +66,6 @@ class PruneConfig(PlanOptions):
     coupled_rate: float | None = None
     g1_only: tuple[str, ...] = ()  # set by the pass: Convs writing a narrowed group (G=1 cuts only)
     fixed_channels: tuple[str, ...] = ()  # set by the pass: Convs whose kept channels a group decided
-
-
-@dataclass
-class Report:
-    """What a run did: ``data`` is the JSON report, ``plan`` the decisions that were applied."""
-
-    data: dict
-    plan: Plan
-
-    def __getitem__(self, key):
-        return self.data[key]
-
-    def to_json(self) -> str:
-        return json.dumps(self.data, indent=1) + "\n"
 
 
 class Progress:
@@ -400,6 +387,7 @@ def _couple(model: onnx.ModelProto, config: PruneConfig, progress: Progress):
     """Choose the coupled groups to narrow -> (CoupledPlan, model to plan the rest on, its config)."""
     from .coupled import choose
     from .latency import profile
+    from .macs import count_macs
 
     if config.plan is not None or config.groups != "auto" or config.tickets:
         raise UserError("--coupled-rate works with --groups auto only (not with --plan-in, --groups N or --tickets)")
@@ -427,36 +415,3 @@ def _lap(timings: dict, name: str, since: float) -> float:
     now = time.perf_counter()
     timings[name] = now - since
     return now
-
-
-def build_report(original, normalized, pruned, plan: Plan, verified, config: PruneConfig, shapes=None) -> dict:
-    macs_before, per_node_before = count_macs(normalized, shapes)
-    macs_after, per_node_after = count_macs(pruned, shapes)
-    layers = []
-    pruned_before = pruned_after = 0
-    for layer in plan.layers:
-        before, after = per_node_before.get(layer.node, 0), per_node_after.get(layer.node, 0)
-        pruned_before += before
-        pruned_after += after
-        layers.append({"name": layer.node, "c_out": layer.c_out, "c_in": layer.c_in, "kernel": layer.kernel,
-                       "groups": layer.groups, "kept_in_channels_per_group": layer.kept_per_group,
-                       "clustering_method": layer.clustering_method, "criterion": layer.criterion,
-                       "macs_before": before, "macs_after": after, "provenance": layer.provenance})
-    layers += [{"name": s["node"], "skipped": s["reason"]} for s in plan.skipped]
-    order = {n.name: i for i, n in enumerate(normalized.graph.node)}
-    layers.sort(key=lambda entry: order.get(entry["name"], len(order)))
-    return {
-        "onnxprune_version": __version__,
-        "options": {"rate": config.rate, "groups": config.groups, "criterion": config.criterion,
-                    "seed": config.seed, "min_channels": config.min_channels, "tickets": len(config.tickets),
-                    "plan_in": config.plan is not None},
-        "macs_before": macs_before, "macs_after": macs_after,
-        "params_before": count_params(normalized), "params_after": count_params(pruned),
-        "params_before_normalization": count_params(original),
-        "pruned_layers_macs_before": pruned_before, "pruned_layers_macs_after": pruned_after,
-        "convs_pruned": len(plan.layers), "convs_skipped": len(plan.skipped),
-        "input_shapes": {name: {"dims": list(shape.dims), "source": shape.source}
-                         for name, shape in (shapes or {}).items()},
-        "layers": layers,
-        "verify": verified.as_dict() if verified else None,
-    }

@@ -34,7 +34,7 @@ from onnx import helper
 
 from .channel_groups import ChannelAnalysis, Edit, channel_groups
 from .graph import GraphIndex, NameAllocator, remove_unused_initializers, set_attr, set_initializer
-from .rewrite import _static_shapes
+from .shape_facts import tensor_shapes
 
 
 def prune_channel_groups(model: onnx.ModelProto, keep: dict[int, list[int]],
@@ -91,7 +91,7 @@ def masked_model(model: onnx.ModelProto, keep: dict[int, list[int]],
     graph = out.graph
     index = GraphIndex(graph)
     names = NameAllocator(graph)
-    shapes = _static_shapes(model)
+    shapes = tensor_shapes(model)
     masked: dict[str, str] = {}
     before: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     for read in analysis.reads:

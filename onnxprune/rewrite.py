@@ -29,6 +29,7 @@ from .gather_fold import _GatherFolding
 from .graph import get_attr, has_subgraphs, remove_unused_initializers, set_attr
 from .permutation import inverse, is_identity
 from .plan import LayerPlan, Plan
+from .shape_facts import tensor_shapes
 
 __all__ = ["apply_plan", "grouped_weight", "inverse", "is_identity"]
 
@@ -58,7 +59,7 @@ class _Rewriter(_GatherFolding):
     def __init__(self, model: onnx.ModelProto, plan: Plan):
         self.model = model
         self.layers = plan.by_node()
-        super().__init__(model.graph, _static_shapes(model), not has_subgraphs(model.graph))
+        super().__init__(model.graph, tensor_shapes(model), not has_subgraphs(model.graph))
         self.producer_order = self._producer_orders() if self.fold else {}
 
     # -- driver -------------------------------------------------------------------------
@@ -122,20 +123,3 @@ class _Rewriter(_GatherFolding):
         set_attr(node, "group", layer.groups)
         self.nodes.append(node)
         self._set_output_perm(node, 0, order, layer.c_out)
-
-
-def _static_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    """Inferred shapes by tensor name; symbolic dims kept as their names (or None)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # shape inference is best effort: unknown shapes only disable folding
-        inferred = model
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                               for d in t.shape.dim]
-    for init in model.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes

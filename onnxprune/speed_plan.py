@@ -204,11 +204,11 @@ def _pick(outcomes: list[Outcome], dense: Outcome, macs_target: float | None, sp
 
 def collect_layers(model: onnx.ModelProto, config) -> tuple[dict[str, Layer], dict[str, str], int]:
     """Every Conv with static shapes, which are prunable, and the MACs of everything else."""
-    from .macs import count_macs, inferred_at_batch_one, static_shapes
+    from .macs import count_macs
+    from .shape_facts import static_shapes_at_batch_one
 
     index = GraphIndex(model.graph)
-    inferred = inferred_at_batch_one(model)
-    shapes = static_shapes(inferred)
+    shapes = static_shapes_at_batch_one(model)  # count_macs below reads the same (cached) facts
     prunable, skipped_convs = find_prunable_convs(model, lambda info: 1, config.min_channels, config.exclude)
     prunable_names = {info.name for info in prunable}
     g1_only = set(getattr(config, "g1_only", ()))

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import helper
 
-import onnxprune.cli as cli
+import onnxprune.commands.prune as cli  # the prune command: where it looks up prune, load_model, the writers
 from graphs import resnet_basic
 from onnxprune.cli import main
 from onnxprune.errors import one_line
@@ -353,7 +353,7 @@ def test_ctrl_c_while_writing_leaves_no_output(tmp_path, model_path, capsys, mon
 
 def test_sigint_exits_130_with_one_line(tmp_path, model_path):
     script = ("import os, signal, sys, time\n"
-              "import onnxprune.cli as cli\n"
+              "import onnxprune.commands.prune as cli\n"
               "def prune(*args, **kwargs):\n"
               "    os.kill(os.getpid(), signal.SIGINT)\n"
               "    time.sleep(10)\n"

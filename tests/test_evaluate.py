@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import evaluate as ev
+from onnxprune.commands import eval as eval_cmd
 from onnxprune.errors import UserError
 
 C = 4  # classes; images are N x 1 x 1 x C and the "logits" are the pixels (times a scale)
@@ -113,16 +114,16 @@ def test_load_npz_uint8_and_description(tmp_path):
     assert d.images.shape == (5, 1, 28, 28) and d.images.dtype == np.float32
     assert d.images.max() <= 1.0 and d.labels.dtype == np.int64
     assert str(p) in d.description
-    assert ev.load_dataset(p).description == d.description
+    assert eval_cmd.load_dataset(p).description == d.description
 
 
 def test_load_dataset_default_says_which():
-    d = ev.load_dataset(None)
-    if ev.full_test_set_available():
+    d = eval_cmd.load_dataset(None)
+    if eval_cmd.full_test_set_available():
         assert len(d.labels) == 10000 and "full" in d.description
     else:
         assert len(d.labels) == 2000 and "subset" in d.description
-    s = ev.load_dataset(None, prefer="subset")
+    s = eval_cmd.load_dataset(None, prefer="subset")
     assert len(s.labels) == 2000 and np.bincount(s.labels).tolist() == [200] * 10
     assert s.images.shape == (2000, 1, 28, 28) and 0 <= s.images.min() and s.images.max() <= 1
 
@@ -141,7 +142,7 @@ def test_user_errors_raised(tmp_path, tiny):
 
 
 def _cli(capsys, *argv):
-    rc = ev.main([str(a) for a in argv])
+    rc = eval_cmd.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
 

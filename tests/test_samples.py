@@ -11,7 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxprune.evaluate import evaluate, load_dataset
+from onnxprune.commands.eval import load_dataset
+from onnxprune.evaluate import evaluate
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 ONNX_FILES = sorted(SAMPLES.glob("*.onnx"))

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune.autotune as autotune
 import onnxprune.bench as bench
-import onnxprune.evaluate as ev
+import onnxprune.commands.eval as ev  # the eval command: its default data and its use of evaluate()
 import onnxprune.model_io as model_io
 from graphs import vgg
 from onnxprune.cli import main
@@ -225,11 +225,11 @@ def test_eval_from_an_installed_package_without_samples(tmp_path, tiny):
     import shutil
 
     site = tmp_path / "site"
-    shutil.copytree(Path(ev.__file__).parent, site / "onnxprune", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(ev.__file__).parent.parent, site / "onnxprune", ignore=shutil.ignore_patterns("__pycache__"))
     model, data = tiny
     script = textwrap.dedent("""
         import sys
-        import onnxprune.evaluate as ev
+        import onnxprune.commands.eval as ev
         from onnxprune.cli import main
         assert not ev.SUBSET_PATH.exists(), ev.SUBSET_PATH
         ev.FMNIST_DIR = ev.FMNIST_DIR.parent / "onnxprune-test-no-such-folder"

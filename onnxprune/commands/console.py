@@ -1,0 +1,102 @@
+"""What ``onnxprune IN.onnx OUT.onnx`` prints on stderr: progress, the summary, the warnings.
+
+Why apart from ``prune.py``: the wording of every line a person or CI log reads is in one place,
+and only from the report's JSON data (``pipeline.Report.data``), so it can be checked on a saved
+report without running a pass.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+from ..pipeline import Progress
+
+
+class ConsoleProgress(Progress):
+    """Stage lines and a per-layer bar on stderr (a line per layer with -v or without a tty)."""
+
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+        self.tty = sys.stderr.isatty()
+
+    def stage(self, message: str) -> None:
+        print(f"onnxprune: {message}", file=sys.stderr, flush=True)
+
+    def layer(self, done: int, total: int, name: str) -> None:
+        if self.tty and not self.verbose:
+            width = 30
+            filled = width * done // max(total, 1)
+            end = "\n" if done == total else ""
+            print(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:40]:<40}",
+                  end=end, file=sys.stderr, flush=True)
+        elif done < total and (self.verbose or done % max(1, total // 10) == 0):
+            print(f"  [{done + 1}/{total}] {name}", file=sys.stderr, flush=True)
+
+
+def nothing_pruned_warning(report: dict) -> str | None:
+    """Why no Conv was pruned (None if some were): the commonest skip reason, with a hint for a
+    ``--groups`` that divides no layer's output channels."""
+    if report["convs_pruned"]:
+        return None
+    skipped = [layer for layer in report["layers"] if "skipped" in layer]
+    if not skipped:
+        return "no Conv was pruned: the model has no Conv"
+    undivided = [layer for layer in skipped if "not divisible by groups" in layer["skipped"]]
+    if undivided:
+        return (f"no Conv was pruned: {len(undivided)} of {len(skipped)} Convs have C_out not divisible by "
+                f"--groups (e.g. {undivided[0]['name']}: {undivided[0]['skipped']}); "
+                "choose a --groups that divides their output channels")
+    reason, count = Counter(layer["skipped"] for layer in skipped).most_common(1)[0]
+    return f"no Conv was pruned: {count} of {len(skipped)} Convs skipped because {reason}"
+
+
+def summary(report: dict, output: str | None) -> str:
+    mb, ma = report["macs_before"], report["macs_after"]
+    pb, pa = report["pruned_layers_macs_before"], report["pruned_layers_macs_after"]
+    lines = [f"onnxprune: pruned {report['convs_pruned']} Convs, left {report['convs_skipped']} dense",
+             f"  MACs   {mb / 1e6:10.2f}M -> {ma / 1e6:10.2f}M  ({_cut(mb, ma)} whole model, "
+             f"{_cut(pb, pa)} of the pruned layers)",
+             f"  params {report['params_before'] / 1e6:10.3f}M -> {report['params_after'] / 1e6:10.3f}M  "
+             f"({_cut(report['params_before'], report['params_after'])})"]
+    calib = report.get("calibration")
+    if calib and calib.get("fidelity"):
+        fid = calib["fidelity"]
+        lines.append(f"  calibrated on {calib['fit_samples']} inputs: top-1 agreement with the original on "
+                     f"{fid['samples']} held-out inputs {100 * fid['uncalibrated']['top1_agreement']:.1f}% -> "
+                     f"{100 * fid['calibrated']['top1_agreement']:.1f}%")
+    distilled = report.get("distill")
+    if distilled and "skipped" in distilled:
+        lines.append(f"  distillation skipped: {distilled['skipped']}")
+    elif distilled and distilled.get("holdout"):
+        before, after = distilled["holdout"]["before"], distilled["holdout"]["after"]
+        lines.append(f"  distilled {distilled['steps_done']} steps ({distilled['train_s']:.0f} s): top-1 agreement on "
+                     f"{distilled['images']['holdout']} held-out inputs {100 * before['top1_agreement']:.1f}% -> "
+                     f"{100 * after['top1_agreement']:.1f}%"
+                     + ("" if distilled.get("kept", True) else " (held-out KL did not drop: refit weights kept)"))
+    search = report.get("budget")
+    if search:
+        lines.append(f"  fidelity budget {100 * search['min_agreement']:.0f}% top-1 agreement: "
+                     f"{'met' if search['met'] else 'NOT met'} ({search['note']})")
+    if report.get("sensitivity") and not str(report["sensitivity"]["source"]).startswith("calibration"):
+        lines.append("  fidelity unmeasured: no --calib (cuts ranked by weight norms; expect a large accuracy loss "
+                     "on real models without calibration data)")
+    if report["verify"]:
+        v = report["verify"]
+        lines.append(f"  verify: max relative diff {v['max_rel_diff']:.2e} vs masked original "
+                     f"(tolerance {v['tolerance']:g})")
+    accuracy = report.get("accuracy")
+    if accuracy:
+        lines.append(f"  top-1 accuracy on {accuracy['images']} labelled images "
+                     f"{100 * accuracy['top1_before']:.2f}% -> {100 * accuracy['top1_after']:.2f}% "
+                     f"({-accuracy['drop_points']:+.2f} points)")
+    for gate in report.get("gates") or []:
+        lines.append(f"  gate --{gate['gate'].replace('_', '-')}: {'PASS' if gate['passed'] else 'FAIL'} "
+                     f"({gate['detail']})")
+    lines.append(f"  wrote {output}" if output else "  no model written (a budget was not met)")
+    return "\n".join(lines)
+
+
+def _cut(before: int, after: int) -> str:
+    return f"-{100 * (1 - after / before):.1f}%" if before else "n/a"
+

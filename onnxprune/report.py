@@ -1,0 +1,65 @@
+"""The JSON report of a run: what ``prune()`` returns beside the model, and how its core is built.
+
+Why apart from ``pipeline.py``: the report is the contract with its readers (the command's
+summary and markdown, CI gates, the benchmarks, people): its fields are made here, from the
+models and the plan, and the pipeline only adds each stage's own section
+(auto, sensitivity, budget, calibration, distill, speed, accuracy, gates, timings).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from . import __version__
+from .macs import count_macs, count_params
+from .plan import Plan
+
+
+@dataclass
+class Report:
+    """What a run did: ``data`` is the JSON report, ``plan`` the decisions that were applied."""
+
+    data: dict
+    plan: Plan
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def to_json(self) -> str:
+        return json.dumps(self.data, indent=1) + "\n"
+
+
+def build_report(original, normalized, pruned, plan: Plan, verified, config, shapes=None) -> dict:
+    """The report's core: options (``config``, a ``pipeline.PruneConfig``), MACs and params before and
+    after, and one entry per Conv (pruned or skipped, in graph order) with its provenance."""
+    macs_before, per_node_before = count_macs(normalized, shapes)
+    macs_after, per_node_after = count_macs(pruned, shapes)
+    layers = []
+    pruned_before = pruned_after = 0
+    for layer in plan.layers:
+        before, after = per_node_before.get(layer.node, 0), per_node_after.get(layer.node, 0)
+        pruned_before += before
+        pruned_after += after
+        layers.append({"name": layer.node, "c_out": layer.c_out, "c_in": layer.c_in, "kernel": layer.kernel,
+                       "groups": layer.groups, "kept_in_channels_per_group": layer.kept_per_group,
+                       "clustering_method": layer.clustering_method, "criterion": layer.criterion,
+                       "macs_before": before, "macs_after": after, "provenance": layer.provenance})
+    layers += [{"name": s["node"], "skipped": s["reason"]} for s in plan.skipped]
+    order = {n.name: i for i, n in enumerate(normalized.graph.node)}
+    layers.sort(key=lambda entry: order.get(entry["name"], len(order)))
+    return {
+        "onnxprune_version": __version__,
+        "options": {"rate": config.rate, "groups": config.groups, "criterion": config.criterion,
+                    "seed": config.seed, "min_channels": config.min_channels, "tickets": len(config.tickets),
+                    "plan_in": config.plan is not None},
+        "macs_before": macs_before, "macs_after": macs_after,
+        "params_before": count_params(normalized), "params_after": count_params(pruned),
+        "params_before_normalization": count_params(original),
+        "pruned_layers_macs_before": pruned_before, "pruned_layers_macs_after": pruned_after,
+        "convs_pruned": len(plan.layers), "convs_skipped": len(plan.skipped),
+        "input_shapes": {name: {"dims": list(shape.dims), "source": shape.source}
+                         for name, shape in (shapes or {}).items()},
+        "layers": layers,
+        "verify": verified.as_dict() if verified else None,
+    }
