@@ -63,11 +63,11 @@ def masked_model(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         layer = layers.get(node.name)
         if layer is None or node.op_type not in PLANNED_OPS:
             continue
-        name = node.input[1]
+        name, masked = node.input[1], masked_weight(node, index.constant(node.input[1]), layer)
         if index.use_count(name) > 1:
             name = f"{name}__masked_{node.name}"
             node.input[1] = name
-        set_initializer(out.graph, name, masked_weight(node, index.constant(node.input[1]), layer))
+        set_initializer(out.graph, name, masked)
     return out
 
 
