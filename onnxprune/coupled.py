@@ -15,6 +15,11 @@ How, in four steps (each a plain function of plain data):
    data-free importance: for every producer the squared norm of the channel's filter (+ bias),
    for every consumer the squared norm of the weights reading it, each divided by that layer's
    mean so wide and narrow layers count alike; the highest sum is kept (ties: lower index).
+   With calibration data the score is what removing the channel changes where it is read: for
+   every reader, its weight norm on the channel times the channel's mean squared input (the
+   channel's share of the reader's output energy, ignoring correlations), again per-layer
+   normalised and summed; writers' filters are not scored (a large pre-activation a ReLU clips
+   is no reason to keep a channel).
    Groups left alone are listed with the reason.
 2. The single-Conv planner then plans the *narrowed* model (``CoupledPlan.narrowed``: shapes,
    MACs and costs as they will be), with the groups' consumers excluded (their input is the
@@ -48,6 +53,9 @@ from .speed_plan import align_channels
 
 STRUCTURE = "coupled channel group: --coupled-rate of the group's channels, provider-aligned"
 CHANNELS = "coupled channel group: data-free importance (filter and reader weight norms, summed)"
+CHANNELS_DATA = ("coupled channel group: calibration importance (each reader's weight norm x the channel's "
+                 "mean squared input, summed)")
+ENERGY_SAMPLES = 64  # calibration inputs the channel energies are measured on (dense model)
 PRIVATE = "a private chain (one producer, one reader): the single-Conv planner narrows it"
 
 
@@ -60,11 +68,12 @@ class CoupledCut:
     kept: tuple[int, ...]
     producers: tuple[str, ...]
     consumers: tuple[str, ...]
+    importance: str = CHANNELS
 
     def as_dict(self) -> dict:
         return {"members": [list(m) for m in self.members], "width_before": self.width,
                 "width_after": len(self.kept), "producers": list(self.producers),
-                "consumers": list(self.consumers), "importance": CHANNELS}
+                "consumers": list(self.consumers), "importance": self.importance}
 
 
 @dataclass
@@ -100,20 +109,23 @@ class CoupledPlan:
         analysis = channel_groups(model)
         return prune_channel_groups(model, self.keep(analysis), analysis)
 
+    def importance_of(self, reader: str) -> str:
+        return next(cut.importance for cut in self.cuts if reader in cut.consumers)
+
     def as_dict(self) -> dict:
         return {"rate": self.rate, "align": self.align, "groups": [cut.as_dict() for cut in self.cuts],
                 "left_alone": self.left, "notes": self.notes}
 
 
-def choose(model: onnx.ModelProto, rate: float, align: int, exclude=()) -> CoupledPlan:
-    """Step 1 (see the module docstring) on ``model`` (normalized)."""
+def choose(model: onnx.ModelProto, rate: float, align: int, exclude=(), feeds: dict | None = None) -> CoupledPlan:
+    """Step 1 (see the module docstring) on ``model`` (normalized); ``feeds``: calibration inputs."""
     if not 0.0 < rate < 1.0:
         raise UserError(f"--coupled-rate must be in (0, 1), got {rate}")
     analysis = channel_groups(model)
     index = GraphIndex(model.graph)
     nodes = {n.name: n for n in model.graph.node}
     excluded = set(exclude)
-    cuts, left = [], []
+    cuts, left, candidates = [], [], []
     for group in analysis.groups:
         reason = _why_not(group, nodes, index, excluded)
         kept_count = group.width if reason else align_channels((1.0 - rate) * group.width, align, group.width)
@@ -124,10 +136,13 @@ def choose(model: onnx.ModelProto, rate: float, align: int, exclude=()) -> Coupl
                 left.append({"members": [list(m) for m in group.members[:3]], "width": group.width,
                              "reason": reason})
             continue
-        score = _importance(group, nodes, index)
+        candidates.append((group, kept_count))
+    energy = _channel_energy(model, candidates, nodes, feeds) if feeds else None
+    for group, kept_count in candidates:
+        score = _importance(group, nodes, index, energy)
         kept = np.sort(np.argsort(-score, kind="stable")[:kept_count])
         cuts.append(CoupledCut(group.members, group.width, tuple(int(k) for k in kept), group.producers,
-                               group.consumers))
+                               group.consumers, CHANNELS_DATA if energy is not None else CHANNELS))
     plan = CoupledPlan(rate, align, cuts, left)
     if cuts:
         plan.narrowed = prune_channel_groups(model, plan.keep(analysis), analysis)
@@ -168,27 +183,55 @@ def _why_not(group: ChannelGroup, nodes: dict, index: GraphIndex, excluded: set)
     return ""
 
 
-def _importance(group: ChannelGroup, nodes: dict, index: GraphIndex) -> np.ndarray:
-    """Per group channel: Σ over producers and consumers of the channel's weight energy / layer mean."""
+def _importance(group: ChannelGroup, nodes: dict, index: GraphIndex, energy: dict | None) -> np.ndarray:
+    """Per group channel: Σ over writers and readers of the channel's magnitude / that layer's mean
+    (see the module docstring, step 1)."""
     offsets = dict(group.members)
     score = np.zeros(group.width)
-    for name in group.producers:
+    for name in group.producers if energy is None else ():
         node = nodes[name]
         weight = index.constant(node.input[1]).astype(np.float64)
-        energy = (weight.reshape(weight.shape[0], -1) ** 2).sum(1)
+        magnitude = (weight.reshape(weight.shape[0], -1) ** 2).sum(1)
         if len(node.input) > 2 and node.input[2]:
-            energy = energy + index.constant(node.input[2]).astype(np.float64) ** 2
+            magnitude = magnitude + index.constant(node.input[2]).astype(np.float64) ** 2
         start = offsets[node.output[0]]
-        score += energy[start:start + group.width] / max(energy.mean(), 1e-30)
+        score += magnitude[start:start + group.width] / max(magnitude.mean(), 1e-30)
     for name in group.consumers:
         node = nodes[name]
         weight = index.constant(node.input[1]).astype(np.float64)
         if node.op_type == "Gemm" and not get_attr(node, "transB", 0):
             weight = weight.T  # [features, outputs] -> [outputs, features]
-        energy = (np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1) ** 2).sum(1)
+        magnitude = (np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1) ** 2).sum(1)
+        if energy is not None:
+            magnitude = magnitude * energy[node.input[0]]
         start = offsets[node.input[0]]
-        score += energy[start:start + group.width] / max(energy.mean(), 1e-30)
+        score += magnitude[start:start + group.width] / max(magnitude.mean(), 1e-30)
     return score
+
+
+def _channel_energy(model: onnx.ModelProto, candidates, nodes: dict, feeds: dict) -> dict[str, np.ndarray]:
+    """Mean square per channel of every tensor the candidate groups' readers read, over the first
+    ``ENERGY_SAMPLES`` calibration inputs, in the dense model."""
+    from .calib_stream import batch_size
+    from .runtime import create_session
+
+    tensors = sorted({nodes[name].input[0] for group, _ in candidates for name in group.consumers})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    listed = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in tensors if t not in listed)
+    batch, _, feeds = batch_size(model, {k: v[:ENERGY_SAMPLES] for k, v in feeds.items()}, [])
+    sess = create_session(probe)
+    total = dict.fromkeys(tensors, 0.0)
+    count = len(next(iter(feeds.values())))
+    for start in range(0, count, batch):
+        values = sess.run(tensors, {k: v[start:start + batch] for k, v in feeds.items()})
+        for name, value in zip(tensors, values):
+            value = value.astype(np.float64)
+            axes = tuple(a for a in range(value.ndim) if a != 1)
+            total[name] = total[name] + (value ** 2).mean(axis=axes) * len(value)
+    return {name: value / max(count, 1) for name, value in total.items()}
 
 
 def lift(narrow_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto) -> Plan:
@@ -208,7 +251,7 @@ def lift(narrow_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto) -> Pla
             layers.append(LayerPlan(
                 node.name, node.input[1], int(weight.shape[0]), int(weight.shape[1]),
                 [int(k) for k in weight.shape[2:]], 1, list(range(int(weight.shape[0]))), [[int(k) for k in kept]],
-                provenance={"structure": STRUCTURE, "channels": CHANNELS,
+                provenance={"structure": STRUCTURE, "channels": coupled.importance_of(node.name),
                             "kept_fraction": round(len(kept) / int(weight.shape[1]), 4)}))
             continue
         layer = planned.get(node.name)

@@ -129,7 +129,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
     coupled, plan_base = None, model  # plan_base: the model the single-Conv planner plans
     if config.coupled_rate is not None:
-        coupled, plan_base, config = _couple(model, config, progress)
+        coupled, plan_base, config = _couple(model, config, feeds, progress)
         t = _lap(timings, "couple", t)
     narrowing, dense = plan_base is not model, model  # with groups: the rest planned narrowed, then lifted
 
@@ -383,7 +383,7 @@ def _sourced(configs: dict[str, dict], structure: str) -> dict[str, dict]:
     return {name: {**config, "source": structure} for name, config in configs.items()}
 
 
-def _couple(model: onnx.ModelProto, config: PruneConfig, progress: Progress):
+def _couple(model: onnx.ModelProto, config: PruneConfig, feeds: dict | None, progress: Progress):
     """Choose the coupled groups to narrow -> (CoupledPlan, model to plan the rest on, its config)."""
     from .coupled import choose
     from .latency import profile
@@ -392,7 +392,7 @@ def _couple(model: onnx.ModelProto, config: PruneConfig, progress: Progress):
     if config.plan is not None or config.groups != "auto" or config.tickets:
         raise UserError("--coupled-rate works with --groups auto only (not with --plan-in, --groups N or --tickets)")
     progress.stage("narrowing coupled channel groups (residual streams, Concat/Split, SE gates)")
-    coupled = choose(model, config.coupled_rate, profile(config.provider).align, config.exclude)
+    coupled = choose(model, config.coupled_rate, profile(config.provider).align, config.exclude, feeds)
     if coupled.narrowed is None:
         return coupled, model, config
     target = config.target_macs

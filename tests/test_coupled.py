@@ -153,3 +153,32 @@ def test_a_gemm_reading_a_flattened_map_leaves_the_group_alone_with_the_reason()
 def test_bad_coupled_options_are_user_errors(options, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         prune(residual_stream(), PruneConfig(**{"coupled_rate": 0.5, **options}))
+
+
+def test_with_calibration_data_the_kept_channels_are_those_the_readers_use_most():
+    """Independent oracle: score = Σ over the group's readers of ||W[:, c]||² · mean(x_c²) / that
+    reader's mean, x the reader's input in the dense model on the calibration inputs."""
+    from onnxprune.coupled import CHANNELS_DATA, choose
+    from onnxprune.normalize import normalize
+
+    model = normalize(residual_stream())
+    rng = np.random.default_rng(3)
+    feeds = {"input": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    plan = choose(model, 0.5, 16, feeds=feeds)
+    cut = next(c for c in plan.cuts if c.width == 32)
+    assert cut.importance == CHANNELS_DATA
+    nodes = {n.name: n for n in model.graph.node}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    reads = [nodes[name].input[0] for name in cut.consumers]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in reads)
+    values = dict(zip([o.name for o in probe.graph.output], run(probe, feeds)))
+    index = GraphIndex(model.graph)
+    score = np.zeros(32)
+    for name in cut.consumers:
+        w = index.constant(nodes[name].input[1]).astype(np.float64)
+        share = (w ** 2).sum(axis=(0, 2, 3)) * (values[nodes[name].input[0]].astype(np.float64) ** 2).mean(axis=(0, 2, 3))
+        score += share / share.mean()
+    assert list(cut.kept) == sorted(np.argsort(-score, kind="stable")[:16].tolist())
+    weights_only = next(c for c in choose(model, 0.5, 16).cuts if c.width == 32)
+    assert weights_only.kept != cut.kept  # the data changes the choice here
