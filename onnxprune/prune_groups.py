@@ -43,13 +43,8 @@ def prune_channel_groups(model: onnx.ModelProto, keep: dict[int, list[int]],
 
     ``analysis``: ``channel_groups(model)`` when the caller has it already.
     """
-    analysis = analysis or channel_groups(model)
-    kept = analysis.kept_channels(keep)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    analysis, kept, out, index, names = _editable_copy(model, keep, analysis)
     graph = out.graph
-    index = GraphIndex(graph)
-    names = NameAllocator(graph)
     channels = _Channels(analysis, kept)
     pending: dict[tuple[int, int], list[Edit]] = defaultdict(list)
     for edit in analysis.edits:
@@ -84,13 +79,8 @@ def prune_channel_groups(model: onnx.ModelProto, keep: dict[int, list[int]],
 def masked_model(model: onnx.ModelProto, keep: dict[int, list[int]],
                  analysis: ChannelAnalysis | None = None) -> onnx.ModelProto:
     """``model`` with the channels ``keep`` drops zeroed where consumers read them (see the rules)."""
-    analysis = analysis or channel_groups(model)
-    kept = analysis.kept_channels(keep)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    analysis, kept, out, index, names = _editable_copy(model, keep, analysis)
     graph = out.graph
-    index = GraphIndex(graph)
-    names = NameAllocator(graph)
     shapes = tensor_shapes(model)
     masked: dict[str, str] = {}
     before: dict[int, list[onnx.NodeProto]] = defaultdict(list)
@@ -116,6 +106,15 @@ def masked_model(model: onnx.ModelProto, keep: dict[int, list[int]],
     del graph.node[:]
     graph.node.extend(nodes)
     return out
+
+
+def _editable_copy(model: onnx.ModelProto, keep: dict[int, list[int]], analysis: ChannelAnalysis | None):
+    """(analysis, kept channels per tensor, a copy of ``model``, its index, its name allocator)."""
+    analysis = analysis or channel_groups(model)
+    kept = analysis.kept_channels(keep)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return analysis, kept, out, GraphIndex(out.graph), NameAllocator(out.graph)
 
 
 def _widen(channels: np.ndarray, block: int) -> np.ndarray:
