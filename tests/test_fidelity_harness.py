@@ -158,6 +158,20 @@ def test_metrics_identical_and_known_disagreement():
     assert m["mean_kl"] > 0
 
 
+def test_confident_agreement_counts_only_samples_the_reference_is_sure_of():
+    ref = np.zeros((4, 3), dtype=np.float32)
+    ref[0, 0] = ref[1, 1] = 10.0  # confident (p ~ 1)
+    ref[2, 2] = ref[3, 0] = 0.1  # near-ties (p ~ 0.36)
+    model = ref.copy()
+    model[1] = [0, 0, 20]  # flips a confident one
+    model[2] = [1, 0, 0]  # and a near-tie
+    m = fidelity.fidelity_metrics(model, ref)
+    assert m["agreement"] == 0.5
+    assert m["confident_samples"] == 2 and m["agreement_confident"] == 0.5
+    model[1] = ref[1]
+    assert fidelity.fidelity_metrics(model, ref)["agreement_confident"] == 1.0
+
+
 def test_topk_overlap_partial():
     ref = np.array([[9, 8, 7, 6, 5, 4, 3, 2, 1, 0]], np.float32)
     other = np.array([[9, 8, 7, 0, 1, 2, 3, 4, 5, 6]], np.float32)  # top5 {0,1,2,9,8} vs {0,1,2,3,4}
