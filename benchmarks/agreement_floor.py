@@ -27,8 +27,9 @@ from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from onnxprune.evaluate import compare_logits  # noqa: E402
+from fidelity import CONFIDENT, fidelity_metrics  # noqa: E402
 from onnxprune.model_io import load_model  # noqa: E402
 from onnxprune.normalize import normalize  # noqa: E402
 from onnxprune.runtime import create_session  # noqa: E402
@@ -66,7 +67,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["mobilenet_v2", "efficientnet_lite0"])
     args = p.parse_args()
     images = np.load(GENERATED / "photos_eval.npz")["input"].astype(np.float32) / 255.0
-    print("| model | weights | top-1 agreement | mean KL |\n|---|---|---|---|")
+    print(f"| model | weights | top-1 agreement | agreement where dense p(top-1) >= {CONFIDENT} | mean KL |\n"
+          "|---|---|---|---|---|")
     for name in args.models:
         dense = normalize(load_model(GENERATED / f"{name}.onnx"))
         reference = logits(dense, images)
@@ -76,8 +78,9 @@ def main() -> None:
                     ("int6 per output channel", per_channel_rounding(6)),
                     ("+1% Gaussian noise", lambda w: w + 0.01 * w.std() * rng.standard_normal(w.shape))]
         for label, change in variants:
-            m = compare_logits(logits(with_weights(dense, change), images), reference)
-            print(f"| {name} | {label} | {m['agreement']:.3f} | {m['mean_kl']:.4f} |", flush=True)
+            m = fidelity_metrics(logits(with_weights(dense, change), images), reference)
+            print(f"| {name} | {label} | {m['agreement']:.3f} | {m['agreement_confident']:.3f} "
+                  f"({m['confident_samples']} crops) | {m['mean_kl']:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
