@@ -177,7 +177,8 @@ def test_with_calibration_data_the_kept_channels_are_those_the_readers_use_most(
     score = np.zeros(32)
     for name in cut.consumers:
         w = index.constant(nodes[name].input[1]).astype(np.float64)
-        share = (w ** 2).sum(axis=(0, 2, 3)) * (values[nodes[name].input[0]].astype(np.float64) ** 2).mean(axis=(0, 2, 3))
+        energy = (values[nodes[name].input[0]].astype(np.float64) ** 2).mean(axis=(0, 2, 3))
+        share = (w ** 2).sum(axis=(0, 2, 3)) * energy
         score += share / share.mean()
     assert list(cut.kept) == sorted(np.argsort(-score, kind="stable")[:16].tolist())
     weights_only = next(c for c in choose(model, 0.5, 16).cuts if c.width == 32)
