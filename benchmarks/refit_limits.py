@@ -65,7 +65,7 @@ def refit(model, plan_text: str, calib: np.ndarray, options: dict):
     options = dict(options)
     n = int(options.pop("calib_size", len(calib)))
     config = SimpleNamespace(calib={"input": calib[:n]}, calib_size=n, calib_selection="weights", **options)
-    return C.calibrate(model, Plan.from_json(plan_text), config)
+    return C.calibrate(model, Plan.from_json(plan_text), config)  # calib_selection="weights": plan unchanged
 
 
 def per_layer_errors(dense, work, images: np.ndarray) -> dict[str, float]:
@@ -112,7 +112,7 @@ def main() -> None:
     for text in args.variants:
         options = {"calib_size": args.calib_size, **json.loads(text)}
         started = time.perf_counter()
-        work, _ = refit(model, plan_text, calib, options)
+        work = refit(model, plan_text, calib, options).model
         wall = time.perf_counter() - started
         first = first or (work, options)
         used = calib[:options["calib_size"]]

@@ -33,7 +33,7 @@ class BudgetSearch:
     min_agreement: float
     requested: float
     chosen_plan: object  # SpeedPlan
-    chosen: tuple  # (Plan, calibrated model, calibration report)
+    chosen: tuple  # (Plan as calibrate returned it, calibrated model, calibration report)
     chosen_target: float
     met: bool
     trials: list[dict] = field(default_factory=list)
@@ -75,7 +75,10 @@ def lower_bound(agreement: float, samples: int, z: float = CONFIDENCE_Z) -> floa
 
 def search_budget(planner, requested: float | None, budget: float, first_plan, first_result: tuple,
                   plan_and_calibrate, progress=None) -> BudgetSearch:
-    """Bisection over ``target_grid``; ``plan_and_calibrate(speed_plan) -> (plan, model, calibration)``."""
+    """Bisection over ``target_grid``; ``plan_and_calibrate(speed_plan) -> (plan, model, calibration)``.
+
+    ``plan`` is the one ``calibrate`` returned (with the kept channels the data chose), not the
+    one it was given: the chosen trial's model is refit for it, so the rewrite must apply it."""
     deepest = requested if requested is not None else first_plan.macs_ratio
     grid = target_grid(deepest)
     results: dict[int, tuple] = {0: (first_plan, first_result)}

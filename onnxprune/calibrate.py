@@ -39,9 +39,11 @@ How (per planned Conv, in graph order):
 5. Kept channels (default ``calib_selection="data"``): per group, a greedy block forward
    selection on the same moments proposes the input channels that best explain the group's
    original output; the set (plan's weight-only choice or this one) that refits better is kept
-   and the plan is updated in place, so rewrite and verification follow it. The last 1/8 of the
-   fit samples (whole inputs, never rows of a fitted input) validates the ridge strength, over
-   four decades up to "keep the original kernels, refit only the bias", and this choice first.
+   and recorded in the plan ``calibrate`` returns (a new ``LayerPlan`` for each layer it
+   changed, with ``provenance["channels"]`` saying so), so rewrite and verification follow it.
+   The last 1/8 of the fit samples (whole inputs, never rows of a fitted input) validates the
+   ridge strength, over four decades up to "keep the original kernels, refit only the bias",
+   and this choice first.
    Why always, not only where rows per unknown are few: rows of one input are strongly
    correlated, so a 7×7 layer with ~1000 inputs fitted on ~450 images has far fewer independent
    rows than it seems. On MobileNetV2 at 0.70 MACs, fixed ridge: fit-set KL 0.08, held-out
@@ -54,6 +56,11 @@ How (per planned Conv, in graph order):
 The returned model is the normalized graph with each planned Conv's weight refit (pruned
 kernels exactly zero) and bias refit (added when the Conv had none); initializer names of the
 weights are unchanged, so the rewrite and verification against the masked model stay exact.
+The plan passed in is never edited: the decisions come back as a new ``Plan`` next to the model
+(``Calibrated``). Why: the fidelity-budget search calibrates several plans, and the coupled
+groups and ``--plan-in`` hand plans in from elsewhere; a stage that edits its input in place
+makes whoever still holds that plan see decisions it never made, and the order of stages then
+matters invisibly.
 
 Modules: this one decides what is refit and writes the result into the graph; the array
 mathematics (im2col, moments, ridge least squares, greedy selection) is ``least_squares``, and
@@ -64,6 +71,7 @@ feeding the data through the graph (batches, held-out slice, segment runner, fid
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -79,9 +87,24 @@ from .plan import LayerPlan, Plan
 from .verify import PLANNED_OPS, masked_model, masked_weight
 
 
+@dataclass(frozen=True)
+class Calibrated:
+    """What ``calibrate`` returns: the refit model, the plan it was refit for and its report.
+
+    ``plan`` is a new ``Plan`` whenever data-aware selection changed kept channels (the changed
+    layers are new ``LayerPlan`` objects, the others are shared with the input plan); the rewrite
+    and the verification must use it, not the plan passed in, since the refit weights are zero
+    exactly outside its kept kernels."""
+    model: onnx.ModelProto
+    plan: Plan
+    report: dict
+
+
 def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: dict | None = None,
-              notes: list[str] | None = None):
-    """Refit the planned Convs of ``model`` (normalized) on ``config.calib`` -> (model, report).
+              notes: list[str] | None = None) -> Calibrated:
+    """Refit the planned Convs of ``model`` (normalized) on ``config.calib`` -> ``Calibrated``.
+
+    ``plan`` is left as it is; the kept channels chosen on the data come back in the result's plan.
 
     ``config`` needs ``calib`` (path or ``{input: array}``) and ``calib_size``; optional
     ``calib_ridge`` overrides ``DEFAULT_RIDGE``. ``feeds`` (with the conversion ``notes`` made
@@ -100,7 +123,7 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
     batch, unit, feeds = batch_size(model, feeds, notes)
     fit, held = split_holdout(feeds, unit, getattr(config, "calib_holdout_divisor", None))
     layers = ordered_layers(model, plan)
-    uncalibrated = masked_model(model, plan)  # before data-aware selection changes the plan
+    uncalibrated = masked_model(model, plan)  # the plan's own (weight-only) kept kernels
     work, skipped = _masked_copy(model, layers)
 
     followers = dense_followers(model, layers) if _mode(config, "calib_layers", ("all", "pruned")) == "all" else []
@@ -112,6 +135,7 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
 
     original, pruned = Stream(model, fit, batch), Stream(work, fit, batch)
     entries = []
+    decided: dict[str, LayerPlan] = {}  # planned Conv -> its layer with the channels selection chose
     for i, (position, node, layer) in enumerate(steps):
         if progress is not None:
             progress.layer(i, len(steps), node.name)
@@ -134,9 +158,12 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
             if node.op_type == "Gemm":
                 entries.append(refit_gemm(work, work.graph.node[position], layer, x, y, ridge))
             else:
-                entries.append(refit_layer(work, work.graph.node[position], layer, x, y, ridge,
-                                           select and node.name not in following and node.name not in fixed
-                                           and not is_disjoint(layer)))
+                entry, chosen = refit_layer(work, work.graph.node[position], layer, x, y, ridge,
+                                            select and node.name not in following and node.name not in fixed
+                                            and not is_disjoint(layer))
+                entries.append(entry)
+                if chosen is not layer and node.name not in following:
+                    decided[node.name] = chosen
         entries[-1]["pruned"] = node.name not in following
         entries[-1]["target"] = f"output + residual error of {partner!r}" if partner else "output"
     if progress is not None and steps:
@@ -154,7 +181,9 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
     }
     report["fidelity"]["on"] = "held-out samples" if count(held) else "fit samples (too few to hold out)"
     report["wall_s"] = round(time.perf_counter() - started, 3)
-    return work, report
+    if decided:
+        plan = replace(plan, layers=[decided.get(layer.node, layer) for layer in plan.layers])
+    return Calibrated(work, plan, report)
 
 
 def is_disjoint(layer: LayerPlan) -> bool:
@@ -217,7 +246,8 @@ def refit_gemm(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x:
     w4 = (weight if trans_b else weight.T)[:, :, None, None]
     bias = layer_bias(index, node, layer.c_out, weight.dtype)
     geo = ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0, 0, 0))
-    new_w, new_b, entry = refit_weights(layer, w4, bias, x[:, :, None, None], y[:, :, None, None], geo, ridge, False)
+    new_w, new_b, entry, _ = refit_weights(layer, w4, bias, x[:, :, None, None], y[:, :, None, None], geo, ridge,
+                                           False)
     new_w = new_w[:, :, 0, 0]
     set_initializer(work.graph, node.input[1], np.ascontiguousarray(new_w if trans_b else new_w.T))
     _write_bias(work, index, node, new_b)
@@ -296,27 +326,32 @@ def _masked_copy(model: onnx.ModelProto, layers) -> tuple[onnx.ModelProto, dict]
 
 
 def refit_layer(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x: np.ndarray,
-                y: np.ndarray, ridge: float, select: bool = False) -> dict:
-    """Refit one planned Conv of ``work`` in place from its input ``x`` and target ``y``.
+                y: np.ndarray, ridge: float, select: bool = False) -> tuple[dict, LayerPlan]:
+    """Refit one planned Conv of ``work`` in place from its input ``x`` and target ``y``
+    -> (report entry, the layer as decided).
 
     With ``select``, each group also tries the kept channels a data-aware greedy search picks
-    (``greedy_channels``) and keeps whichever set refits with the lower error;
-    ``layer.kept_in_channels`` is updated in place (the rewrite and the verification then use
-    the same plan). Without it the plan's weight-only choice is kept.
+    (``greedy_channels``) and keeps whichever set refits with the lower error; the returned layer
+    is then a new ``LayerPlan`` with those channels (``layer`` itself is never edited, and is
+    returned as it is when no group changed). Without it the plan's weight-only choice is kept.
+    ``work`` is edited in place: it is calibrate's own copy, built up layer by layer.
     """
     index = GraphIndex(work.graph)
     weight = index.constant(node.input[1])
     bias = layer_bias(index, node, layer.c_out, weight.dtype)
     geo = ConvGeometry.of(node, weight.shape[2:], x.shape[2:])
-    new_w, new_b, entry = refit_weights(layer, weight, bias, x, y, geo, ridge, select)
+    new_w, new_b, entry, chosen = refit_weights(layer, weight, bias, x, y, geo, ridge, select)
     set_initializer(work.graph, node.input[1], new_w)
     _write_bias(work, index, node, new_b)
-    return {"name": node.name, **entry}
+    return {"name": node.name, **entry}, chosen
 
 
 def refit_weights(layer: LayerPlan, weight: np.ndarray, bias: np.ndarray, x: np.ndarray, y: np.ndarray,
-                  geo: "ConvGeometry", ridge: float, select: bool) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(new weight, new bias, report entry) for a Conv-shaped layer (weight [c_out, c_in, kh, kw]).
+                  geo: "ConvGeometry", ridge: float,
+                  select: bool) -> tuple[np.ndarray, np.ndarray, dict, LayerPlan]:
+    """(new weight, new bias, report entry, decided layer) for a Conv-shaped layer (weight
+    [c_out, c_in, kh, kw]). The decided layer is ``layer`` when every group kept the plan's
+    channels, else a new ``LayerPlan`` (``decided_layer``); ``layer`` is not edited.
 
     The last 1/8 of the samples validates the ridge strength and the choice of kept channels
     before the final fit on all rows, so neither is picked by how well it overfits.
@@ -338,6 +373,7 @@ def refit_weights(layer: LayerPlan, weight: np.ndarray, bias: np.ndarray, x: np.
     new_b = bias.astype(np.float64).copy()
     before = after = 0.0
     per = layer.filters_per_group
+    final = [list(planned) for planned in layer.kept_in_channels]  # per group, the channels kept
     data_groups, lams = 0, []
     greedy = "greedy" if layer.groups * len(layer.kept_in_channels[0]) * len(channels) ** 2 * k2 ** 3 <= GREEDY_BUDGET \
         else "one-shot"
@@ -361,7 +397,7 @@ def refit_weights(layer: LayerPlan, weight: np.ndarray, bias: np.ndarray, x: np.
         kept, (w, b, _, e1, _, lam), e0 = best  # e0: plain pruning with the plan's own choice
         if kept != list(planned):
             data_groups += 1
-            layer.kept_in_channels[g] = [int(c) for c in kept]
+            final[g] = [int(c) for c in kept]
         before, after = before + e0, after + e1
         lams.append(lam)
         new_w[np.ix_(rows, kept)] = w.T.reshape(len(rows), len(kept), kh, kw)
@@ -371,17 +407,26 @@ def refit_weights(layer: LayerPlan, weight: np.ndarray, bias: np.ndarray, x: np.
         selection = "weight-only (plan)"
     else:
         selection = f"data-aware ({greedy}) in {data_groups} of {layer.groups} groups, weight-only (plan) in the rest"
-    if data_groups:
-        chosen = "calibration: data-aware greedy selection (lower refit error than the weight rule)"
-        if data_groups < layer.groups:
-            chosen = (f"{chosen} in {data_groups} of {layer.groups} groups; "
-                      f"{layer.provenance.get('channels', 'the plan')} in the others")
-        layer.provenance["channels"] = chosen
-    return new_w.astype(weight.dtype), new_b.astype(weight.dtype), {
-            "refit": True, "selection": selection, "data_selected_groups": data_groups,
-            "rows": int(m.n), "columns": int(len(channels) * k2), "validated": m_val is not None,
-            "ridge": float(np.median(lams)),
-            "rel_mse_pruned": before / energy, "rel_mse_refit": after / energy}
+    entry = {"refit": True, "selection": selection, "data_selected_groups": data_groups,
+             "rows": int(m.n), "columns": int(len(channels) * k2), "validated": m_val is not None,
+             "ridge": float(np.median(lams)),
+             "rel_mse_pruned": before / energy, "rel_mse_refit": after / energy}
+    return new_w.astype(weight.dtype), new_b.astype(weight.dtype), entry, decided_layer(layer, final, data_groups)
+
+
+def decided_layer(layer: LayerPlan, kept: list[list[int]], data_groups: int) -> LayerPlan:
+    """``layer`` with the kept channels per group that calibration chose, and the provenance of
+    that choice; ``layer`` itself when no group changed (``data_groups == 0``).
+
+    Why a new object: the input plan stays what the planner (or the user) decided, so a caller
+    that compares plans, retries, or reports both sees each stage's decision separately."""
+    if not data_groups:
+        return layer
+    channels = "calibration: data-aware greedy selection (lower refit error than the weight rule)"
+    if data_groups < layer.groups:
+        channels = (f"{channels} in {data_groups} of {layer.groups} groups; "
+                    f"{layer.provenance.get('channels', 'the plan')} in the others")
+    return replace(layer, kept_in_channels=kept, provenance={**layer.provenance, "channels": channels})
 
 
 def _bias_name(node: onnx.NodeProto) -> str:

@@ -171,15 +171,9 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         progress.stage("planning")
         plan = make_plan(config, progress.layer)
     else:
-        plan = config.plan
-        for layer in plan.layers:  # a hand-made plan (Python API) is checked as --plan-in's are
+        for layer in config.plan.layers:  # a hand-made plan (Python API) is checked as --plan-in's are
             layer.validate()
-        for layer in plan.layers:  # applied as saved: say so, with what the saving run recorded (if any)
-            saved = layer.provenance or {}
-            layer.provenance = {
-                "structure": "--plan-in" + (f" (saved: {saved['structure']})" if saved.get("structure") else ""),
-                "channels": "--plan-in" + (f" (saved: {saved['channels']})" if saved.get("channels") else ""),
-                "kept_fraction": round(layer.kept_per_group / layer.c_in, 4)}
+        plan = _as_given(config.plan)
     t = _lap(timings, "plan", t)
 
     calibration = None
@@ -188,15 +182,18 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
         progress.stage("calibrating: refitting the pruned layers" + (" and the dense ones after them"
                        if config.calib_layers == "all" else "") + " in graph order")
-        calibrated, calibration = calibrate(model, plan, config, progress, feeds, calib_notes)
+        result = calibrate(model, plan, config, progress, feeds, calib_notes)
+        # from here on the plan is the calibrated one: the kept channels the data chose, which the
+        # refit weights are zero outside of (rewrite and verification must follow it)
+        plan, calibrated, calibration = result.plan, result.model, result.report
         if fidelity_planner is not None and budget is not None:
             from .budget import search_budget
 
             def plan_and_calibrate(candidate):
                 trial = replace(config, layer_configs=_sourced(candidate.configs, structure + ", at the depth "
                                                                                      "--min-agreement chose"))
-                trial_plan = make_plan(trial)
-                return (trial_plan, *calibrate(model, trial_plan, trial, None, feeds, calib_notes))
+                tried = calibrate(model, make_plan(trial), trial, None, feeds, calib_notes)
+                return tried.plan, tried.model, tried.report
 
             search = search_budget(fidelity_planner, target, budget, speed_plan, (plan, calibrated, calibration),
                                    plan_and_calibrate, progress)
@@ -376,6 +373,22 @@ def _verified(reference, rewritten, plan: Plan, config: PruneConfig, original, w
         raise PassFailed(f"verification failed{where}: rewritten model differs from the masked original by "
                          f"{result.max_rel_diff:.3g} (relative), tolerance {result.tolerance:g}")
     return result
+
+
+def _as_given(plan: Plan) -> Plan:
+    """A given plan (``--plan-in`` or the Python API's ``config.plan``) as a new ``Plan`` whose
+    layers say they were applied as saved, with what the saving run recorded (if any).
+
+    Why new objects: the caller's plan is theirs (the Python API may apply one plan to several
+    models); stamping its provenance in place would change it under them, and a second run
+    would wrap "--plan-in (saved: --plan-in ...)" again."""
+    def stamped(layer):
+        saved = layer.provenance or {}
+        return replace(layer, provenance={
+            "structure": "--plan-in" + (f" (saved: {saved['structure']})" if saved.get("structure") else ""),
+            "channels": "--plan-in" + (f" (saved: {saved['channels']})" if saved.get("channels") else ""),
+            "kept_fraction": round(layer.kept_per_group / layer.c_in, 4)})
+    return replace(plan, layers=[stamped(layer) for layer in plan.layers])
 
 
 def _sourced(configs: dict[str, dict], structure: str) -> dict[str, dict]:

@@ -29,8 +29,14 @@ PLAN_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: before ``provenance``
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerPlan:
+    """One pruned Conv's decisions. Frozen: a stage that decides something new about a layer
+    (calibration's data-aware kept channels, ``--plan-in``'s provenance) returns a new
+    ``LayerPlan`` (``dataclasses.replace``) instead of editing this one, so a plan someone holds
+    keeps meaning what its stage decided. Shallow: the lists and dicts are not copied, and no
+    stage may edit them in place either."""
+
     node: str
     weight: str
     c_out: int

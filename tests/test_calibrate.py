@@ -1,6 +1,8 @@
 """Calibration-data recovery: refit never hurts, the result still verifies exactly, rate 0 keeps
 outputs, and the CLI takes calibration data end to end."""
 
+import copy
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -43,9 +45,12 @@ def test_refit_never_increases_layer_error_and_verifies(family, selection):
     plan = hand_plan(model)
     planned = [[list(k) for k in layer.kept_in_channels] for layer in plan.layers]
     config = SimpleNamespace(calib=inputs(), calib_size=None, calib_selection=selection)
-    work, report = calibrate(model, plan, config)
+    result = calibrate(model, plan, config)
+    work, report = result.model, result.report
+    assert [layer.kept_in_channels for layer in plan.layers] == planned  # the input plan is not edited
     if selection == "weights":
-        assert [layer.kept_in_channels for layer in plan.layers] == planned
+        assert result.plan is plan
+    plan = result.plan
     for layer, before in zip(plan.layers, planned):
         layer.validate()  # still sorted, distinct, same count per group
         assert layer.kept_per_group == len(before[0])
@@ -64,12 +69,40 @@ def test_refit_never_increases_layer_error_and_verifies(family, selection):
     assert result.passed, result
 
 
+def test_calibration_returns_its_decisions_and_leaves_the_input_plan_alone():
+    """calibrate() never edits the plan it is given: the kept channels the data chose come back
+    in a new Plan, as new LayerPlans with the provenance of that choice (unchanged layers shared),
+    and the refit model follows the returned plan."""
+    model = normalize(FAMILIES["vgg"]().model())
+    plan = hand_plan(model)
+    before = copy.deepcopy(plan)
+    result = calibrate(model, plan, SimpleNamespace(calib=inputs(), calib_size=None, calib_selection="data"))
+    assert plan == before and plan.to_json() == before.to_json()
+    changed = {e["name"] for e in result.report["layers"] if e.get("data_selected_groups")}
+    assert changed  # the data chose other channels somewhere, else this test would show nothing
+    assert result.plan is not plan and result.plan != plan
+    decided = result.plan.by_node()
+    assert list(decided) == [layer.node for layer in plan.layers]
+    for layer in plan.layers:
+        new = decided[layer.node]
+        if layer.node in changed:
+            assert new is not layer and new.kept_in_channels != layer.kept_in_channels
+            assert new.provenance["channels"].startswith("calibration: data-aware greedy selection")
+            new.validate()
+        else:
+            assert new is layer
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    for layer in result.plan.layers:
+        assert np.all(weights[layer.weight][~layer.kernel_mask()] == 0)
+    assert verify(result.model, apply_plan(result.model, result.plan), result.plan, tolerance=1e-4).passed
+
+
 def test_data_selection_is_never_worse_than_the_plans_choice():
     model = normalize(FAMILIES["resnet_basic"]().model())
     errors = {}
     for selection in ("weights", "data"):
         config = SimpleNamespace(calib=inputs(), calib_size=None, calib_selection=selection)
-        _, report = calibrate(model, hand_plan(model), config)
+        report = calibrate(model, hand_plan(model), config).report
         errors[selection] = [e["rel_mse_refit"] for e in report["layers"]]
     # layer 1 sees the same input either way, so its error can only go down
     assert errors["data"][0] <= errors["weights"][0] + 1e-9
@@ -81,8 +114,9 @@ def test_layer_error_matches_direct_measurement():
     model = normalize(FAMILIES["vgg"]().model())
     plan = hand_plan(model)
     feeds = inputs(n=8)  # too few to hold out: all samples fit
-    work, report = calibrate(model, plan, SimpleNamespace(calib=feeds, calib_size=None))
-    first = plan.layers[0]
+    result = calibrate(model, plan, SimpleNamespace(calib=feeds, calib_size=None))
+    work, report = result.model, result.report
+    first = result.plan.layers[0]
     node = next(n for n in model.graph.node if n.name == first.node)
     probe = onnx.ModelProto()
     out = []
@@ -98,7 +132,8 @@ def test_rate_zero_keeps_outputs():
     model = normalize(resnet_basic().model())
     plan = hand_plan(model, keep=1.0)
     feeds = inputs()
-    work, report = calibrate(model, plan, SimpleNamespace(calib=feeds, calib_size=None))
+    result = calibrate(model, plan, SimpleNamespace(calib=feeds, calib_size=None))
+    work, report = result.model, result.report
     ref, got = session(model).run(None, feeds)[0], session(work).run(None, feeds)[0]
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
     assert report["fidelity"]["calibrated"]["top1_agreement"] == 1.0
@@ -125,7 +160,8 @@ def test_conv_without_bias_gets_one_and_geometry_is_honoured():
     node = next(n for n in model.graph.node if n.name == plan.layers[0].node)
     del node.input[2:]
     before = model.SerializeToString()
-    work, _ = calibrate(model, plan, SimpleNamespace(calib=inputs(), calib_size=None))
+    result = calibrate(model, plan, SimpleNamespace(calib=inputs(), calib_size=None))
+    work, plan = result.model, result.plan
     assert model.SerializeToString() == before  # the caller's model is not modified
     conv = next(n for n in work.graph.node if n.name == node.name)
     assert len(conv.input) == 3 and conv.input[2].startswith(f"{node.name}.bias")
@@ -134,10 +170,10 @@ def test_conv_without_bias_gets_one_and_geometry_is_honoured():
 
 def test_deterministic():
     model = normalize(resnet_basic().model())
-    a, ra = calibrate(model, hand_plan(model), SimpleNamespace(calib=inputs(), calib_size=None))
-    b, rb = calibrate(model, hand_plan(model), SimpleNamespace(calib=inputs(), calib_size=None))
-    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
-    assert ra["layers"] == rb["layers"]
+    a = calibrate(model, hand_plan(model), SimpleNamespace(calib=inputs(), calib_size=None))
+    b = calibrate(model, hand_plan(model), SimpleNamespace(calib=inputs(), calib_size=None))
+    assert a.model.SerializeToString(deterministic=True) == b.model.SerializeToString(deterministic=True)
+    assert a.report["layers"] == b.report["layers"] and a.plan.to_json() == b.plan.to_json()
 
 
 def test_cli_with_calibration(tmp_path):
@@ -191,7 +227,8 @@ def test_residual_target_fits_the_sum_the_network_sees():
     for target in ("output", "residual"):
         config = SimpleNamespace(calib=feeds, calib_size=None, calib_selection="weights", calib_ridge=1e-9,
                                  calib_target=target, calib_layers="pruned")
-        work, reports[target] = calibrate(model, hand_plan(model), config)
+        result = calibrate(model, hand_plan(model), config)
+        work, reports[target] = result.model, result.report
         (got,) = _probe(work, [add.output[0]], fit)
         errors[target] = np.sum((got - reference) ** 2)
     # the shortcut's input is the same in both runs and its refit minimises exactly this error
@@ -207,7 +244,8 @@ def test_dense_layers_after_pruned_ones_are_refit_and_left_unpruned():
     left_dense = plan.layers[2].node  # block 2's first Conv: reads a pruned block's output
     plan.layers = [layer for layer in plan.layers if layer.node != left_dense]
     config = SimpleNamespace(calib=inputs(), calib_size=None, calib_layers="all")
-    work, report = calibrate(model, plan, config)
+    result = calibrate(model, plan, config)
+    work, report, plan = result.model, result.report, result.plan
     entries = {e["name"]: e for e in report["layers"]}
     gemm = next(n.name for n in model.graph.node if n.op_type == "Gemm")
     for name in (left_dense, gemm):
@@ -225,7 +263,7 @@ def test_dense_layers_after_pruned_ones_are_refit_and_left_unpruned():
     assert verify(work, rewritten, plan, tolerance=1e-4).passed
     # with only the pruned layers refit, neither is touched
     config.calib_layers = "pruned"
-    _, report = calibrate(model, plan, config)
+    report = calibrate(model, plan, config).report
     assert {e["name"] for e in report["layers"]} == set(plan.by_node())
 
 
@@ -238,11 +276,14 @@ def test_disjoint_groups_keep_their_partition_under_data_selection():
     layer = plan.layers[1]
     channels = rng.permutation(layer.c_in)
     per = layer.c_in // layer.groups
-    layer.kept_in_channels = [sorted(int(c) for c in channels[g * per:(g + 1) * per]) for g in range(layer.groups)]
+    layer = replace(layer, kept_in_channels=[sorted(int(c) for c in channels[g * per:(g + 1) * per])
+                                             for g in range(layer.groups)])
+    plan.layers[1] = layer
     disjoint = [list(k) for k in layer.kept_in_channels]
     config = SimpleNamespace(calib=inputs(), calib_size=None, calib_selection="data")
-    work, report = calibrate(model, plan, config)
-    assert layer.kept_in_channels == disjoint
+    result = calibrate(model, plan, config)
+    work, report, plan = result.model, result.report, result.plan
+    assert plan.layers[1].kept_in_channels == disjoint
     entry = next(e for e in report["layers"] if e["name"] == layer.node)
     assert entry["selection"] == "weight-only (plan)" and entry["rel_mse_refit"] < entry["rel_mse_pruned"]
     assert sum(e.get("data_selected_groups", 0) for e in report["layers"]) > 0  # the others still choose
@@ -277,11 +318,11 @@ def test_ridge_is_validated_on_held_out_inputs(monkeypatch):
 
     x, y = data(1)
     bias = np.zeros(c_out, np.float32)
-    w_val, b_val, entry = calibrate_module.refit_weights(layer, w0, bias, x, y, geo, least_squares.DEFAULT_RIDGE,
+    w_val, b_val, entry, _ = calibrate_module.refit_weights(layer, w0, bias, x, y, geo, least_squares.DEFAULT_RIDGE,
                                                          False)
     assert entry["validated"] and entry["ridge"] >= 100 * least_squares.DEFAULT_RIDGE
     monkeypatch.setattr(least_squares, "RIDGE_GRID", (1.0,))
-    w_fix, b_fix, fixed = calibrate_module.refit_weights(layer, w0, bias, x, y, geo, least_squares.DEFAULT_RIDGE,
+    w_fix, b_fix, fixed, _ = calibrate_module.refit_weights(layer, w0, bias, x, y, geo, least_squares.DEFAULT_RIDGE,
                                                          False)
     assert fixed["ridge"] == least_squares.DEFAULT_RIDGE
     assert held_out_error(w_val, b_val) < 0.9 * held_out_error(w_fix, b_fix)

@@ -61,6 +61,6 @@ def test_calibrate_leaves_the_callers_data_whole():
     model = normalize(resnet_basic(batch=4).model())
     feeds = {"input": np.random.default_rng(0).standard_normal((46, 3, 16, 16)).astype(np.float32)}
     for _ in range(2):
-        _, report = calibrate(model, Plan([]), SimpleNamespace(calib=feeds, calib_size=None), feeds=feeds)
+        report = calibrate(model, Plan([]), SimpleNamespace(calib=feeds, calib_size=None), feeds=feeds).report
         assert report["conversions"] == ["fixed batch size 4: used 44 of 46 samples"]
     assert len(feeds["input"]) == 46

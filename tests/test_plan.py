@@ -1,6 +1,7 @@
 """The plan JSON: provenance per layer (who chose the structure, who the kept channels), older
 versions still load, a round trip keeps everything."""
 
+from dataclasses import replace
 import json
 
 import numpy as np
@@ -70,8 +71,9 @@ def test_bad_plans_are_refused(change, fragment):
 def test_plan_in_says_so_and_recomputes_the_kept_fraction():
     _, report = prune(resnet_basic().model(), PruneConfig(groups=4, rate=0.5))
     saved = Plan.from_json(report.plan.to_json())
-    layer = saved.layers[0]
-    layer.kept_in_channels = [kept[: len(kept) // 2] for kept in layer.kept_in_channels]  # edited by hand
+    layer = replace(saved.layers[0], kept_in_channels=[kept[: len(kept) // 2]
+                                                       for kept in saved.layers[0].kept_in_channels])  # edited by hand
+    saved.layers[0] = layer
     _, applied = prune(resnet_basic().model(), PruneConfig(plan=saved))
     first = applied.plan.layers[0].provenance
     assert first["structure"] == "--plan-in (saved: --groups 4 --rate 0.5 (the paper's rule, the same for every layer))"
