@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
+from .analysis import foldable_producer
 from .channel_groups import ChannelAnalysis, ChannelGroup, channel_groups
 from .errors import InternalError, UserError
 from .graph import GraphIndex, get_attr
@@ -117,17 +118,24 @@ class CoupledPlan:
                 "left_alone": self.left, "notes": self.notes}
 
 
-def choose(model: onnx.ModelProto, rate: float, align: int, exclude=(), feeds: dict | None = None) -> CoupledPlan:
-    """Step 1 (see the module docstring) on ``model`` (normalized); ``feeds``: calibration inputs."""
+def choose(model: onnx.ModelProto, rate: float, align: int, exclude=(), feeds: dict | None = None,
+           also_in=()) -> CoupledPlan:
+    """Step 1 (see the module docstring) on ``model`` (normalized); ``feeds``: calibration inputs;
+    ``also_in``: other versions of the model (e.g. with its own symbolic input dims) in which a
+    group must be found identically to be cut — a tie can depend on a spatial size (an
+    AveragePool that makes a 1×1 map at one input size only)."""
     if not 0.0 < rate < 1.0:
         raise UserError(f"--coupled-rate must be in (0, 1), got {rate}")
     analysis = channel_groups(model)
+    stable = [{g.members for g in channel_groups(other).groups if g.prunable} for other in also_in]
     index = GraphIndex(model.graph)
     nodes = {n.name: n for n in model.graph.node}
     excluded = set(exclude)
     cuts, left, candidates = [], [], []
     for group in analysis.groups:
         reason = _why_not(group, nodes, index, excluded)
+        if not reason and any(group.members not in found for found in stable):
+            reason = "its channel ties depend on the input's spatial size (they differ at the model's own input dims)"
         kept_count = group.width if reason else align_channels((1.0 - rate) * group.width, align, group.width)
         if not reason and kept_count >= group.width:
             reason = f"too narrow to lose a {align}-channel block"
@@ -151,10 +159,17 @@ def choose(model: onnx.ModelProto, rate: float, align: int, exclude=(), feeds: d
     return plan
 
 
-def _plain_gemm(node: onnx.NodeProto, weight) -> bool:
-    """Y = X·W(ᵀ) + b with a constant 2-D W: refit like a 1×1 Conv (calibrate.refit_gemm)."""
-    return (node.op_type == "Gemm" and weight is not None and weight.ndim == 2 and get_attr(node, "transA", 0) == 0
-            and get_attr(node, "alpha", 1.0) == 1.0 and get_attr(node, "beta", 1.0) == 1.0)
+def _plain_gemm(node: onnx.NodeProto, weight, index: GraphIndex) -> bool:
+    """Y = X·W(ᵀ) + b with a constant 2-D W and no or a constant per-output b: refit like a 1×1 Conv
+    (calibrate.refit_gemm; a broadcast bias of shape [1, N] or [1] is not refit there)."""
+    if not (node.op_type == "Gemm" and weight is not None and weight.ndim == 2 and get_attr(node, "transA", 0) == 0
+            and get_attr(node, "alpha", 1.0) == 1.0 and get_attr(node, "beta", 1.0) == 1.0):
+        return False
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    bias = index.constant(node.input[2])
+    outputs = weight.shape[0] if get_attr(node, "transB", 0) else weight.shape[1]
+    return bias is not None and bias.shape == (outputs,)
 
 
 def _why_not(group: ChannelGroup, nodes: dict, index: GraphIndex, excluded: set) -> str:
@@ -164,16 +179,17 @@ def _why_not(group: ChannelGroup, nodes: dict, index: GraphIndex, excluded: set)
         return f"frozen by {op} {node!r}: {reason}"
     if not group.producers:
         return "no producer (its channels come from a constant)"
-    if len(group.producers) == 1 and len(group.consumers) <= 1:
+    if len(group.producers) == 1 and len(group.consumers) <= 1 and (
+            not group.consumers or foldable_producer(index, group.consumers[0]) == group.producers[0]):
         return PRIVATE
-    if excluded & (set(group.producers) | set(group.consumers)):
-        return "a producer or reader is excluded (--exclude)"
+    if excluded & (set(group.producers) | set(group.consumers) | set(group.passthrough)):
+        return "a writer, reader or pass-through op of the group is excluded (--exclude)"
     for name in group.consumers:
         node = nodes[name]
         weight = index.constant(node.input[1]) if len(node.input) > 1 else None
         if node.op_type == "Conv" and get_attr(node, "group", 1) == 1 and weight is not None and weight.ndim == 4:
             continue
-        if _plain_gemm(node, weight) and node.input[0] in offsets:
+        if _plain_gemm(node, weight, index) and node.input[0] in offsets:
             continue
         return f"read by {node.op_type} {name!r} (only plain Convs and Gemms reading channels 1:1 can be refit yet)"
     for name in group.producers:
@@ -186,7 +202,9 @@ def _why_not(group: ChannelGroup, nodes: dict, index: GraphIndex, excluded: set)
 def _importance(group: ChannelGroup, nodes: dict, index: GraphIndex, energy: dict | None) -> np.ndarray:
     """Per group channel: Σ over writers and readers of the channel's magnitude / that layer's mean
     (see the module docstring, step 1)."""
-    offsets = dict(group.members)
+    offsets: dict[str, list[int]] = {}
+    for tensor, offset in group.members:  # a tensor may hold the group twice (Concat([x, x]))
+        offsets.setdefault(tensor, []).append(offset)
     score = np.zeros(group.width)
     for name in group.producers if energy is None else ():
         node = nodes[name]
@@ -194,8 +212,8 @@ def _importance(group: ChannelGroup, nodes: dict, index: GraphIndex, energy: dic
         magnitude = (weight.reshape(weight.shape[0], -1) ** 2).sum(1)
         if len(node.input) > 2 and node.input[2]:
             magnitude = magnitude + index.constant(node.input[2]).astype(np.float64) ** 2
-        start = offsets[node.output[0]]
-        score += magnitude[start:start + group.width] / max(magnitude.mean(), 1e-30)
+        for start in offsets[node.output[0]]:
+            score += magnitude[start:start + group.width] / max(magnitude.mean(), 1e-30)
     for name in group.consumers:
         node = nodes[name]
         weight = index.constant(node.input[1]).astype(np.float64)
@@ -204,8 +222,8 @@ def _importance(group: ChannelGroup, nodes: dict, index: GraphIndex, energy: dic
         magnitude = (np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1) ** 2).sum(1)
         if energy is not None:
             magnitude = magnitude * energy[node.input[0]]
-        start = offsets[node.input[0]]
-        score += magnitude[start:start + group.width] / max(magnitude.mean(), 1e-30)
+        for start in offsets[node.input[0]]:
+            score += magnitude[start:start + group.width] / max(magnitude.mean(), 1e-30)
     return score
 
 
@@ -266,7 +284,14 @@ def lift(narrow_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto) -> Pla
             order += [f for f in range(int(weight.shape[0])) if f not in taken]
             layer = replace(layer, c_out=int(weight.shape[0]), filter_order=order)
         layers.append(replace(layer, weight=node.input[1]))
-    return Plan(layers, narrow_plan.skipped, narrow_plan.options)
+    skipped = []
+    for entry in narrow_plan.skipped:
+        if entry["node"] in coupled.consumers:
+            continue  # a reader's cut is the group's: it is in ``layers``
+        if entry["node"] in coupled.producers:
+            entry = {**entry, "reason": f"{entry['reason']} (after the coupled cut)"}
+        skipped.append(entry)
+    return Plan(layers, skipped, narrow_plan.options)
 
 
 def _kept_outputs(coupled: CoupledPlan, model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ from .normalize import normalize, relist_initializer_inputs
 from .plan import Plan
 from .report import Report, build_report
 from .planner import PlanOptions, plan_model
+from .coupled import STRUCTURE as COUPLED_STRUCTURE
 from .coupled import lift, lower
 from .rewrite import apply_plan
 from .shapes import check_given, resolve_input_shapes, restore_input_dims, verification_shapes, with_input_shapes
@@ -129,7 +130,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
     coupled, plan_base = None, model  # plan_base: the model the single-Conv planner plans
     if config.coupled_rate is not None:
-        coupled, plan_base, config = _couple(model, config, feeds, progress)
+        coupled, plan_base, config = _couple(model, _with_input_dims_of(model, original), config, feeds, progress)
         t = _lap(timings, "couple", t)
     narrowing, dense = plan_base is not model, model  # with groups: the rest planned narrowed, then lifted
 
@@ -296,12 +297,12 @@ def resolve_min_agreement(config: PruneConfig) -> float | None:
     MACs/speed target is (an explicit target is the user's choice and is kept); else none.
 
     Where the structure is not the fidelity planner's to choose (``--groups N``, ``--plan-in``,
-    ``--planner speed``) an explicit value is not searched for: it is only the CI gate
-    (``gate.py``) on the result."""
+    ``--planner speed``, ``--coupled-rate``: its cut is fixed before the planner runs) an explicit
+    value is not searched for: it is only the CI gate (``gate.py``) on the result."""
     if config.planner not in ("fidelity", "speed"):
         raise UserError(f"--planner must be 'fidelity' or 'speed', got {config.planner!r}")
     value = config.min_agreement
-    fidelity_auto = config.plan is None and config.planner == "fidelity" and (
+    fidelity_auto = config.plan is None and config.planner == "fidelity" and config.coupled_rate is None and (
         config.groups == "auto" or config.target_macs is not None or config.target_speedup is not None)
     if value == "auto":
         explicit = config.target_macs is not None or config.target_speedup is not None
@@ -382,6 +383,10 @@ def _as_given(plan: Plan) -> Plan:
     Why new objects: the caller's plan is theirs (the Python API may apply one plan to several
     models); stamping its provenance in place would change it under them, and a second run
     would wrap "--plan-in (saved: --plan-in ...)" again."""
+    if any(str((layer.provenance or {}).get("structure", "")).startswith(COUPLED_STRUCTURE) for layer in plan.layers):
+        raise UserError("this plan comes from a --coupled-rate run, whose channel groups a plan does not record yet; "
+                        "prune the model again with --coupled-rate instead of --plan-in")
+
     def stamped(layer):
         saved = layer.provenance or {}
         return replace(layer, provenance={
@@ -396,21 +401,35 @@ def _sourced(configs: dict[str, dict], structure: str) -> dict[str, dict]:
     return {name: {**config, "source": structure} for name, config in configs.items()}
 
 
-def _couple(model: onnx.ModelProto, config: PruneConfig, feeds: dict | None, progress: Progress):
-    """Choose the coupled groups to narrow -> (CoupledPlan, model to plan the rest on, its config)."""
+def _couple(model: onnx.ModelProto, symbolic: onnx.ModelProto, config: PruneConfig, feeds: dict | None,
+            progress: Progress):
+    """Choose the coupled groups to narrow -> (CoupledPlan, model to plan the rest on, its config).
+
+    ``symbolic``: ``model`` with the input's own dims, where the rewrite finds the groups again."""
     from .coupled import choose
     from .latency import profile
     from .macs import count_macs
 
     if config.plan is not None or config.groups != "auto" or config.tickets:
         raise UserError("--coupled-rate works with --groups auto only (not with --plan-in, --groups N or --tickets)")
+    if config.target_speedup is not None:
+        raise UserError("--coupled-rate does not take --target-speedup yet (its cost model does not see the coupled "
+                        "cut); give --target-macs")
     progress.stage("narrowing coupled channel groups (residual streams, Concat/Split, SE gates)")
-    coupled = choose(model, config.coupled_rate, profile(config.provider).align, config.exclude, feeds)
+    coupled = choose(model, config.coupled_rate, profile(config.provider).align, config.exclude, feeds, [symbolic])
     if coupled.narrowed is None:
         return coupled, model, config
+    kept = count_macs(coupled.narrowed)[0] / max(1, count_macs(model)[0])
+    coupled.notes.append(f"the coupled cut alone keeps x{kept:.4f} of the MACs; the planner's numbers in 'auto' "
+                         f"are relative to the narrowed model")
     target = config.target_macs
     if target is not None:  # the planner's target is relative to the narrowed model
-        target = min(1.0, target * count_macs(model)[0] / max(1, count_macs(coupled.narrowed)[0]))
+        if kept <= target:
+            note = (f"the coupled cut alone keeps x{kept:.3f} of the MACs, at or below --target-macs {target:g}: "
+                    f"no single-Conv cut is added (a lower --coupled-rate gets closer to the target)")
+            coupled.notes.append(note)
+            progress.stage(note)
+        target = min(1.0, target / kept)
         coupled.notes.append(f"single-Conv planner target on the narrowed model: {target:.4f} of its MACs")
     readers = tuple(sorted(coupled.consumers))
     return coupled, coupled.narrowed, replace(config, exclude=tuple(config.exclude) + readers, fixed_channels=readers,

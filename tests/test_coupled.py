@@ -183,3 +183,109 @@ def test_with_calibration_data_the_kept_channels_are_those_the_readers_use_most(
     assert list(cut.kept) == sorted(np.argsort(-score, kind="stable")[:16].tolist())
     weights_only = next(c for c in choose(model, 0.5, 16).cuts if c.width == 32)
     assert weights_only.kept != cut.kept  # the data changes the choice here
+
+
+# ----------------------------------------------------------------------------- review findings
+
+def two_blocks(b):
+    x = b.relu(b.conv("input", 32, name="stem"))
+    for i in range(2):
+        y = b.relu(b.conv(x, 32, name=f"b{i}a"))
+        x = b.relu(b.add(b.conv(y, 32, name=f"b{i}b"), x))
+    return x
+
+
+def with_symbolic_spatial_dims(model):
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    del model.graph.value_info[:]
+    return model
+
+
+def test_a_tie_that_holds_only_at_the_working_size_is_left_alone():
+    """AveragePool(8) -> Flatten -> Gemm ties channel to feature only where the map is 8x8."""
+    b = CoupledBuilder(size=8)
+    x = two_blocks(b)
+    pooled = b.op("AveragePool", [x], (32, 1, 1), kernel_shape=[8, 8])
+    b.output(b.gemm(b.op("Flatten", [pooled], (32,), axis=1), 10))
+    model = with_symbolic_spatial_dims(b.model())
+    _, report = prune(model, PruneConfig(coupled_rate=0.5, target_macs=0.7, input_shapes={"input": [1, 3, 8, 8]}))
+    assert any("spatial size" in entry["reason"] for entry in report["coupled"]["left_alone"])
+    assert report["verify"]["passed"]
+
+
+def test_a_gemm_reader_with_a_broadcast_bias_leaves_the_group_alone():
+    b = CoupledBuilder(size=8)
+    flat = b.gap_flatten(two_blocks(b))
+    weight = b._const("fc.weight", b.rng.standard_normal((10, 32)) / 6)
+    bias = b._const("fc.bias", b.rng.standard_normal((1, 10)) * 0.1)
+    out = b._op("Gemm", [flat, weight, bias], "fc", transB=1)
+    b.shape[out] = (10,)
+    b.output(out)
+    calib = {"input": np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)}
+    _, report = prune(b.model(), PruneConfig(coupled_rate=0.5, target_macs=0.8, calib=calib))
+    assert any("Gemm" in entry["reason"] for entry in report["coupled"]["left_alone"])
+    assert report["verify"]["passed"]
+
+
+def test_excluding_a_depthwise_conv_inside_a_group_leaves_the_group_alone():
+    _, report = prune(se_depthwise(), PruneConfig(coupled_rate=0.5, target_macs=0.8, exclude=("dw0",)))
+    assert all("dw0" not in g["members"][0][0] for g in report["coupled"]["groups"])
+    assert any("excluded" in entry["reason"] for entry in report["coupled"]["left_alone"])
+    assert report["verify"]["passed"]
+
+
+def test_a_coupled_plan_cannot_be_replayed_and_says_so(tmp_path):
+    _, report = prune(residual_stream(), PruneConfig(coupled_rate=0.5, target_macs=0.6))
+    with pytest.raises(UserError, match="--coupled-rate run"):
+        prune(residual_stream(), PruneConfig(plan=report.plan))
+
+
+def test_target_speedup_is_refused_and_an_overshooting_cut_says_so():
+    with pytest.raises(UserError, match="--target-speedup"):
+        prune(residual_stream(), PruneConfig(coupled_rate=0.5, target_speedup=1.3))
+    _, report = prune(residual_stream(), PruneConfig(coupled_rate=0.5, target_macs=0.95))
+    assert any("no single-Conv cut is added" in note for note in report["coupled"]["notes"])
+    assert report["convs_pruned"] == len({n for g in report["coupled"]["groups"] for n in g["consumers"]})
+
+
+def test_with_calibration_and_no_target_the_budget_is_not_searched():
+    calib = {"input": np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)}
+    _, report = prune(residual_stream(), PruneConfig(coupled_rate=0.5, calib=calib))
+    assert report["budget"] is None and report["coupled"]["groups"]
+
+
+def test_readers_are_not_also_listed_as_skipped():
+    _, report = prune(residual_stream(), PruneConfig(coupled_rate=0.5, target_macs=0.6))
+    readers = {n for g in report["coupled"]["groups"] for n in g["consumers"]}
+    assert not readers & {entry["node"] for entry in report.plan.skipped}
+
+
+def test_a_tensor_holding_the_group_twice_scores_both_copies():
+    """Concat([x, x]) -> head: boosting the head's weights on the FIRST copy of channels 0..7
+    must keep them (the second copy was the only one scored before)."""
+    from onnxprune.coupled import choose
+    from onnxprune.normalize import normalize
+
+    b = CoupledBuilder(size=8)
+    x = two_blocks(b)
+    b.output(b.conv(b.concat([x, x]), 10, k=1, name="head"))
+    model = normalize(b.model())
+    for tensor in model.graph.initializer:
+        if tensor.name == "head.weight":
+            w = onnx.numpy_helper.to_array(tensor).copy()
+            w[:, :8] *= 1000
+            tensor.CopyFrom(onnx.numpy_helper.from_array(w, tensor.name))
+    cut = next(c for c in choose(model, 0.5, 16).cuts if c.width == 32)
+    assert set(range(8)) <= set(cut.kept)
+
+
+def test_a_one_to_one_group_through_a_concat_is_narrowed_not_called_private():
+    b = CoupledBuilder(size=8)
+    x = two_blocks(b)
+    side = b.relu(b.conv(x, 32, name="side"))
+    b.output(b.conv(b.concat([x, side]), 10, k=1, name="head"))
+    _, report = prune(b.model(), PruneConfig(coupled_rate=0.5, target_macs=0.6))
+    assert any(g["producers"] == ["side"] for g in report["coupled"]["groups"])
+    assert report["verify"]["passed"]
