@@ -44,7 +44,7 @@ from onnx import helper
 from threadpoolctl import threadpool_limits
 
 from .calib_stream import Stream, batch_size, compare_first_output, count, first_output, node_reads, split_holdout
-from .calibrate import layer_bias
+from .refit_steps import layer_bias
 from .least_squares import (DEFAULT_RIDGE, GREEDY_BUDGET, GREEDY_STEPS, ConvGeometry, accumulate, greedy_channels,
                             solve_group, squared_error)
 from .graph import GraphIndex
