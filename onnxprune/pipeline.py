@@ -67,6 +67,9 @@ class PruneConfig(PlanOptions):
     coupled_rate: float | None = None
     g1_only: tuple[str, ...] = ()  # set by the pass: Convs writing a narrowed group (G=1 cuts only)
     fixed_channels: tuple[str, ...] = ()  # set by the pass: Convs whose kept channels a group decided
+    # the output's float type (see precision.py): "fp32" (as computed) or "fp16" (fp32 inputs/outputs)
+    precision: str = "fp32"
+    fp16_tolerance: float | None = None  # None: FP16_TOLERANCE
 
 
 class Progress:
@@ -86,6 +89,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     timings = {}
     started = time.perf_counter()
     _check_distill(config)
+    _check_precision(config)
     budget = resolve_min_agreement(config)  # option errors before any work
     check_gate_options(config)
 
@@ -238,6 +242,12 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         pruned, distilled = _distill(pruned, original, feeds, config, progress)
     t = _lap(timings, "distill", t)
 
+    pruned32, precision = pruned, None  # the report's MACs/params are the fp32 model's (the same graph)
+    if config.precision == "fp16":
+        pruned, precision = _to_fp16(pruned, model, dense, plan, distilled, feeds, calibration, config, shapes,
+                                     progress)
+        t = _lap(timings, "precision", t)
+
     speed = None
     if config.check_speed:
         from .bench import check_speed
@@ -253,7 +263,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         accuracy_report = accuracy.measure(pruned)
     t = _lap(timings, "accuracy", t)
 
-    report = build_report(original, model, pruned, plan, verified, config, shapes)
+    report = build_report(original, model, pruned32, plan, verified, config, shapes)
     report["auto"] = None if speed_plan is None else {
         "rate": speed_plan.rate, "predicted_speedup": round(speed_plan.predicted_speedup, 3),
         "predicted_macs_ratio": round(speed_plan.macs_ratio, 4), "cost_model": speed_plan.cost_source,
@@ -267,6 +277,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     report["distill"] = distilled
     report["speed"] = speed
     report["accuracy"] = accuracy_report
+    if precision is not None:
+        report["precision"] = precision
     report["gates"] = evaluate_gates(report, config)
     _lap(timings, "report", t)
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -362,6 +374,80 @@ def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
         return pruned, report
     report["kept"] = True
     return student, report
+
+
+# fp16 verification tolerance, relative to each output's scale (as verify.py's 1e-4 is): fp16's unit
+# roundoff is 4.9e-4 and rounding ResNet-20's weights alone moves its logits by 4e-4 of their
+# scale; on a GPU the activations are rounded at every layer too (a few 1e-3 after ~20 layers).
+# 1e-2 (~20 roundoffs) leaves that room, while a lost Cast, a wrong or corrupted weight or an
+# overflow moves the output by 1e-1 or more.
+FP16_TOLERANCE = 1e-2
+
+
+def _check_precision(config: PruneConfig) -> None:
+    if config.precision not in ("fp32", "fp16"):
+        raise UserError(f"--precision must be 'fp32' or 'fp16', got {config.precision!r}")
+    if config.fp16_tolerance is not None and not config.fp16_tolerance > 0:
+        raise UserError(f"the fp16 tolerance must be positive, got {config.fp16_tolerance}")
+
+
+def _to_fp16(pruned32, model, dense, plan: Plan, distilled, feeds, calibration, config: PruneConfig, shapes,
+             progress: Progress):
+    """The fp32 output converted to fp16 (``precision.py``) and checked -> (model, report section).
+
+    The check (unless ``--no-verify``): seeded random inputs as for the fp32 verification, the
+    fp16 model against the masked fp32 model (verification's own reference, so fp16 is judged
+    against the oracle, not against the rewrite it came from), or, when distillation changed the
+    weights, against the distilled fp32 model (its weights have no masked counterpart), at
+    ``FP16_TOLERANCE``; failing it fails the pass. With calibration inputs also the top-1
+    agreement of fp16 with the fp32 pruned model on all of them (no fitting involves the fp16
+    rounding, so none need holding out; more inputs resolve it finer), and the fp16 model's
+    fidelity to the input next to calibration's own (same held-out slice)."""
+    from .calib_stream import batch_size, compare_first_output, count, first_output, split_holdout
+    from .precision import to_fp16
+    from .verify import compare_models, masked_model
+
+    progress.stage("converting to fp16 (fp32 inputs and outputs; overflow-prone ops kept in fp32)")
+    half, facts = to_fp16(pruned32)
+    for entry in half.metadata_props:
+        if entry.key == "onnxprune":
+            entry.value += "; fp16"
+    try:
+        onnx.checker.check_model(half, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise InternalError(f"the fp16 model fails onnx.checker: {exc}") from exc
+    tolerance = config.fp16_tolerance or FP16_TOLERANCE
+    section = {"precision": "fp16", **facts, "io_types": "float32", "tolerance": tolerance, "agreement": None}
+    if not config.verify:
+        section.update(verified=False, note="converted without checking (--no-verify)")
+        return half, section
+    if distilled is not None and distilled.get("kept"):
+        reference, against = with_input_shapes(pruned32, shapes), "the distilled fp32 model"
+    else:
+        reference, against = masked_model(model, plan), "the masked fp32 model"
+    progress.stage(f"verifying the fp16 model against {against} in ONNX Runtime")
+    result = compare_models(reference, half, tolerance, config.seed, floors_of=model, which="the fp16 model")
+    section.update(verified=True, reference=against, max_abs_diff=result.max_abs_diff,
+                   max_rel_diff=result.max_rel_diff, passed=result.passed, batch=result.batch,
+                   note="ONNX Runtime's CPU provider computes ops lacking fp16 kernels in fp32: this measures "
+                        "the conversion and the weight rounding, not fp16 arithmetic (see precision.py)")
+    if not result.passed:
+        raise PassFailed(f"fp16 verification failed: the fp16 model differs from {against} by "
+                         f"{result.max_rel_diff:.3g} (relative), tolerance {tolerance:g}")
+    if feeds is not None:
+        progress.stage("measuring fp16 top-1 agreement with the fp32 model on the calibration inputs")
+        work = with_input_shapes(pruned32, shapes)
+        batch, unit, usable = batch_size(work, feeds, [])
+        stats = compare_first_output(first_output(work, usable, batch), first_output(half, usable, batch))
+        section["agreement"] = stats["top1_agreement"]
+        section["agreement_detail"] = {**stats, "samples": count(usable),
+                                       "on": "all calibration inputs, fp16 vs the fp32 pruned model"}
+        if calibration is not None:
+            fit, held = split_holdout(usable, unit, config.calib_holdout_divisor)
+            on = held if count(held) else fit
+            calibration["fidelity"]["fp16"] = compare_first_output(first_output(dense, on, batch),
+                                                                   first_output(half, on, batch))
+    return half, section
 
 
 def _verified(reference, rewritten, plan: Plan, config: PruneConfig, original, where: str = ""):

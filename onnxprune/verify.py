@@ -195,13 +195,23 @@ def verify(normalized: onnx.ModelProto, rewritten: onnx.ModelProto, plan: Plan,
     extra = [name for name in required_inputs(rewritten) if name not in had]
     if extra:
         return VerifyResult(float("inf"), float("inf"), tolerance, False, batch, extra)
-    feeds = random_inputs(normalized, seed, batch)
+    return compare_models(masked_model(normalized, plan), rewritten, tolerance, seed, batch, floors_of=normalized)
+
+
+def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, tolerance: float, seed: int = 0,
+                   batch: int = 2, floors_of: onnx.ModelProto | None = None,
+                   which: str = "the rewritten model") -> VerifyResult:
+    """Run ``reference`` and ``candidate`` on the same seeded random inputs (made for
+    ``reference``) and judge them as the module rules say; ``floors_of``: the model whose
+    bounded output activations set the scale floors (default ``reference``). Also how the
+    ``--precision fp16`` model is checked against its fp32 reference (``which`` names it)."""
+    feeds = random_inputs(reference, seed, batch)
     try:
-        reference_session = session(masked_model(normalized, plan))
+        reference_session = session(reference)
     except UserError as exc:
         raise UserError(f"{exc}{SHAPE_HINT}") from None
-    reference = _run(reference_session, feeds, "the input model")
-    # a rewritten model ORT cannot load is our bug, not the user's input: no UserError wording
-    candidate = _run(create_session(rewritten, load_error=None), feeds, "the rewritten model")
-    max_abs, max_rel = compare_outputs(reference, candidate, output_floors(normalized))
+    expected = _run(reference_session, feeds, "the input model")
+    # a candidate ORT cannot load is our bug, not the user's input: no UserError wording
+    got = _run(create_session(candidate, load_error=None), feeds, which)
+    max_abs, max_rel = compare_outputs(expected, got, output_floors(floors_of if floors_of is not None else reference))
     return VerifyResult(max_abs, max_rel, tolerance, bool(max_rel <= tolerance), batch)

@@ -85,6 +85,16 @@ def summary(report: dict, output: str | None) -> str:
         v = report["verify"]
         lines.append(f"  verify: max relative diff {v['max_rel_diff']:.2e} vs masked original "
                      f"(tolerance {v['tolerance']:g})")
+    fp16 = report.get("precision")
+    if fp16:
+        kept = ", ".join(fp16["kept_fp32_ops"]) or "none"
+        if not fp16["verified"]:
+            lines.append(f"  fp16: converted without checking (--no-verify); ops kept in fp32: {kept}")
+        else:
+            agreement = "" if fp16["agreement"] is None else \
+                f", top-1 agreement {100 * fp16['agreement']:.2f}% on the calibration inputs"
+            lines.append(f"  fp16: max relative diff {fp16['max_rel_diff']:.2e} vs {fp16['reference']} "
+                         f"(tolerance {fp16['tolerance']:g}){agreement}; ops kept in fp32: {kept}")
     accuracy = report.get("accuracy")
     if accuracy:
         lines.append(f"  top-1 accuracy on {accuracy['images']} labelled images "

@@ -176,7 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="report.json", help="write the JSON report (MACs, params, layers, verify)")
     p.add_argument("--seed", type=int, default=0, help="seed for clustering and verification inputs (default 0)")
     p.add_argument("--no-verify", action="store_true",
-                   help="skip the check against the masked original in ONNX Runtime")
+                   help="skip the check against the masked original in ONNX Runtime (with --precision fp16: "
+                        "converted without checking)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="float type of the output: 'fp16' converts the verified model to float16 (graph inputs "
+                        "and outputs stay float32, overflow-prone ops such as Softmax/Exp/Reduce* stay float32), "
+                        "checks it against the masked fp32 model at tolerance 1e-2 and reports top-1 agreement "
+                        "on the --calib inputs in the report's 'precision' section (default fp32)")
     noise = p.add_mutually_exclusive_group()
     noise.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     noise.add_argument("-v", "--verbose", action="store_true", help="print one line per layer")
@@ -248,7 +254,8 @@ class PruneCommand:
                              calib_layers=args.calib_layers, calib_target=args.calib_target,
                              planner=args.planner, min_agreement=args.min_agreement, distill=args.distill,
                              distill_time=args.distill_time, distill_steps=args.distill_steps,
-                             eval_data=args.eval_data, max_accuracy_drop=args.max_accuracy_drop)
+                             eval_data=args.eval_data, max_accuracy_drop=args.max_accuracy_drop,
+                             precision=args.precision)
         return cls(files, Console(args.quiet, args.verbose), config, tuple(args.exclude))
 
     def validate(self) -> None:

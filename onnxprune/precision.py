@@ -1,0 +1,201 @@
+"""``--precision fp16``: the pruned model converted to float16, with float32 graph inputs and outputs.
+
+One job: turn the verified fp32 output into an fp16 one and say what was kept in fp32. The
+pipeline (``pipeline._to_fp16``) then checks it against the fp32 reference (``verify.compare_models``).
+
+Converter: ``onnxruntime.transformers.float16.convert_float_to_float16``. Why this one: it ships
+with onnxruntime, which onnxprune already needs, and onnxruntime maintains it (it is a fork of
+onnxconverter-common's ``float16.py`` with fixes: Resize/GroupNorm float-only inputs, initializers
+used by fp32 ops kept fp32). onnxconverter-common would be a new dependency for the same code.
+
+Rules:
+- ``keep_io_types=True``: graph inputs and outputs stay float32 (a Cast after each input and
+  before each output), so callers feed and read what they did before;
+- ops kept in fp32 (``op_block_list`` = ``FP32_OPS``): the converter's own default list (ML/
+  classical ops with no fp16 kernels, NonMaxSuppression, TopK, RoiAlign, Range, CumSum, Min,
+  Max, Upsample) plus ``OVERFLOW_OPS``: ops whose result overflows fp16 (max 65504) or loses
+  most of its 11-bit mantissa: Exp, Pow, Softplus, Reciprocal (x < 1.5e-5 overflows), Log,
+  Softmax/LogSoftmax (an exp and a sum over the class axis), the Reduce* family (a sum over a
+  whole feature map: 112x112 values of ~6 already pass 65504), Lp/Layer/Instance/Group
+  normalization (a sum of squares, then a division by it). Left in fp16 on purpose: Conv, Gemm,
+  MatMul, Relu/Clip/Sigmoid/HardSwish, Add/Mul, pooling including GlobalAveragePool (a mean
+  whose GPU kernels accumulate in fp32), the layout ops: the bulk of a CNN, where fp16 pays;
+- no cascaded Casts: the converter wraps every fp32 op in Casts, so two fp32 ops in a row (or an
+  fp32 op next to a graph input/output) give Cast(fp32->fp16)->Cast(fp16->fp32) round trips.
+  ``remove_cast_round_trips`` removes them (the fp32 op then reads the exact fp32 tensor), and a
+  Cast(fp16->fp32)->Cast(fp32->fp16) pair, which is exact, likewise;
+- the converter appends its Casts at the end of the node list: ``topological_sort`` restores a
+  valid order (stable: every other node keeps its relative place);
+- the value_info the converter's shape inference added is dropped (as in the input, types are
+  inferred when loaded); IR version and opsets stay the input's (ORT 1.31 reads IR <= 13).
+
+What the CPU check means: ONNX Runtime's CPU provider has no fp16 kernels for most CNN ops on
+x86 and inserts Casts itself, computing them in fp32 (measured on ResNet-20: the fp16 model's
+output differs from the fp32 one by 4.2e-4 of its scale, rounding the weights and the input alone
+by 4.1e-4). So a CPU verification proves the conversion (weights, Casts, kept ops) and measures
+the weight rounding, not fp16 arithmetic; on a GPU the activations are rounded too, which the
+fp16 tolerance (``pipeline.FP16_TOLERANCE``) leaves room for.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import onnx
+from onnx import TensorProto, helper
+
+OVERFLOW_OPS = ("Exp", "Pow", "Softplus", "Reciprocal", "Log", "Softmax", "LogSoftmax",
+                "ReduceSum", "ReduceMean", "ReduceProd", "ReduceSumSquare", "ReduceL1", "ReduceL2",
+                "ReduceLogSum", "ReduceLogSumExp", "LpNormalization", "LayerNormalization",
+                "InstanceNormalization", "GroupNormalization")
+CONVERTER = "onnxruntime.transformers.float16.convert_float_to_float16"
+
+
+def fp32_ops() -> list[str]:
+    """The op types kept in fp32: the converter's default block list plus ``OVERFLOW_OPS``."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+
+    return sorted(set(DEFAULT_OP_BLOCK_LIST) | set(OVERFLOW_OPS))
+
+
+def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """``model`` (fp32, not modified) in fp16 with fp32 inputs/outputs -> (model, facts), facts
+    being ``kept_fp32_ops`` (the blocked op types the model has) and ``cast_round_trips_removed``."""
+    import onnxruntime
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    blocked = fp32_ops()
+    source = onnx.ModelProto()
+    source.CopyFrom(model)
+    had_value_info = {vi.name for vi in model.graph.value_info}
+    converted = convert_float_to_float16(source, keep_io_types=True, op_block_list=blocked)
+    types = _elem_types(converted.graph)
+    removed = remove_cast_round_trips(converted.graph, types)
+    topological_sort(converted.graph)
+    kept = [vi for vi in converted.graph.value_info if vi.name in had_value_info]
+    del converted.graph.value_info[:]
+    converted.graph.value_info.extend(kept)
+    converted.ir_version = model.ir_version
+    del converted.opset_import[:]
+    converted.opset_import.extend(model.opset_import)
+    present = {node.op_type for node in model.graph.node}
+    return converted, {"converter": f"{CONVERTER} (onnxruntime {onnxruntime.__version__})",
+                       "kept_fp32_ops": [op for op in blocked if op in present],
+                       "cast_round_trips_removed": removed}
+
+
+def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    types = {t.name: t.data_type for t in graph.initializer}
+    for vi in (*graph.input, *graph.value_info, *graph.output):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
+ROUND_TRIPS = {(TensorProto.FLOAT, TensorProto.FLOAT16), (TensorProto.FLOAT16, TensorProto.FLOAT)}
+
+
+def remove_cast_round_trips(graph: onnx.GraphProto, types: dict[str, int]) -> int:
+    """Remove every Cast(T->U)->Cast(U->T) pair with {T, U} = {float, float16} from ``graph``
+    -> how many. ``types``: element type per tensor name (the first Cast's input must be known
+    to be T). The second Cast's readers read the first Cast's input instead; the first Cast goes
+    when nothing else reads it. fp32->fp16->fp32 only loses bits, fp16->fp32->fp16 is exact, so
+    either way the result is at least as exact."""
+    removed = 0
+    while True:
+        pair = _find_round_trip(graph, types)
+        if pair is None:
+            return removed
+        first, second = pair
+        source, target = first.input[0], second.output[0]
+        outputs = {o.name for o in graph.output}
+        producer = next((n for n in graph.node if source in n.output), None)
+        protected = outputs | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+        if target not in outputs:
+            _rename_uses(graph, target, source)
+            graph.node.remove(second)
+        elif producer is not None and source not in protected and producer is not first:
+            # a graph output: the fp32 tensor's producer writes it under the output's name
+            _rename_uses(graph, source, target)
+            producer.output[list(producer.output).index(source)] = target
+            graph.node.remove(second)
+        else:  # a graph input (or output) straight to a graph output: an Identity, not a Cast
+            second.CopyFrom(helper.make_node("Identity", [source], [target], name=second.name))
+        if not _read(graph, first.output[0]) and first.output[0] not in outputs:
+            graph.node.remove(first)
+        removed += 1
+
+
+def _find_round_trip(graph: onnx.GraphProto, types: dict[str, int]):
+    producers = {out: node for node in graph.node for out in node.output}
+    for second in graph.node:
+        first = producers.get(second.input[0]) if second.op_type == "Cast" and second.input else None
+        if first is None or first.op_type != "Cast" or first.domain not in ("", "ai.onnx"):
+            continue
+        there, back = _cast_to(first), _cast_to(second)
+        if (types.get(first.input[0]), there) in ROUND_TRIPS and back == types.get(first.input[0]):
+            return first, second
+    return None
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for sub in _subgraphs(node):
+            yield from _all_nodes(sub)
+
+
+def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Every read of ``old`` (subgraphs included) reads ``new``."""
+    for node in _all_nodes(graph):
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
+def _read(graph: onnx.GraphProto, name: str) -> bool:
+    return any(name in node.input for node in _all_nodes(graph))
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Order ``graph.node`` so every node follows its inputs' producers (a subgraph's reads of
+    outer tensors count), keeping the given order wherever it is already valid."""
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    needs = []
+    for i, node in enumerate(nodes):
+        reads = set(node.input)
+        for sub in _subgraphs(node):
+            reads |= {name for inner in _all_nodes(sub) for name in inner.input}
+        needs.append({producer[name] for name in reads if name in producer and producer[name] != i})
+    waiting = [len(n) for n in needs]
+    readers = [[] for _ in nodes]
+    for i, deps in enumerate(needs):
+        for d in deps:
+            readers[d].append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for r in readers[i]:
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
