@@ -316,3 +316,36 @@ def lower(dense_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto, narrow
             layer = replace(layer, c_out=len(rows), filter_order=order)
         layers.append(replace(layer, weight=node.input[1]))
     return Plan(layers, dense_plan.skipped, dense_plan.options)
+
+
+def prepare(model: onnx.ModelProto, symbolic: onnx.ModelProto, config, feeds: dict | None, progress):
+    """Choose the coupled groups to narrow -> (CoupledPlan, model to plan the rest on, its config).
+
+    ``symbolic``: ``model`` with the input's own dims, where the rewrite finds the groups again."""
+    from .latency import profile
+    from .macs import count_macs
+
+    if config.plan is not None or config.groups != "auto" or config.tickets:
+        raise UserError("--coupled-rate works with --groups auto only (not with --plan-in, --groups N or --tickets)")
+    if config.target_speedup is not None:
+        raise UserError("--coupled-rate does not take --target-speedup yet (its cost model does not see the coupled "
+                        "cut); give --target-macs")
+    progress.stage("narrowing coupled channel groups (residual streams, Concat/Split, SE gates)")
+    coupled = choose(model, config.coupled_rate, profile(config.provider).align, config.exclude, feeds, [symbolic])
+    if coupled.narrowed is None:
+        return coupled, model, config
+    kept = count_macs(coupled.narrowed)[0] / max(1, count_macs(model)[0])
+    coupled.notes.append(f"the coupled cut alone keeps x{kept:.4f} of the MACs; the planner's numbers in 'auto' "
+                         f"are relative to the narrowed model")
+    target = config.target_macs
+    if target is not None:  # the planner's target is relative to the narrowed model
+        if kept <= target:
+            note = (f"the coupled cut alone keeps x{kept:.3f} of the MACs, at or below --target-macs {target:g}: "
+                    f"no single-Conv cut is added (a lower --coupled-rate gets closer to the target)")
+            coupled.notes.append(note)
+            progress.stage(note)
+        target = min(1.0, target / kept)
+        coupled.notes.append(f"single-Conv planner target on the narrowed model: {target:.4f} of its MACs")
+    readers = tuple(sorted(coupled.consumers))
+    return coupled, coupled.narrowed, replace(config, exclude=tuple(config.exclude) + readers, fixed_channels=readers,
+                                              g1_only=tuple(sorted(coupled.producers)), target_macs=target)

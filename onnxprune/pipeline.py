@@ -24,6 +24,9 @@ from .report import Report, build_report
 from .planner import PlanOptions, plan_model
 from .coupled import STRUCTURE as COUPLED_STRUCTURE
 from .coupled import lift, lower
+from .coupled import prepare as prepare_coupled
+from .agreement_budget import BUDGET_HOLDOUT_DIVISOR, resolve_min_agreement
+from .late_stages import check_distill, check_precision, distill_stage, fp16_stage
 from .rewrite import apply_plan
 from .shapes import check_given, resolve_input_shapes, restore_input_dims, verification_shapes, with_input_shapes
 from .shapes import describe as describe_shapes
@@ -88,8 +91,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     progress = progress or Progress()
     timings = {}
     started = time.perf_counter()
-    _check_distill(config)
-    _check_precision(config)
+    check_distill(config)
+    check_precision(config)
     budget = resolve_min_agreement(config)  # option errors before any work
     check_gate_options(config)
 
@@ -134,7 +137,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
     coupled, plan_base = None, model  # plan_base: the model the single-Conv planner plans
     if config.coupled_rate is not None:
-        coupled, plan_base, config = _couple(model, _with_input_dims_of(model, original), config, feeds, progress)
+        symbolic_dims = _with_input_dims_of(model, original)
+        coupled, plan_base, config = prepare_coupled(model, symbolic_dims, config, feeds, progress)
         t = _lap(timings, "couple", t)
     narrowing, dense = plan_base is not model, model  # with groups: the rest planned narrowed, then lifted
 
@@ -239,12 +243,12 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
     distilled = None
     if config.distill:
-        pruned, distilled = _distill(pruned, original, feeds, config, progress)
+        pruned, distilled = distill_stage(pruned, original, feeds, config, progress)
     t = _lap(timings, "distill", t)
 
     pruned32, precision = pruned, None  # the report's MACs/params are the fp32 model's (the same graph)
     if config.precision == "fp16":
-        pruned, precision = _to_fp16(pruned, model, dense, plan, distilled, feeds, calibration, config, shapes,
+        pruned, precision = fp16_stage(pruned, model, dense, plan, distilled, feeds, calibration, config, shapes,
                                      progress)
         t = _lap(timings, "precision", t)
 
@@ -289,167 +293,6 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     return pruned, Report(report, plan)
 
 
-# 0.97: on the Fashion-MNIST ResNets 96% test agreement meant -1.5 points of accuracy, 97-98% under 1
-DEFAULT_MIN_AGREEMENT = 0.97
-DISTILL_THREADS = 1  # torch threads for --distill: the step results depend on it (bytes), and one
-# thread was ~10x faster than two on a loaded 2-core machine
-BUDGET_HOLDOUT_DIVISOR = 4  # with a fidelity budget, 1/4 of the calibration inputs is held out (else 1/8)
-
-
-def check_agreement(value: float) -> float:
-    """A fidelity budget is a fraction in (0, 1]."""
-    if not 0.0 < value <= 1.0:
-        raise UserError(f"--min-agreement is a fraction in (0, 1], got {value}")
-    return value
-
-
-def resolve_min_agreement(config: PruneConfig) -> float | None:
-    """The fidelity budget the planner searches for: an explicit ``min_agreement``; with ``"auto"``
-    (the default) ``DEFAULT_MIN_AGREEMENT`` when calibration data is given and no explicit
-    MACs/speed target is (an explicit target is the user's choice and is kept); else none.
-
-    Where the structure is not the fidelity planner's to choose (``--groups N``, ``--plan-in``,
-    ``--planner speed``, ``--coupled-rate``: its cut is fixed before the planner runs) an explicit
-    value is not searched for: it is only the CI gate (``gate.py``) on the result."""
-    if config.planner not in ("fidelity", "speed"):
-        raise UserError(f"--planner must be 'fidelity' or 'speed', got {config.planner!r}")
-    value = config.min_agreement
-    fidelity_auto = config.plan is None and config.planner == "fidelity" and config.coupled_rate is None and (
-        config.groups == "auto" or config.target_macs is not None or config.target_speedup is not None)
-    if value == "auto":
-        explicit = config.target_macs is not None or config.target_speedup is not None
-        return DEFAULT_MIN_AGREEMENT if fidelity_auto and config.calib is not None and not explicit else None
-    if value is None:
-        return None
-    value = check_agreement(float(value))
-    if config.calib is None:
-        raise UserError("--min-agreement needs --calib (agreement is measured on held-out calibration inputs)")
-    return value if fidelity_auto else None
-
-
-def _check_distill(config: PruneConfig) -> None:
-    """--distill's needs, checked before minutes of planning."""
-    if not config.distill:
-        return
-    if config.calib is None:
-        raise UserError("--distill needs --calib (the unlabelled images it trains on)")
-    if config.distill_steps is not None and config.distill_steps < 1:
-        raise UserError(f"--distill-steps must be >= 1, got {config.distill_steps}")
-    if config.distill_steps is None and not config.distill_time > 0:
-        raise UserError(f"--distill-time must be positive, got {config.distill_time}")
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        raise UserError("--distill needs PyTorch: pip install 'onnxprune[distill]'")
-
-
-def _distill(pruned, original, feeds, config: PruneConfig, progress: Progress):
-    """Fine-tune the rewritten model's weights towards the original's outputs (structure fixed).
-
-    Runs after verification: the exactness oracle has proven the *structure* (the rewrite equals
-    the masked original), and distillation may then only change weight values — checked here
-    with ``distill.structure_problems`` (same nodes, names, shapes, dtypes; only Conv/Gemm
-    weights and biases differ)."""
-    from .calib_stream import split_holdout
-    from .distill import UnsupportedModel, distill, structure_problems
-
-    # the calibration's held-out slice stays held out: trained on the fit part, measured on it
-    fit, held = split_holdout(feeds, divisor=config.calib_holdout_divisor)
-    how = f"{config.distill_steps} steps" if config.distill_steps else f"{config.distill_time:g} s"
-    progress.stage(f"distilling: fine-tuning the pruned weights towards the original's outputs ({how})")
-    try:
-        student, report = distill(pruned, original, fit, eval_images=held if len(next(iter(held.values()))) else None,
-                                  seed=config.seed, threads=DISTILL_THREADS,
-                                  steps=config.distill_steps,
-                                  time_budget_s=None if config.distill_steps else config.distill_time)
-    except UnsupportedModel as exc:
-        progress.stage(f"distillation skipped: {exc}")
-        return pruned, {"skipped": str(exc)}
-    problems = structure_problems(pruned, student)
-    if problems:
-        raise InternalError(f"distillation changed the model's structure: {problems[0]}")
-    if report.get("improved") is False or report.get("diverged"):
-        report["kept"] = False  # held-out KL did not drop: ship the verified refit weights instead
-        progress.stage("distillation did not lower the held-out KL: keeping the refit weights")
-        return pruned, report
-    report["kept"] = True
-    return student, report
-
-
-# fp16 verification tolerance, relative to each output's scale (as verify.py's 1e-4 is): fp16's unit
-# roundoff is 4.9e-4 and rounding ResNet-20's weights alone moves its logits by 4e-4 of their
-# scale; on a GPU the activations are rounded at every layer too (a few 1e-3 after ~20 layers).
-# 1e-2 (~20 roundoffs) leaves that room, while a lost Cast, a wrong or corrupted weight or an
-# overflow moves the output by 1e-1 or more.
-FP16_TOLERANCE = 1e-2
-
-
-def _check_precision(config: PruneConfig) -> None:
-    if config.precision not in ("fp32", "fp16"):
-        raise UserError(f"--precision must be 'fp32' or 'fp16', got {config.precision!r}")
-    if config.fp16_tolerance is not None and not config.fp16_tolerance > 0:
-        raise UserError(f"the fp16 tolerance must be positive, got {config.fp16_tolerance}")
-
-
-def _to_fp16(pruned32, model, dense, plan: Plan, distilled, feeds, calibration, config: PruneConfig, shapes,
-             progress: Progress):
-    """The fp32 output converted to fp16 (``precision.py``) and checked -> (model, report section).
-
-    The check (unless ``--no-verify``): seeded random inputs as for the fp32 verification, the
-    fp16 model against the masked fp32 model (verification's own reference, so fp16 is judged
-    against the oracle, not against the rewrite it came from), or, when distillation changed the
-    weights, against the distilled fp32 model (its weights have no masked counterpart), at
-    ``FP16_TOLERANCE``; failing it fails the pass. With calibration inputs also the top-1
-    agreement of fp16 with the fp32 pruned model on all of them (no fitting involves the fp16
-    rounding, so none need holding out; more inputs resolve it finer), and the fp16 model's
-    fidelity to the input next to calibration's own (same held-out slice)."""
-    from .calib_stream import batch_size, compare_first_output, count, first_output, split_holdout
-    from .precision import to_fp16
-    from .verify import compare_models, masked_model
-
-    progress.stage("converting to fp16 (fp32 inputs and outputs; overflow-prone ops kept in fp32)")
-    half, facts = to_fp16(pruned32)
-    for entry in half.metadata_props:
-        if entry.key == "onnxprune":
-            entry.value += "; fp16"
-    try:
-        onnx.checker.check_model(half, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise InternalError(f"the fp16 model fails onnx.checker: {exc}") from exc
-    tolerance = config.fp16_tolerance or FP16_TOLERANCE
-    section = {"precision": "fp16", **facts, "io_types": "float32", "tolerance": tolerance, "agreement": None}
-    if not config.verify:
-        section.update(verified=False, note="converted without checking (--no-verify)")
-        return half, section
-    if distilled is not None and distilled.get("kept"):
-        reference, against = with_input_shapes(pruned32, shapes), "the distilled fp32 model"
-    else:
-        reference, against = masked_model(model, plan), "the masked fp32 model"
-    progress.stage(f"verifying the fp16 model against {against} in ONNX Runtime")
-    result = compare_models(reference, half, tolerance, config.seed, floors_of=model, which="the fp16 model")
-    section.update(verified=True, reference=against, max_abs_diff=result.max_abs_diff,
-                   max_rel_diff=result.max_rel_diff, passed=result.passed, batch=result.batch,
-                   note="ONNX Runtime's CPU provider computes ops lacking fp16 kernels in fp32: this measures "
-                        "the conversion and the weight rounding, not fp16 arithmetic (see precision.py)")
-    if not result.passed:
-        raise PassFailed(f"fp16 verification failed: the fp16 model differs from {against} by "
-                         f"{result.max_rel_diff:.3g} (relative), tolerance {tolerance:g}")
-    if feeds is not None:
-        progress.stage("measuring fp16 top-1 agreement with the fp32 model on the calibration inputs")
-        work = with_input_shapes(pruned32, shapes)
-        batch, unit, usable = batch_size(work, feeds, [])
-        stats = compare_first_output(first_output(work, usable, batch), first_output(half, usable, batch))
-        section["agreement"] = stats["top1_agreement"]
-        section["agreement_detail"] = {**stats, "samples": count(usable),
-                                       "on": "all calibration inputs, fp16 vs the fp32 pruned model"}
-        if calibration is not None:
-            fit, held = split_holdout(usable, unit, config.calib_holdout_divisor)
-            on = held if count(held) else fit
-            calibration["fidelity"]["fp16"] = compare_first_output(first_output(dense, on, batch),
-                                                                   first_output(half, on, batch))
-    return half, section
-
-
 def _verified(reference, rewritten, plan: Plan, config: PruneConfig, original, where: str = ""):
     """``verify`` -> its result, or ``PassFailed`` saying why (``where``: at which input sizes)."""
     result = verify(reference, rewritten, plan, tolerance=config.tolerance, seed=config.seed, original=original)
@@ -485,41 +328,6 @@ def _as_given(plan: Plan) -> Plan:
 def _sourced(configs: dict[str, dict], structure: str) -> dict[str, dict]:
     """The planner's per-layer configs, each carrying who decided it (``LayerPlan.provenance``)."""
     return {name: {**config, "source": structure} for name, config in configs.items()}
-
-
-def _couple(model: onnx.ModelProto, symbolic: onnx.ModelProto, config: PruneConfig, feeds: dict | None,
-            progress: Progress):
-    """Choose the coupled groups to narrow -> (CoupledPlan, model to plan the rest on, its config).
-
-    ``symbolic``: ``model`` with the input's own dims, where the rewrite finds the groups again."""
-    from .coupled import choose
-    from .latency import profile
-    from .macs import count_macs
-
-    if config.plan is not None or config.groups != "auto" or config.tickets:
-        raise UserError("--coupled-rate works with --groups auto only (not with --plan-in, --groups N or --tickets)")
-    if config.target_speedup is not None:
-        raise UserError("--coupled-rate does not take --target-speedup yet (its cost model does not see the coupled "
-                        "cut); give --target-macs")
-    progress.stage("narrowing coupled channel groups (residual streams, Concat/Split, SE gates)")
-    coupled = choose(model, config.coupled_rate, profile(config.provider).align, config.exclude, feeds, [symbolic])
-    if coupled.narrowed is None:
-        return coupled, model, config
-    kept = count_macs(coupled.narrowed)[0] / max(1, count_macs(model)[0])
-    coupled.notes.append(f"the coupled cut alone keeps x{kept:.4f} of the MACs; the planner's numbers in 'auto' "
-                         f"are relative to the narrowed model")
-    target = config.target_macs
-    if target is not None:  # the planner's target is relative to the narrowed model
-        if kept <= target:
-            note = (f"the coupled cut alone keeps x{kept:.3f} of the MACs, at or below --target-macs {target:g}: "
-                    f"no single-Conv cut is added (a lower --coupled-rate gets closer to the target)")
-            coupled.notes.append(note)
-            progress.stage(note)
-        target = min(1.0, target / kept)
-        coupled.notes.append(f"single-Conv planner target on the narrowed model: {target:.4f} of its MACs")
-    readers = tuple(sorted(coupled.consumers))
-    return coupled, coupled.narrowed, replace(config, exclude=tuple(config.exclude) + readers, fixed_channels=readers,
-                                              g1_only=tuple(sorted(coupled.producers)), target_macs=target)
 
 
 def _with_input_dims_of(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:

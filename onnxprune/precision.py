@@ -1,7 +1,7 @@
 """``--precision fp16``: the pruned model converted to float16, with float32 graph inputs and outputs.
 
 One job: turn the verified fp32 output into an fp16 one and say what was kept in fp32. The
-pipeline (``pipeline._to_fp16``) then checks it against the fp32 reference (``verify.compare_models``).
+pipeline (``late_stages.fp16_stage``) then checks it against the fp32 reference (``verify.compare_models``).
 
 Converter: ``onnxruntime.transformers.float16.convert_float_to_float16``. Why this one: it ships
 with onnxruntime, which onnxprune already needs, and onnxruntime maintains it (it is a fork of
@@ -34,7 +34,7 @@ x86 and inserts Casts itself, computing them in fp32 (measured on ResNet-20: the
 output differs from the fp32 one by 4.2e-4 of its scale, rounding the weights and the input alone
 by 4.1e-4). So a CPU verification proves the conversion (weights, Casts, kept ops) and measures
 the weight rounding, not fp16 arithmetic; on a GPU the activations are rounded too, which the
-fp16 tolerance (``pipeline.FP16_TOLERANCE``) leaves room for.
+fp16 tolerance (``late_stages.FP16_TOLERANCE``) leaves room for.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from onnx import TensorProto, numpy_helper
 import onnxprune.precision as precision
 from graphs import reduce_mean_head
 from onnxprune.cli import main
-from onnxprune.pipeline import FP16_TOLERANCE, PruneConfig, prune
+from onnxprune.late_stages import FP16_TOLERANCE
+from onnxprune.pipeline import PruneConfig, prune
 from onnxprune.runtime import create_session
 from onnxprune.verify import compare_outputs
 from test_output_pin import CALIB, SAMPLE

@@ -28,7 +28,8 @@ from ..gate import BUDGET_NOT_MET, AccuracyCheck, BudgetNotMet, explicit_min_agr
 from ..gate import check_options as check_gate_options
 from ..model_io import check_paths, load_model, model_writer, text_writer, write_files
 from ..normalize import name_unnamed_nodes
-from ..pipeline import Progress, PruneConfig, check_agreement, prune
+from ..agreement_budget import check_agreement
+from ..pipeline import Progress, PruneConfig, prune
 from ..plan import Plan
 from ..shapes import DEFAULT_DIM, check_given, parse_input_shape
 from . import SUBCOMMANDS
