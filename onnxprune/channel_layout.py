@@ -126,10 +126,7 @@ class LayoutRules:
         axes = _axes(node, self.index, 1, rank_for_axes)
         if not axes or 0 in axes or 1 in axes:
             return "axes not constant, not given, or touching the batch/channel axis"
-        reason = self._same(node.input[0], node.output[0])
-        if reason is None:
-            self._pass(at, node.input[0], node.output[0])
-        return reason
+        return self._pass_if_same(at, node)
 
     def _rule_Squeeze(self, at, node):
         return self._squeeze(at, node, len(self.shapes.get(node.input[0]) or [0]))
@@ -146,10 +143,7 @@ class LayoutRules:
         perm = list(get_attr(node, "perm", list(range(rank))[::-1]))
         if perm[:2] != [0, 1]:
             return f"moves the channel axis (perm={perm})"
-        reason = self._same(node.input[0], node.output[0])
-        if reason is None:
-            self._pass(at, node.input[0], node.output[0])
-        return reason
+        return self._pass_if_same(at, node)
 
     def _rule_Pad(self, at, node):
         x = node.input[0]

@@ -137,6 +137,14 @@ class ChannelTracer(LayoutRules):
         self.tie(x, y)
         self.passthrough[y].append(at)
 
+    def _pass_if_same(self, at: int, node, reason: str | None = None) -> str | None:
+        """Tie the node's first input to its output channel for channel unless ``reason`` (or a
+        changed channel count) says why not; returns that reason."""
+        reason = reason or self._same(node.input[0], node.output[0])
+        if reason is None:
+            self._pass(at, node.input[0], node.output[0])
+        return reason
+
     def _param(self, at: int, node, i: int, out: str) -> str | None:
         """Constant input ``i`` broadcast against ``out``: sliced if it varies along channels."""
         value = self.index.constant(node.input[i])
@@ -159,16 +167,11 @@ class ChannelTracer(LayoutRules):
             value = self.index.constant(name) if name else np.zeros(1)
             if value is None or value.size != 1:
                 return f"parameter {name!r} is not a scalar constant"
-        reason = self._same(node.input[0], node.output[0])
-        if reason is None:
-            self._pass(at, node.input[0], node.output[0])
-        return reason
+        return self._pass_if_same(at, node)
 
     def _rule_PRelu(self, at, node):
-        reason = self._same(node.input[0], node.output[0]) or self._param(at, node, 1, node.output[0])
-        if reason is None:
-            self._pass(at, node.input[0], node.output[0])
-        return reason
+        return self._pass_if_same(at, node, self._same(node.input[0], node.output[0])
+                                  or self._param(at, node, 1, node.output[0]))
 
     def _rule_norm(self, at, node):
         if self._live_extra_outputs(node) or get_attr(node, "training_mode", 0):
