@@ -44,6 +44,16 @@ def _measured(report: dict) -> list[str]:
     if accuracy:
         rows.append(f"| top-1 accuracy ({_escape(accuracy['data'])}) | {accuracy['top1_before']:.2%} | "
                     f"{accuracy['top1_after']:.2%} | {-accuracy['drop_points']:+.2f} pts |")
+    precision = report.get("precision")
+    if precision:
+        if precision.get("verified"):
+            check = (f"max rel. diff {precision['max_rel_diff']:.2e} vs {_escape(precision['reference'])} "
+                     f"(tolerance {precision['tolerance']:g})")
+        else:
+            check = "not checked (--no-verify)"
+        agreement = precision.get("agreement")
+        rows.append(f"| fp16 output | fp32 | {check} | "
+                    f"{'' if agreement is None else f'{agreement:.1%} top-1 agreement with fp32'} |")
     speed = report.get("speed")
     if speed:
         rows.append(f"| latency, median ({_escape(speed['settings']['provider'])}, batch {speed['batch']}) | "

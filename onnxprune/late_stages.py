@@ -83,7 +83,8 @@ def check_precision(config) -> None:
         raise UserError(f"the fp16 tolerance must be positive, got {config.fp16_tolerance}")
 
 
-def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration, config, shapes, progress):
+def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration, config, shapes, progress,
+               symbolic=None, also_verify=()):
     """The fp32 output converted to fp16 (``precision.py``) and checked -> (model, report section).
 
     The check (unless ``--no-verify``): seeded random inputs as for the fp32 verification, the
@@ -125,6 +126,17 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
     if not result.passed:
         raise PassFailed(f"fp16 verification failed: the fp16 model differs from {against} by "
                          f"{result.max_rel_diff:.3g} (relative), tolerance {tolerance:g}")
+    section["other_shapes"] = []
+    for extra in also_verify:  # further --input-shape sizes, as the fp32 verification does
+        sizes = ", ".join(f"{name}={shape.text()}" for name, shape in extra.items())
+        progress.stage(f"verifying the fp16 model again at {sizes}")
+        base = pruned32 if distilled is not None and distilled.get("kept") else masked_model(symbolic, plan)
+        at = compare_models(with_input_shapes(base, extra), with_input_shapes(half, extra), tolerance, config.seed,
+                            floors_of=model, which="the fp16 model")
+        section["other_shapes"].append({"input_shapes": sizes, "max_rel_diff": at.max_rel_diff, "passed": at.passed})
+        if not at.passed:
+            raise PassFailed(f"fp16 verification failed at {sizes}: the fp16 model differs from {against} by "
+                             f"{at.max_rel_diff:.3g} (relative), tolerance {tolerance:g}")
     if feeds is not None:
         progress.stage("measuring fp16 top-1 agreement with the fp32 model on the calibration inputs")
         work = with_input_shapes(pruned32, shapes)

@@ -249,7 +249,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     pruned32, precision = pruned, None  # the report's MACs/params are the fp32 model's (the same graph)
     if config.precision == "fp16":
         pruned, precision = fp16_stage(pruned, model, dense, plan, distilled, feeds, calibration, config, shapes,
-                                     progress)
+                                       progress, symbolic, also_verify)
         t = _lap(timings, "precision", t)
 
     speed = None

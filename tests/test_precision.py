@@ -223,3 +223,34 @@ def test_corrupted_conversion_fails_the_pass(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fp16 verification failed" in err[0]
     assert not out.exists()
+
+
+def test_fp16_is_verified_again_at_every_further_input_shape():
+    """Like the fp32 verification: a symbolic-H×W model given two --input-shape sizes is checked in
+    fp16 at both (the second recorded in ``other_shapes``)."""
+    from graphs import resnet_basic
+
+    model = onnx.ModelProto.FromString(resnet_basic().model().SerializeToString())
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    del model.graph.value_info[:]
+    shapes = [("input", [1, 3, 16, 16]), ("input", [1, 3, 24, 20])]
+    _, report = prune(model, PruneConfig(groups="auto", rate=0.5, precision="fp16", input_shapes=shapes))
+    others = report["precision"]["other_shapes"]
+    assert [entry["input_shapes"] for entry in others] == ["input=Nx3x24x20"]  # the batch stays symbolic
+    assert others[0]["passed"] and others[0]["max_rel_diff"] < FP16_TOLERANCE
+
+
+def test_the_ci_summary_has_an_fp16_row_read_from_the_report():
+    from onnxprune.ci_summary import markdown
+
+    base = {"macs_before": 10, "macs_after": 5, "params_before": 4, "params_after": 2, "convs_pruned": 1,
+            "convs_skipped": 0, "verify": None, "gates": []}
+    checked = {**base, "precision": {"precision": "fp16", "verified": True, "max_rel_diff": 4.2e-4,
+                                     "reference": "the masked fp32 model", "tolerance": 0.01, "agreement": 0.999}}
+    text = markdown(checked, "in.onnx", "out.onnx", "out.onnx")
+    assert ("| fp16 output | fp32 | max rel. diff 4.20e-04 vs the masked fp32 model (tolerance 0.01) | "
+            "99.9% top-1 agreement with fp32 |") in text
+    unchecked = {**base, "precision": {"precision": "fp16", "verified": False}}
+    assert "| fp16 output | fp32 | not checked (--no-verify) |" in markdown(unchecked, "in.onnx", "out.onnx", None)
+    assert "fp16" not in markdown(base, "in.onnx", "out.onnx", None)
