@@ -63,10 +63,14 @@ def tickets_for(model_path: Path) -> list[str]:
 
 def run_onnxprune(model_path: Path, rate: float, groups, calib_size: int | None,
                   calib_target: str = "residual", calib_layers: str = "all"):
-    """(pruned ModelProto, report dict, wall seconds)."""
-    config = PruneConfig(rate=rate, groups=groups, tickets=tickets_for(model_path),
+    """(pruned ModelProto, report dict, wall seconds); ``groups`` "auto+coupled=R": ``--groups auto
+    --coupled-rate R`` (no snapshots: the coupled mode plans without them)."""
+    coupled = None
+    if isinstance(groups, str) and groups.startswith("auto+coupled="):
+        groups, coupled = "auto", float(groups.split("=", 1)[1])
+    config = PruneConfig(rate=rate, groups=groups, tickets=[] if coupled else tickets_for(model_path),
                          calib=str(CALIB) if calib_size else None, calib_size=calib_size,
-                         calib_target=calib_target, calib_layers=calib_layers)
+                         calib_target=calib_target, calib_layers=calib_layers, coupled_rate=coupled)
     started = time.perf_counter()
     pruned, report = prune(str(model_path), config)
     return pruned, report.data, time.perf_counter() - started
@@ -285,6 +289,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
     p.add_argument("--rates", nargs="+", type=float, default=[0.4375, 0.625])
     p.add_argument("--groups", nargs="+", default=None, help="groupings (default: 8 and auto when available)")
+    p.add_argument("--coupled-rate", type=float, default=None,
+                   help="also the grouping 'auto+coupled=R': --groups auto with --coupled-rate R (issue 10)")
     p.add_argument("--calib-sizes", nargs="+", type=int, default=[128, 512])
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--subset", action="store_true", help="evaluate on samples/fmnist_eval.npz (2k) only")
@@ -297,6 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write all rows as JSON")
     args = p.parse_args(argv)
     groups_list = [g if g == "auto" else int(g) for g in args.groups] if args.groups else groupings()
+    if args.coupled_rate is not None:
+        groups_list.append(f"auto+coupled={args.coupled_rate:g}")
     if args.validation:
         data = validation_set()
     else:
