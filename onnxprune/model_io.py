@@ -144,9 +144,13 @@ def _umask() -> int:
 
 
 def model_writer(model: onnx.ModelProto, path: str | os.PathLike):
-    """``write(tmp_path)`` for ``write_files``: the model (IR version capped); over 2 GiB its
-    tensors go to ``<name>.data`` beside ``path``."""
-    cap_ir_version(model)
+    """``write(tmp_path)`` for ``write_files``: the model (IR version capped, on a copy: the
+    caller's model is theirs); over 2 GiB its tensors go to ``<name>.data`` beside ``path``."""
+    if model.ir_version > MAX_IR_VERSION:
+        capped = onnx.ModelProto()
+        capped.CopyFrom(model)
+        cap_ir_version(capped)
+        model = capped
     name = Path(path).name
 
     def write(tmp: str) -> None:

@@ -215,3 +215,16 @@ def test_check_paths_refusals(tmp_path, inputs, outputs, fragment):
 
 def test_a_calib_folder_is_an_accepted_input(tmp_path):
     check_paths([("--calib", str(tmp_path))], [("OUT.onnx", str(tmp_path / "o.onnx"))], folders=("--calib",))
+
+
+def test_saving_caps_the_ir_version_in_the_file_not_in_the_callers_model(tmp_path):
+    from onnxprune.model_io import MAX_IR_VERSION, save_model
+
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    model.ir_version = MAX_IR_VERSION + 1
+    save_model(model, tmp_path / "m.onnx")
+    assert model.ir_version == MAX_IR_VERSION + 1
+    assert onnx.load(str(tmp_path / "m.onnx")).ir_version == MAX_IR_VERSION
