@@ -84,8 +84,8 @@ from .graph import GraphIndex, NameAllocator, get_attr, set_initializer
 from .least_squares import (DEFAULT_RIDGE, GREEDY_BUDGET, GREEDY_STEPS, ConvGeometry, accumulate, fit_group,
                             greedy_channels)
 from .plan import LayerPlan, Plan
-from .refit_steps import (bias_name, dense_followers, is_disjoint, layer_bias, masked_copy, ordered_layers,
-                          residual_partners)
+from .refit_steps import (bias_name, dense_followers, gemm_as_conv_weight, is_disjoint, layer_bias, masked_copy,
+                          ordered_layers, residual_partners)
 from .verify import masked_model
 
 __all__ = ["Calibrated", "calibrate", "dense_followers", "is_disjoint", "layer_bias", "ordered_layers",
@@ -199,7 +199,7 @@ def refit_gemm(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x:
     index = GraphIndex(work.graph)
     weight = index.constant(node.input[1])
     trans_b = get_attr(node, "transB", 0)
-    w4 = (weight if trans_b else weight.T)[:, :, None, None]
+    w4 = gemm_as_conv_weight(node, weight)
     bias = layer_bias(index, node, layer.c_out, weight.dtype)
     geo = ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0, 0, 0))
     new_w, new_b, entry, _ = refit_weights(layer, w4, bias, x[:, :, None, None], y[:, :, None, None], geo, ridge,

@@ -50,6 +50,7 @@ from .errors import InternalError, UserError
 from .graph import GraphIndex, get_attr
 from .plan import LayerPlan, Plan
 from .prune_groups import prune_channel_groups
+from .refit_steps import gemm_as_conv_weight, refittable_gemm
 from .speed_plan import align_channels
 
 STRUCTURE = "coupled channel group: --coupled-rate of the group's channels, provider-aligned"
@@ -85,6 +86,9 @@ class CoupledPlan:
     left: list[dict]  # groups not narrowed: {"members", "width", "reason"}
     narrowed: onnx.ModelProto | None = None  # the model with the cuts applied (planning only)
     notes: list[str] = field(default_factory=list)
+    # tensor -> its kept channels, for every tensor the cuts narrow; the same in every version of
+    # the model (``keep`` matches groups by members), so computed once, by ``choose``
+    kept_tensors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def consumers(self) -> set[str]:
@@ -153,23 +157,12 @@ def choose(model: onnx.ModelProto, rate: float, align: int, exclude=(), feeds: d
                                group.consumers, CHANNELS_DATA if energy is not None else CHANNELS))
     plan = CoupledPlan(rate, align, cuts, left)
     if cuts:
-        plan.narrowed = prune_channel_groups(model, plan.keep(analysis), analysis)
+        keep = plan.keep(analysis)
+        plan.kept_tensors = analysis.kept_channels(keep)
+        plan.narrowed = prune_channel_groups(model, keep, analysis)
     else:
         plan.notes.append("no coupled channel group could be narrowed")
     return plan
-
-
-def _plain_gemm(node: onnx.NodeProto, weight, index: GraphIndex) -> bool:
-    """Y = X·W(ᵀ) + b with a constant 2-D W and no or a constant per-output b: refit like a 1×1 Conv
-    (calibrate.refit_gemm; a broadcast bias of shape [1, N] or [1] is not refit there)."""
-    if not (node.op_type == "Gemm" and weight is not None and weight.ndim == 2 and get_attr(node, "transA", 0) == 0
-            and get_attr(node, "alpha", 1.0) == 1.0 and get_attr(node, "beta", 1.0) == 1.0):
-        return False
-    if len(node.input) < 3 or not node.input[2]:
-        return True
-    bias = index.constant(node.input[2])
-    outputs = weight.shape[0] if get_attr(node, "transB", 0) else weight.shape[1]
-    return bias is not None and bias.shape == (outputs,)
 
 
 def _why_not(group: ChannelGroup, nodes: dict, index: GraphIndex, excluded: set) -> str:
@@ -189,7 +182,7 @@ def _why_not(group: ChannelGroup, nodes: dict, index: GraphIndex, excluded: set)
         weight = index.constant(node.input[1]) if len(node.input) > 1 else None
         if node.op_type == "Conv" and get_attr(node, "group", 1) == 1 and weight is not None and weight.ndim == 4:
             continue
-        if _plain_gemm(node, weight, index) and node.input[0] in offsets:
+        if refittable_gemm(node, weight, index) and node.input[0] in offsets:
             continue
         return f"read by {node.op_type} {name!r} (only plain Convs and Gemms reading channels 1:1 can be refit yet)"
     for name in group.producers:
@@ -217,8 +210,8 @@ def _importance(group: ChannelGroup, nodes: dict, index: GraphIndex, energy: dic
     for name in group.consumers:
         node = nodes[name]
         weight = index.constant(node.input[1]).astype(np.float64)
-        if node.op_type == "Gemm" and not get_attr(node, "transB", 0):
-            weight = weight.T  # [features, outputs] -> [outputs, features]
+        if node.op_type == "Gemm":
+            weight = gemm_as_conv_weight(node, weight)
         magnitude = (np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1) ** 2).sum(1)
         if energy is not None:
             magnitude = magnitude * energy[node.input[0]]
@@ -255,7 +248,7 @@ def _channel_energy(model: onnx.ModelProto, candidates, nodes: dict, feeds: dict
 def lift(narrow_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto) -> Plan:
     """Step 3: ``narrow_plan`` (made on ``coupled.narrowed``) + the consumers' layers, on ``dense``."""
     dense_index = GraphIndex(dense.graph)
-    kept_out = _kept_outputs(coupled, dense)
+    kept_out = coupled.kept_tensors
     planned = narrow_plan.by_node()
     layers = []
     for node in dense.graph.node:
@@ -264,8 +257,8 @@ def lift(narrow_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto) -> Pla
         weight = dense_index.constant(node.input[1]) if len(node.input) > 1 else None
         if node.name in coupled.consumers:
             kept = kept_out.get(node.input[0])
-            if node.op_type == "Gemm":  # as a 1×1 Conv: [outputs, features, 1, 1]
-                weight = (weight if get_attr(node, "transB", 0) else weight.T)[:, :, None, None]
+            if node.op_type == "Gemm":
+                weight = gemm_as_conv_weight(node, weight)
             layers.append(LayerPlan(
                 node.name, node.input[1], int(weight.shape[0]), int(weight.shape[1]),
                 [int(k) for k in weight.shape[2:]], 1, list(range(int(weight.shape[0]))), [[int(k) for k in kept]],
@@ -294,14 +287,9 @@ def lift(narrow_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto) -> Pla
     return Plan(layers, skipped, narrow_plan.options)
 
 
-def _kept_outputs(coupled: CoupledPlan, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    analysis = channel_groups(model)
-    return analysis.kept_channels(coupled.keep(analysis))
-
-
 def lower(dense_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto, narrowed: onnx.ModelProto) -> Plan:
     """Step 4: ``dense_plan`` (on ``dense``) mapped onto ``narrowed`` = ``coupled.apply(dense)``."""
-    kept_out = _kept_outputs(coupled, dense)
+    kept_out = coupled.kept_tensors
     nodes = {n.name: n for n in narrowed.graph.node}
     dense_nodes = {n.name: n for n in dense.graph.node}
     layers = []

@@ -12,7 +12,7 @@ import onnx
 
 from .errors import InternalError, PassFailed, UserError
 from .plan import Plan
-from .shapes import with_input_shapes
+from .shapes import sizes_text, with_input_shapes
 
 
 DISTILL_THREADS = 1  # torch threads for --distill: the step results depend on it (bytes), and one
@@ -113,30 +113,31 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
     if not config.verify:
         section.update(verified=False, note="converted without checking (--no-verify)")
         return half, section
-    if distilled is not None and distilled.get("kept"):
-        reference, against = with_input_shapes(pruned32, shapes), "the distilled fp32 model"
-    else:
-        reference, against = masked_model(model, plan), "the masked fp32 model"
+    distilled_kept = distilled is not None and distilled.get("kept")
+    against = "the distilled fp32 model" if distilled_kept else "the masked fp32 model"
+
+    def checked(reference, candidate, where: str = ""):
+        result = compare_models(reference, candidate, tolerance, config.seed, floors_of=model, which="the fp16 model")
+        if not result.passed:
+            raise PassFailed(f"fp16 verification failed{where}: the fp16 model differs from {against} by "
+                             f"{result.max_rel_diff:.3g} (relative), tolerance {tolerance:g}")
+        return result
+
     progress.stage(f"verifying the fp16 model against {against} in ONNX Runtime")
-    result = compare_models(reference, half, tolerance, config.seed, floors_of=model, which="the fp16 model")
+    result = checked(with_input_shapes(pruned32, shapes) if distilled_kept else masked_model(model, plan), half)
     section.update(verified=True, reference=against, max_abs_diff=result.max_abs_diff,
                    max_rel_diff=result.max_rel_diff, passed=result.passed, batch=result.batch,
                    note="ONNX Runtime's CPU provider computes ops lacking fp16 kernels in fp32: this measures "
                         "the conversion and the weight rounding, not fp16 arithmetic (see precision.py)")
-    if not result.passed:
-        raise PassFailed(f"fp16 verification failed: the fp16 model differs from {against} by "
-                         f"{result.max_rel_diff:.3g} (relative), tolerance {tolerance:g}")
     section["other_shapes"] = []
-    for extra in also_verify:  # further --input-shape sizes, as the fp32 verification does
-        sizes = ", ".join(f"{name}={shape.text()}" for name, shape in extra.items())
-        progress.stage(f"verifying the fp16 model again at {sizes}")
-        base = pruned32 if distilled is not None and distilled.get("kept") else masked_model(symbolic, plan)
-        at = compare_models(with_input_shapes(base, extra), with_input_shapes(half, extra), tolerance, config.seed,
-                            floors_of=model, which="the fp16 model")
-        section["other_shapes"].append({"input_shapes": sizes, "max_rel_diff": at.max_rel_diff, "passed": at.passed})
-        if not at.passed:
-            raise PassFailed(f"fp16 verification failed at {sizes}: the fp16 model differs from {against} by "
-                             f"{at.max_rel_diff:.3g} (relative), tolerance {tolerance:g}")
+    if also_verify:  # further --input-shape sizes, as the fp32 verification does
+        base = pruned32 if distilled_kept else masked_model(symbolic, plan)  # at the input's own dims
+        for extra in also_verify:
+            sizes = sizes_text(extra)
+            progress.stage(f"verifying the fp16 model again at {sizes}")
+            at = checked(with_input_shapes(base, extra), with_input_shapes(half, extra), f" at {sizes}")
+            section["other_shapes"].append({"input_shapes": sizes, "max_rel_diff": at.max_rel_diff,
+                                            "passed": at.passed})
     if feeds is not None:
         progress.stage("measuring fp16 top-1 agreement with the fp32 model on the calibration inputs")
         work = with_input_shapes(pruned32, shapes)

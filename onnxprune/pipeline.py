@@ -30,6 +30,7 @@ from .late_stages import check_distill, check_precision, distill_stage, fp16_sta
 from .rewrite import apply_plan
 from .shapes import check_given, resolve_input_shapes, restore_input_dims, verification_shapes, with_input_shapes
 from .shapes import describe as describe_shapes
+from .shapes import sizes_text
 from .verify import DEFAULT_TOLERANCE, check_runs, verify
 
 
@@ -234,7 +235,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         progress.stage("verifying against the masked dense model in ONNX Runtime")
         verified = _verified(model, pruned, plan, config, original)
         for extra in also_verify:  # further --input-shape sizes of an input
-            sizes = ", ".join(f"{name}={shape.text()}" for name, shape in extra.items())
+            sizes = sizes_text(extra)
             progress.stage(f"verifying again at {sizes}")
             at = _verified(with_input_shapes(symbolic, extra), with_input_shapes(pruned, extra), plan, config, original,
                            f" at {sizes}")

@@ -56,11 +56,8 @@ def dense_followers(model: onnx.ModelProto, layers) -> list[tuple[int, onnx.Node
             continue
         if node.op_type == "Conv" and weight.ndim == 4 and get_attr(node, "group", 1) == 1:
             c_out, c_in, kh, kw = weight.shape
-        elif (node.op_type == "Gemm" and weight.ndim == 2 and get_attr(node, "transA", 0) == 0
-              and get_attr(node, "alpha", 1.0) == 1.0 and get_attr(node, "beta", 1.0) == 1.0
-              and (not bias or index.constant(bias).shape == (weight.shape[0 if get_attr(node, "transB", 0) else 1],))):
-            c_out, c_in = weight.shape if get_attr(node, "transB", 0) else weight.shape[::-1]
-            kh = kw = 1
+        elif refittable_gemm(node, weight, index):
+            c_out, c_in, kh, kw = gemm_as_conv_weight(node, weight).shape
         else:
             continue
         found.append((position, node, LayerPlan(node.name, node.input[1], int(c_out), int(c_in), [int(kh), int(kw)],
@@ -134,3 +131,23 @@ def layer_bias(index: GraphIndex, node: onnx.NodeProto, c_out: int, dtype) -> np
     """The layer's bias (input 2), zeros when it has none."""
     name = bias_name(node)
     return index.constant(name) if name else np.zeros(c_out, dtype=dtype)
+
+
+def refittable_gemm(node: onnx.NodeProto, weight: np.ndarray | None, index: GraphIndex) -> bool:
+    """``Y = X·W + b`` or ``X·Wᵀ + b`` with a constant 2-D W, no transA, unit alpha/beta and no bias
+    or a constant one per output: calibration refits it as a 1×1 Conv (``calibrate.refit_gemm``);
+    a bias broadcast from [1, N] or [1] has no per-output value to refit."""
+    if not (node.op_type == "Gemm" and weight is not None and weight.ndim == 2 and get_attr(node, "transA", 0) == 0
+            and get_attr(node, "alpha", 1.0) == 1.0 and get_attr(node, "beta", 1.0) == 1.0):
+        return False
+    bias = bias_name(node)
+    if not bias:
+        return True
+    value = index.constant(bias)
+    return value is not None and value.shape == (gemm_as_conv_weight(node, weight).shape[0],)
+
+
+def gemm_as_conv_weight(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
+    """A Gemm's weight as a 1×1 Conv's: [outputs, features, 1, 1] (W is [features, outputs]
+    unless ``transB``)."""
+    return (weight if get_attr(node, "transB", 0) else weight.T)[:, :, None, None]

@@ -177,6 +177,11 @@ def restore_input_dims(model: onnx.ModelProto, original: onnx.ModelProto) -> Non
             inp.type.tensor_type.shape.CopyFrom(declared[inp.name])
 
 
+def sizes_text(shapes: dict[str, InputShape]) -> str:
+    """``x=Nx3x320x320, y=...``: a set of input shapes as the progress lines and reports name it."""
+    return ", ".join(f"{name}={shape.text()}" for name, shape in shapes.items())
+
+
 def describe(shapes: dict[str, InputShape]) -> str | None:
     """A progress line when some symbolic dims were fixed, saying how to change them; else None."""
     fixed = [s for s in shapes.values() if s.source != "model"]

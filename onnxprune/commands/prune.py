@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="aim for this latency speedup over the input; implies --groups auto")
     speed.add_argument("--coupled-rate", type=float, metavar="R",
                        help="experimental: also remove this fraction of every coupled channel group (residual "
-                            "streams, Concat/Split, SE gates; provider-aligned, weight-norm importance), then plan "
+                            "streams, Concat/Split, SE gates; provider-aligned; channels ranked by weight norms, or by "
+                            "their use on the --calib data), then plan "
                             "the rest; the report's 'coupled' section lists each group and what was left alone")
     speed.add_argument("--latency-table", metavar="table.json",
                        help="per-layer latencies measured by 'onnxprune autotune' (default: analytical model)")
