@@ -2,7 +2,7 @@
 """Accuracy without fine-tuning: onnxprune with and without calibration data vs two peers.
 
 For each Fashion-MNIST sample (samples/resnet20.onnx, samples/resnet56.onnx), at each rate and
-grouping (G=8, the paper's, and ``--groups auto`` when onnxprune.speed_plan exists), prints
+grouping (G=8, the paper's, and ``--groups auto`` when onnxprune.planning.speed_plan exists), prints
 top-1 on the evaluation set (the full 10k test set when /usr/share/datasets/fashion-mnist/
 exists, else samples/fmnist_eval.npz) for:
 
@@ -45,12 +45,12 @@ SAMPLES = ROOT / "samples"
 CALIB = SAMPLES / "fmnist_calib.npz"
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.calib_data import load_calibration_inputs  # noqa: E402
+from onnxprune.calibration.calib_data import load_calibration_inputs  # noqa: E402
 from onnxprune.commands.eval import FMNIST_DIR, load_dataset  # noqa: E402  (the eval command's default data)
-from onnxprune.eval_data import Dataset, _read_idx, _to_float_images  # noqa: E402
-from onnxprune.evaluate import evaluate  # noqa: E402
-from onnxprune.macs import count_macs  # noqa: E402
-from onnxprune.normalize import normalize  # noqa: E402
+from onnxprune.checks.eval_data import Dataset, _read_idx, _to_float_images  # noqa: E402
+from onnxprune.checks.evaluate import evaluate  # noqa: E402
+from onnxprune.ir.macs import count_macs  # noqa: E402
+from onnxprune.ir.normalize import normalize  # noqa: E402
 from onnxprune.pipeline import PruneConfig, prune  # noqa: E402
 
 
@@ -253,7 +253,7 @@ def _export(net, example, path: Path) -> onnx.ModelProto:
 
 
 def evaluate_logits(model, images):
-    from onnxprune.verify import session
+    from onnxprune.checks.verify import session
 
     sess = session(model)
     return sess.run(None, {sess.get_inputs()[0].name: images})[0]
@@ -280,7 +280,7 @@ def validation_set() -> Dataset:
 
 
 def groupings() -> list:
-    found = importlib.util.find_spec("onnxprune.speed_plan") is not None
+    found = importlib.util.find_spec("onnxprune.planning.speed_plan") is not None
     return [8, "auto"] if found else [8]
 
 

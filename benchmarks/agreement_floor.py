@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fidelity import CONFIDENT, fidelity_metrics  # noqa: E402
-from onnxprune.model_io import load_model  # noqa: E402
-from onnxprune.normalize import normalize  # noqa: E402
-from onnxprune.runtime import create_session  # noqa: E402
+from onnxprune.ir.model_io import load_model  # noqa: E402
+from onnxprune.ir.normalize import normalize  # noqa: E402
+from onnxprune.checks.runtime import create_session  # noqa: E402
 
 GENERATED = ROOT / "samples" / "generated"
 

@@ -54,8 +54,8 @@ for dense in "$dir"/*__dense.onnx; do
     name=$(basename "$dense" __dense.onnx)
     table="$dir/${name}.latency-$provider.json"
     target=$(python3 -c "
-import sys; from onnxprune.macs import count_macs; from onnxprune.model_io import load_model
-from onnxprune.normalize import normalize
+import sys; from onnxprune.ir.macs import count_macs; from onnxprune.ir.model_io import load_model
+from onnxprune.ir.normalize import normalize
 d, g = (count_macs(normalize(load_model(p)))[0] for p in sys.argv[1:])
 print(f'{g / d:.4f}')" "$dense" "$dir/${name}__g8.onnx")
     echo "== $name: autotune on $provider (${budget}s budget), then --groups auto --target-macs $target from the table"

@@ -9,13 +9,13 @@ has, now or later, can be given in a mode. The pruned model is then compared wit
 - on the evaluation photos (``samples/generated/photos_eval.npz``, from ``benchmarks/photos.py``;
   photographs never used for calibration): top-1 agreement with the dense model, top-5 overlap
   (mean |top5(dense) ∩ top5(pruned)| / 5) and mean KL(dense || pruned), via
-  ``onnxprune.evaluate.compare_logits``;
+  ``onnxprune.checks.evaluate.compare_logits``;
 - on the 20 labelled ImageNet images of foolbox (``samples/generated/imagenet20.npz``): top-1
   accuracy, dense and pruned (a sanity check: 20 images);
 - MACs and parameter ratios from the onnxprune report;
 - latency ratio pruned / dense in ONNX Runtime CPU, batch 1, ``--threads`` (2) intra-op threads:
   all models of one network (dense first) timed side by side, interleaved, medians
-  (``onnxprune.bench.compare``).
+  (``onnxprune.checks.bench.compare``).
 
 A mode is an option string for onnxprune. ``default`` means no option; ``+calib`` adds
 ``--calib samples/generated/photos_calib.npz --calib-size N`` with ``--calib-size`` (default 256),
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "samples" / "generated"
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.evaluate import compare_logits, predict_logits  # noqa: E402
+from onnxprune.checks.evaluate import compare_logits, predict_logits  # noqa: E402
 
 MODELS = ("mobilenet_v2", "efficientnet_lite0")
 DEFAULT_MODES = ("default", "default +calib", "--groups 8 --rate 0.4375 +calib",
@@ -203,7 +203,7 @@ def as_float(x: np.ndarray) -> np.ndarray:
 def latency(paths: list[Path], labels: list[str], threads: int, repeat: int, warmup: int) -> dict[str, dict]:
     import onnx
 
-    from onnxprune.bench import Settings, compare
+    from onnxprune.checks.bench import Settings, compare
 
     rep = compare([onnx.load(str(p)) for p in paths], labels, [1], Settings(provider="cpu", threads=threads),
                   repeat=repeat, warmup=warmup)

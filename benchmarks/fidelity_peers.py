@@ -19,14 +19,14 @@ For each model (MobileNetV2, EfficientNet-Lite0 with their real weights, built b
    dynamic batch, ``dynamo=False``, BN folded) and checked: ORT vs torch on real photos;
 4. optionally (``--phases ... distill``), the exported TP + BN-recal model fine-tuned with
    onnxprune's own label-free distillation at onnxprune's default budget:
-   ``onnxprune.distill.distill(tp_model, dense_model, {"input": calib}, time_budget_s=300, seed=0)``.
+   ``onnxprune.distillation.distill.distill(tp_model, dense_model, {"input": calib}, time_budget_s=300, seed=0)``.
 
 Metrics on the evaluation photos (``photos_eval.npz``, 384 crops of photographs disjoint from the
 calibration ones) against the dense ONNX model: top-1 agreement, top-5 overlap, mean
 KL(dense || pruned) (``benchmarks/fidelity.fidelity_metrics``, i.e. ``compare_logits``), top-1 on
 the 20 labelled ImageNet images, MACs and params ratios (onnxprune's counter on the ONNX files,
 the same one the onnxprune rows use; Torch-Pruning's own MACs ratio is given too), latency ratio
-pruned / dense in ORT CPU at batch 1 (``onnxprune.bench.compare``, interleaved, medians).
+pruned / dense in ORT CPU at batch 1 (``onnxprune.checks.bench.compare``, interleaved, medians).
 ``--also MODEL:LABEL=PATH`` adds other ONNX models (e.g. onnxprune outputs kept by
 ``fidelity.py --keep``) to the same metrics and the same interleaved timing.
 
@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT / "samples"))
 
 from fidelity import _f, as_float, fidelity_metrics, load_eval, load_imagenet20, top1  # noqa: E402
 
-from onnxprune.evaluate import predict_logits  # noqa: E402
+from onnxprune.checks.evaluate import predict_logits  # noqa: E402
 
 MODELS = ("mobilenet_v2", "efficientnet_lite0")
 OUT_DIR = ROOT / "benchmarks" / "results" / "fidelity_peers"
@@ -198,7 +198,7 @@ def export(m, path: Path, check_x: np.ndarray) -> dict:
 def onnx_counts(path: Path) -> tuple[int, int]:
     import onnx
 
-    from onnxprune.macs import count_macs, count_params
+    from onnxprune.ir.macs import count_macs, count_params
 
     model = onnx.load(str(path))
     return count_macs(model)[0], count_params(model)
@@ -250,7 +250,7 @@ def distill_row(plain: dict, ctx: dict, args) -> dict:
     import onnx
     import torch
 
-    from onnxprune.distill import UnsupportedModel, distill, structure_problems
+    from onnxprune.distillation.distill import UnsupportedModel, distill, structure_problems
 
     name, target = plain["model"], plain["target"]
     path = Path(plain["file"]).with_name(Path(plain["file"]).stem + "_distill.onnx")
@@ -288,7 +288,7 @@ def also_row(name: str, label: str, path: Path, ctx: dict) -> dict:
 def latency(name: str, rows: list[dict], ctx: dict, args) -> None:
     import onnx
 
-    from onnxprune.bench import Settings, compare
+    from onnxprune.checks.bench import Settings, compare
 
     ok = [r for r in rows if r.get("metrics") and Path(r["file"]).is_file()]
     labels = ["dense"] + [f"{r['method']} @ {r['target']}" for r in ok]

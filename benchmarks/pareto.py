@@ -34,9 +34,9 @@ sys.path.insert(0, str(HERE.parent))
 
 import accuracy  # noqa: E402  (benchmarks/accuracy.py: peers and onnxprune runners)
 from onnxprune.commands.eval import load_dataset  # noqa: E402  (the eval command's default data)
-from onnxprune.evaluate import evaluate  # noqa: E402
-from onnxprune.macs import count_macs  # noqa: E402
-from onnxprune.normalize import normalize  # noqa: E402
+from onnxprune.checks.evaluate import evaluate  # noqa: E402
+from onnxprune.ir.macs import count_macs  # noqa: E402
+from onnxprune.ir.normalize import normalize  # noqa: E402
 
 SAMPLES = HERE.parent / "samples"
 
@@ -54,7 +54,7 @@ def find_wide_model() -> tuple[Path, str]:
 
 def interleaved_latency(models: dict, images: np.ndarray, rounds: int, warmup: int = 5) -> dict[str, float]:
     """Median seconds per call for each model, timed in rotating interleaved order."""
-    from onnxprune.verify import session
+    from onnxprune.checks.verify import session
 
     sessions = {}
     for name, model in models.items():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the calibration refit stops generalising: one fixed plan, refit variants, fit vs held-out.
 
-The pipeline's refit (``onnxprune.calibrate``) is run in-process on a saved plan (``--plan-out``
+The pipeline's refit (``onnxprune.calibration.calibrate``) is run in-process on a saved plan (``--plan-out``
 of a pruning run), so only the refit changes between variants, and the calibrated masked model
 (which computes exactly what the rewritten model computes) is compared with the dense model:
 
@@ -37,12 +37,12 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxprune import calibrate as C  # noqa: E402
-from onnxprune.calib_stream import HOLDOUT_DIVISOR  # noqa: E402
-from onnxprune.evaluate import compare_logits  # noqa: E402
-from onnxprune.model_io import load_model  # noqa: E402
-from onnxprune.normalize import normalize  # noqa: E402
-from onnxprune.plan import Plan  # noqa: E402
+from onnxprune.calibration import calibrate as C  # noqa: E402
+from onnxprune.calibration.calib_stream import HOLDOUT_DIVISOR  # noqa: E402
+from onnxprune.checks.evaluate import compare_logits  # noqa: E402
+from onnxprune.ir.model_io import load_model  # noqa: E402
+from onnxprune.ir.normalize import normalize  # noqa: E402
+from onnxprune.planning.plan import Plan  # noqa: E402
 
 PHOTOS = ROOT / "samples" / "generated"
 

@@ -8,7 +8,7 @@ For each model (random weights, 224×224, symbolic batch) this builds:
 - onnxsim: onnxsim 0.8.1 ``pruning.apply_structured_pruning`` (L1), sparsity bisected to the same MACs;
 - torch-pruning: Torch-Pruning 1.6 ``MagnitudePruner`` (L1, round_to=16, fc left dense), pruning
   ratio bisected to the same MACs, then exported;
-and times them all side by side with ``onnxprune.bench.compare`` (interleaved, medians) at each batch.
+and times them all side by side with ``onnxprune.checks.bench.compare`` (interleaved, medians) at each batch.
 Peers that cannot reach the MACs target report what they did reach. Needs torch, onnxsim==0.8.1,
 torch-pruning==1.6.* (benchmark-only dependencies).
 
@@ -33,14 +33,14 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 from torch_models import BUILDERS, export, randomize_bn  # noqa: E402
-from onnxprune.analysis import find_prunable_convs  # noqa: E402
-from onnxprune.bench import Settings, compare  # noqa: E402
-from onnxprune.graph import GraphIndex  # noqa: E402
-from onnxprune.kernel_selection import n_kept  # noqa: E402
-from onnxprune.normalize import normalize  # noqa: E402
-from onnxprune.plan import LayerPlan, Plan  # noqa: E402
-from onnxprune.macs import count_macs, count_params  # noqa: E402
-from onnxprune.model_io import save_model  # noqa: E402
+from onnxprune.ir.analysis import find_prunable_convs  # noqa: E402
+from onnxprune.checks.bench import Settings, compare  # noqa: E402
+from onnxprune.ir.graph import GraphIndex  # noqa: E402
+from onnxprune.gkp.kernel_selection import n_kept  # noqa: E402
+from onnxprune.ir.normalize import normalize  # noqa: E402
+from onnxprune.planning.plan import LayerPlan, Plan  # noqa: E402
+from onnxprune.ir.macs import count_macs, count_params  # noqa: E402
+from onnxprune.ir.model_io import save_model  # noqa: E402
 from onnxprune.pipeline import PruneConfig, prune  # noqa: E402
 
 MODELS = ("resnet18", "resnet50", "wide", "mobilenet_v2")

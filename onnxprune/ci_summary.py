@@ -34,7 +34,7 @@ def markdown(report: dict, source: str, output: str, written: str | None) -> str
 
 
 def _measured(report: dict) -> list[str]:
-    from .gate import final_agreement
+    from .checks.gate import final_agreement
 
     rows = []
     agreement, samples, on = final_agreement(report)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import onnx
 
 from .errors import InternalError, PassFailed, UserError
-from .plan import Plan
-from .shapes import sizes_text, with_input_shapes
+from .planning.plan import Plan
+from .ir.shapes import sizes_text, with_input_shapes
 
 
 DISTILL_THREADS = 1  # torch threads for --distill: the step results depend on it (bytes), and one
@@ -42,8 +42,8 @@ def distill_stage(pruned, original, feeds, config, progress):
     the masked original), and distillation may then only change weight values — checked here
     with ``distill.structure_problems`` (same nodes, names, shapes, dtypes; only Conv/Gemm
     weights and biases differ)."""
-    from .calib_stream import split_holdout
-    from .distill import UnsupportedModel, distill, structure_problems
+    from .calibration.calib_stream import split_holdout
+    from .distillation.distill import UnsupportedModel, distill, structure_problems
 
     # the calibration's held-out slice stays held out: trained on the fit part, measured on it
     fit, held = split_holdout(feeds, divisor=config.calib_holdout_divisor)
@@ -95,9 +95,9 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
     agreement of fp16 with the fp32 pruned model on all of them (no fitting involves the fp16
     rounding, so none need holding out; more inputs resolve it finer), and the fp16 model's
     fidelity to the input next to calibration's own (same held-out slice)."""
-    from .calib_stream import batch_size, compare_first_output, count, first_output, split_holdout
-    from .precision import to_fp16
-    from .verify import compare_models, masked_model
+    from .calibration.calib_stream import batch_size, compare_first_output, count, first_output, split_holdout
+    from .rewriting.precision import to_fp16
+    from .checks.verify import compare_models, masked_model
 
     progress.stage("converting to fp16 (fp32 inputs and outputs; overflow-prone ops kept in fp32)")
     half, facts = to_fp16(pruned32)

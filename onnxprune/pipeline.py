@@ -15,23 +15,23 @@ import onnx
 
 from . import __version__
 from .errors import InternalError, PassFailed, UserError
-from .gate import AccuracyCheck, BudgetNotMet, evaluate_gates
-from .gate import check_options as check_gate_options
-from .model_io import cap_ir_version, load_model
-from .normalize import normalize, relist_initializer_inputs
-from .plan import Plan
+from .checks.gate import AccuracyCheck, BudgetNotMet, evaluate_gates
+from .checks.gate import check_options as check_gate_options
+from .ir.model_io import cap_ir_version, load_model
+from .ir.normalize import normalize, relist_initializer_inputs
+from .planning.plan import Plan
 from .report import Report, build_report
-from .planner import PlanOptions, plan_model
-from .coupled import STRUCTURE as COUPLED_STRUCTURE
-from .coupled import lift, lower
-from .coupled import prepare as prepare_coupled
-from .agreement_budget import BUDGET_HOLDOUT_DIVISOR, resolve_min_agreement
+from .gkp.planner import PlanOptions, plan_model
+from .channels.coupled import STRUCTURE as COUPLED_STRUCTURE
+from .channels.coupled import lift, lower
+from .channels.coupled import prepare as prepare_coupled
+from .planning.agreement_budget import BUDGET_HOLDOUT_DIVISOR, resolve_min_agreement
 from .late_stages import check_distill, check_precision, distill_stage, fp16_stage
-from .rewrite import apply_plan
-from .shapes import check_given, resolve_input_shapes, restore_input_dims, verification_shapes, with_input_shapes
-from .shapes import describe as describe_shapes
-from .shapes import sizes_text
-from .verify import DEFAULT_TOLERANCE, check_runs, verify
+from .rewriting.rewrite import apply_plan
+from .ir.shapes import check_given, resolve_input_shapes, restore_input_dims, verification_shapes, with_input_shapes
+from .ir.shapes import describe as describe_shapes
+from .ir.shapes import sizes_text
+from .checks.verify import DEFAULT_TOLERANCE, check_runs, verify
 
 
 @dataclass
@@ -109,7 +109,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
             raise UserError(f"ticket snapshot #{i + 1}: {exc}") from None
     feeds, calib_notes = None, []
     if config.calib is not None:
-        from .calib_data import load_calibration_inputs
+        from .calibration.calib_data import load_calibration_inputs
 
         shaped = {name: shape for name, shape in resolve_input_shapes(original, given).items() if name in given}
         feeds = load_calibration_inputs(config.calib, with_input_shapes(original, shaped),
@@ -155,7 +155,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     auto = config.plan is None and (config.groups == "auto" or config.target_macs is not None
                                     or config.target_speedup is not None)
     if auto and config.planner == "speed":
-        from .speed_plan import describe, plan_speed
+        from .planning.speed_plan import describe, plan_speed
 
         progress.stage(f"choosing groups and kept channels per layer for the {config.provider} provider")
         speed_plan = plan_speed(plan_base, config)
@@ -163,8 +163,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         structure = f"speed planner: fastest predicted cut ({speed_plan.cost_source}) at the MACs/speed target"
         config = replace(config, layer_configs=_sourced(speed_plan.configs, structure))
     elif auto:
-        from .fidelity_plan import FidelityPlanner
-        from .speed_plan import describe
+        from .planning.fidelity_plan import FidelityPlanner
+        from .planning.speed_plan import describe
 
         progress.stage("measuring how much each candidate cut changes the output on the calibration data"
                        if feeds else "ranking candidate cuts by a data-free proxy (no --calib: fidelity unmeasured)")
@@ -188,7 +188,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
     calibration = None
     if config.calib is not None:
-        from .calibrate import calibrate
+        from .calibration.calibrate import calibrate
 
         progress.stage("calibrating: refitting the pruned layers" + (" and the dense ones after them"
                        if config.calib_layers == "all" else "") + " in graph order")
@@ -197,7 +197,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         # refit weights are zero outside of (rewrite and verification must follow it)
         plan, calibrated, calibration = result.plan, result.model, result.report
         if fidelity_planner is not None and budget is not None:
-            from .budget import search_budget
+            from .planning.budget import search_budget
 
             def plan_and_calibrate(candidate):
                 trial = replace(config, layer_configs=_sourced(candidate.configs, structure + ", at the depth "
@@ -255,7 +255,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
     speed = None
     if config.check_speed:
-        from .bench import check_speed
+        from .checks.bench import check_speed
 
         progress.stage(f"measuring latency on the {config.provider} provider (--check-speed)")
         speed = check_speed(with_input_shapes(original, shapes), with_input_shapes(pruned, shapes), config.provider,

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 
 from . import __version__
-from .macs import count_macs, count_params
-from .plan import Plan
+from .ir.macs import count_macs, count_params
+from .planning.plan import Plan
 
 
 @dataclass

@@ -6,8 +6,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import FAMILIES
-from onnxprune.analysis import find_prunable_convs, foldable_chain, foldable_producer, is_depthwise
-from onnxprune.graph import GraphIndex
+from onnxprune.ir.analysis import find_prunable_convs, foldable_chain, foldable_producer, is_depthwise
+from onnxprune.ir.graph import GraphIndex
 
 
 def _init(name, value, dtype=np.float32):
@@ -109,7 +109,7 @@ def test_groups_for_sees_each_prunable_layer_and_decides_divisibility():
 
 def test_constant_node_weights_are_not_constants_until_normalized():
     """GraphIndex.constant sees initializers only; normalize turns Constant nodes into them."""
-    from onnxprune.normalize import normalize
+    from onnxprune.ir.normalize import normalize
 
     model = FAMILIES["vgg"](constant_weights=True).model()
     _, skipped = find_prunable_convs(model, lambda info: 4, 16)

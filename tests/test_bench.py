@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-import onnxprune.bench as bench
+import onnxprune.checks.bench as bench
 from graphs import vgg
-from onnxprune.bench import Settings, compare, interleave, summarize
+from onnxprune.checks.bench import Settings, compare, interleave, summarize
 from onnxprune.cli import main as cli_main
 
 

@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 from graphs import GraphBuilder, resnet_basic
-from onnxprune.calib_data import load_calibration_inputs
+from onnxprune.calibration.calib_data import load_calibration_inputs
 from onnxprune.cli import main
 from onnxprune.errors import UserError
 

@@ -10,14 +10,14 @@ import onnx
 import pytest
 
 from graphs import FAMILIES, resnet_basic
-from onnxprune.analysis import find_prunable_convs
-from onnxprune.calibrate import calibrate, ordered_layers, residual_partners
-from onnxprune.least_squares import ConvGeometry, im2col
+from onnxprune.ir.analysis import find_prunable_convs
+from onnxprune.calibration.calibrate import calibrate, ordered_layers, residual_partners
+from onnxprune.calibration.least_squares import ConvGeometry, im2col
 from onnxprune.cli import main
-from onnxprune.normalize import normalize
-from onnxprune.plan import LayerPlan, Plan
-from onnxprune.rewrite import apply_plan
-from onnxprune.verify import session, verify
+from onnxprune.ir.normalize import normalize
+from onnxprune.planning.plan import LayerPlan, Plan
+from onnxprune.rewriting.rewrite import apply_plan
+from onnxprune.checks.verify import session, verify
 
 
 def hand_plan(model, groups=4, keep=0.5, seed=0):
@@ -296,8 +296,8 @@ def test_ridge_is_validated_on_held_out_inputs(monkeypatch):
     (correlated) rows each input has: 120 inputs × 49 positions are 61 rows per unknown here. The
     ridge is chosen on held-out *inputs*, so it moves towards the original kernels and the refit
     generalises better than one with the fixed default ridge."""
-    import onnxprune.calibrate as calibrate_module
-    import onnxprune.least_squares as least_squares
+    import onnxprune.calibration.calibrate as calibrate_module
+    import onnxprune.calibration.least_squares as least_squares
 
     rng = np.random.default_rng(0)
     c_in, c_out, n = 96, 4, 120

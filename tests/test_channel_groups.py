@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import coupled_graphs as cg
-from onnxprune.channel_groups import channel_groups
+from onnxprune.channels.channel_groups import channel_groups
 from onnxprune.errors import UserError
 
 

@@ -17,7 +17,7 @@ import onnxprune.commands.prune as cli  # the prune command: where it looks up p
 from graphs import resnet_basic
 from onnxprune.cli import main
 from onnxprune.errors import one_line
-from onnxprune.model_io import text_writer, write_files
+from onnxprune.ir.model_io import text_writer, write_files
 
 
 from test_cli import _digest

@@ -8,7 +8,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
-from onnxprune.clustering import (
+from onnxprune.gkp.clustering import (
     CLUSTERING_METHODS,
     balanced_assignment,
     balanced_kmeans,

@@ -9,7 +9,7 @@ import pytest
 
 from coupled_graphs import CoupledBuilder
 from onnxprune.errors import UserError
-from onnxprune.graph import GraphIndex
+from onnxprune.ir.graph import GraphIndex
 from onnxprune.pipeline import PruneConfig, prune
 from oracle import feeds_for, rel_diff, run
 
@@ -158,8 +158,8 @@ def test_bad_coupled_options_are_user_errors(options, message):
 def test_with_calibration_data_the_kept_channels_are_those_the_readers_use_most():
     """Independent oracle: score = Σ over the group's readers of ||W[:, c]||² · mean(x_c²) / that
     reader's mean, x the reader's input in the dense model on the calibration inputs."""
-    from onnxprune.coupled import CHANNELS_DATA, choose
-    from onnxprune.normalize import normalize
+    from onnxprune.channels.coupled import CHANNELS_DATA, choose
+    from onnxprune.ir.normalize import normalize
 
     model = normalize(residual_stream())
     rng = np.random.default_rng(3)
@@ -265,8 +265,8 @@ def test_readers_are_not_also_listed_as_skipped():
 def test_a_tensor_holding_the_group_twice_scores_both_copies():
     """Concat([x, x]) -> head: boosting the head's weights on the FIRST copy of channels 0..7
     must keep them (the second copy was the only one scored before)."""
-    from onnxprune.coupled import choose
-    from onnxprune.normalize import normalize
+    from onnxprune.channels.coupled import choose
+    from onnxprune.ir.normalize import normalize
 
     b = CoupledBuilder(size=8)
     x = two_blocks(b)

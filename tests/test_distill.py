@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 
-from onnxprune import torch_bridge  # noqa: E402
-from onnxprune.distill import distill, structure_problems  # noqa: E402
-from onnxprune.torch_bridge import OnnxModule, UnsupportedModel, default_trainable  # noqa: E402
+from onnxprune.distillation import torch_bridge  # noqa: E402
+from onnxprune.distillation.distill import distill, structure_problems  # noqa: E402
+from onnxprune.distillation.torch_bridge import OnnxModule, UnsupportedModel, default_trainable  # noqa: E402
 
 from oracle import run  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Accuracy harness (onnxprune.evaluate) on tiny hand-built ONNX models with known answers."""
+"""Accuracy harness (onnxprune.checks.evaluate) on tiny hand-built ONNX models with known answers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import evaluate as ev
+from onnxprune.checks import evaluate as ev
 from onnxprune.commands import eval as eval_cmd
 from onnxprune.errors import UserError
 

@@ -235,7 +235,7 @@ def _npz_array_header(path: Path, key: str):
 def test_built_photo_files_load_as_calibration_and_are_split_by_photo():
     import onnx
 
-    from onnxprune.calib_data import load_calibration_inputs
+    from onnxprune.calibration.calib_data import load_calibration_inputs
 
     model = onnx.load(str(GENERATED / "mobilenet_v2.onnx"), load_external_data=False)
     feeds = load_calibration_inputs(GENERATED / "photos_calib.npz", model, limit=8)

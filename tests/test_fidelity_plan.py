@@ -6,14 +6,14 @@ import itertools
 import numpy as np
 import pytest
 
-from onnxprune import allocate, budget
-from onnxprune.allocate import Candidate
+from onnxprune.planning import allocate, budget
+from onnxprune.planning.allocate import Candidate
 from onnxprune.errors import UserError
-from onnxprune.fidelity_plan import FidelityPlanner
-from onnxprune.normalize import normalize
+from onnxprune.planning.fidelity_plan import FidelityPlanner
+from onnxprune.ir.normalize import normalize
 from onnxprune.pipeline import PruneConfig, prune, resolve_min_agreement
-from onnxprune.sensitivity import measure
-from onnxprune.speed_plan import Option
+from onnxprune.planning.sensitivity import measure
+from onnxprune.planning.speed_plan import Option
 from test_speed_plan import wide_resnet as _wide_resnet
 
 SIZE = 16  # small images and 32/64 channels keep the calibration passes of these tests fast
@@ -83,7 +83,7 @@ def test_duplicated_input_channels_cost_nothing_to_drop(measured):
     """A layer whose input holds every channel twice refits exactly at half width (oracle)."""
     model, _ = measured
     import onnx
-    from onnxprune.graph import GraphIndex, set_initializer
+    from onnxprune.ir.graph import GraphIndex, set_initializer
 
     dup = onnx.ModelProto()
     dup.CopyFrom(model)
@@ -270,7 +270,7 @@ def test_predicted_macs_count_the_narrowed_depthwise_chain():
 
 def test_distill_in_the_pipeline_changes_only_weights_and_is_reproducible():
     pytest.importorskip("torch")
-    from onnxprune.distill import structure_problems
+    from onnxprune.distillation.distill import structure_problems
 
     base = dict(target_macs=0.75, calib=calib(48), min_agreement=None)
     plain, _ = prune(wide_resnet(), PruneConfig(**base))
@@ -302,7 +302,7 @@ def test_budget_uses_a_lower_confidence_bound_of_the_held_out_agreement():
 def test_calibration_data_is_read_once_per_run(tmp_path, monkeypatch):
     """The pipeline reads the calibration file once and hands the arrays to every stage: the
     sensitivity measurement and each calibration of a fidelity-budget search (several here)."""
-    from onnxprune import calib_data
+    from onnxprune.calibration import calib_data
 
     path = tmp_path / "calib.npz"
     np.savez(path, **calib(64))
@@ -318,7 +318,7 @@ def test_unreachable_target_gives_the_deepest_plan_not_an_empty_one():
     """A MACs target far beyond what the candidates can save: each cut is smaller than one
     quantisation step of the (unreachable) need, so before the cap every saving rounded to 0 and
     the "deepest plan used" was no plan at all. Now the deepest cut of every layer is taken."""
-    from onnxprune.speed_plan import Outcome
+    from onnxprune.planning.speed_plan import Outcome
 
     table = {f"L{i}": [Candidate(n, Option(1, n), saving, 0.0, cost)
                        for n, saving, cost in ((8, 100, 0.5), (12, 40, 0.1))] for i in range(3)}

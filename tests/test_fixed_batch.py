@@ -54,9 +54,9 @@ def test_calibrate_leaves_the_callers_data_whole():
     whole batches must happen on a copy, so each call reports the cut."""
     from types import SimpleNamespace
 
-    from onnxprune.calibrate import calibrate
-    from onnxprune.normalize import normalize
-    from onnxprune.plan import Plan
+    from onnxprune.calibration.calibrate import calibrate
+    from onnxprune.ir.normalize import normalize
+    from onnxprune.planning.plan import Plan
 
     model = normalize(resnet_basic(batch=4).model())
     feeds = {"input": np.random.default_rng(0).standard_normal((46, 3, 16, 16)).astype(np.float32)}

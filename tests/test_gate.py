@@ -9,10 +9,10 @@ import onnx
 import pytest
 
 from graphs import GraphBuilder, resnet_basic
-from onnxprune import bench
+from onnxprune.checks import bench
 from onnxprune.cli import main
-from onnxprune.evaluate import predict_logits
-from onnxprune.gate import BUDGET_NOT_MET, BudgetNotMet, evaluate_gates, failed_path
+from onnxprune.checks.evaluate import predict_logits
+from onnxprune.checks.gate import BUDGET_NOT_MET, BudgetNotMet, evaluate_gates, failed_path
 from onnxprune.pipeline import PruneConfig, prune
 
 

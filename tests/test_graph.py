@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.graph import (GraphIndex, NameAllocator, get_attr, has_subgraphs, remove_unused_initializers,
+from onnxprune.ir.graph import (GraphIndex, NameAllocator, get_attr, has_subgraphs, remove_unused_initializers,
                              set_attr, set_initializer)
 
 
@@ -62,7 +62,7 @@ def test_constant_reads_initializers_but_not_overridable_defaults_or_constant_no
 
 
 def test_constant_node_outputs_become_constants_after_normalize():
-    from onnxprune.normalize import constants_to_initializers
+    from onnxprune.ir.normalize import constants_to_initializers
 
     graph = _graph()
     constants_to_initializers(graph)

@@ -13,9 +13,9 @@ from onnx import helper
 import onnxprune.pipeline as pipeline
 from graphs import GraphBuilder
 from onnxprune.cli import main
-from onnxprune.normalize import normalize
-from onnxprune.shapes import DEFAULT_DIM, parse_input_shape, resolve_input_shapes, with_input_shapes
-from onnxprune.verify import verify
+from onnxprune.ir.normalize import normalize
+from onnxprune.ir.shapes import DEFAULT_DIM, parse_input_shape, resolve_input_shapes, with_input_shapes
+from onnxprune.checks.verify import verify
 
 
 def _detector():

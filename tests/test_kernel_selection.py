@@ -6,14 +6,14 @@ import time
 import numpy as np
 import pytest
 
-from onnxprune.kernel_selection import n_kept, quantised_similarity, select_grouped_kernels
+from onnxprune.gkp.kernel_selection import n_kept, quantised_similarity, select_grouped_kernels
 
 
 # --------------------------------------------------------------------------- reference
 
 
 def reference_select(group_weight, n_keep, lam="auto", starts=None):
-    """Obviously-correct, slow version of the rule in onnxprune.kernel_selection."""
+    """Obviously-correct, slow version of the rule in onnxprune.gkp.kernel_selection."""
     c_in = group_weight.shape[1]
     kernels = []
     for c in range(c_in):
@@ -210,7 +210,7 @@ def test_max_starts_at_or_above_c_in_is_the_exhaustive_rule():
 
 
 def test_capped_starts_match_the_reference_restricted_to_those_starts():
-    from onnxprune.kernel_selection import _start_kernels
+    from onnxprune.gkp.kernel_selection import _start_kernels
 
     rng = np.random.default_rng(8)
     starts = _start_kernels(30, 4)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from onnxprune.errors import UserError
-from onnxprune.latency import (AnalyticalModel, ConvOp, GatherOp, MeasuredTable, PROFILES, grouped_efficiency,
+from onnxprune.planning.latency import (AnalyticalModel, ConvOp, GatherOp, MeasuredTable, PROFILES, grouped_efficiency,
                                load_cost_model, on_fast_path, parse_key)
 
 CPU = PROFILES["cpu"]

@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import FAMILIES
-from onnxprune.macs import conv_macs, count_macs, count_params
+from onnxprune.ir.macs import conv_macs, count_macs, count_params
 
 
 def test_conv_macs_formula():
@@ -59,7 +59,7 @@ def test_count_macs_matches_the_builders_count(family):
 
 
 def test_symbolic_spatial_dims_count_at_the_given_or_default_shape():
-    from onnxprune.shapes import DEFAULT_DIM, resolve_input_shapes
+    from onnxprune.ir.shapes import DEFAULT_DIM, resolve_input_shapes
 
     model = FAMILIES["vgg"](size=16).model()
     for axis, name in ((2, "H"), (3, "W")):

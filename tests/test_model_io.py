@@ -10,7 +10,7 @@ import pytest
 
 from graphs import resnet_basic, vgg
 from onnxprune.errors import UserError
-from onnxprune.model_io import (MAX_IR_VERSION, cap_ir_version, check_paths, default_opset, load_model,
+from onnxprune.ir.model_io import (MAX_IR_VERSION, cap_ir_version, check_paths, default_opset, load_model,
                                 save_model, text_writer, write_files, write_text_atomic)
 
 
@@ -218,7 +218,7 @@ def test_a_calib_folder_is_an_accepted_input(tmp_path):
 
 
 def test_saving_caps_the_ir_version_in_the_file_not_in_the_callers_model(tmp_path):
-    from onnxprune.model_io import MAX_IR_VERSION, save_model
+    from onnxprune.ir.model_io import MAX_IR_VERSION, save_model
 
     model = onnx.helper.make_model(onnx.helper.make_graph(
         [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",

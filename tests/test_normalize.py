@@ -4,7 +4,7 @@ import numpy as np
 from onnx import helper
 
 from graphs import GraphBuilder, resnet_basic
-from onnxprune.normalize import normalize, per_channel_vector
+from onnxprune.ir.normalize import normalize, per_channel_vector
 from oracle import feeds_for, rel_diff, run
 
 

@@ -12,10 +12,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphs import GraphBuilder, resnet_basic
 from onnxprune.cli import main
-from onnxprune.macs import count_macs, inferred_at_batch_one, static_shapes
-from onnxprune.normalize import normalize
+from onnxprune.ir.macs import count_macs, inferred_at_batch_one, static_shapes
+from onnxprune.ir.normalize import normalize
 from onnxprune.pipeline import PruneConfig, prune
-from onnxprune.verify import required_inputs, verify
+from onnxprune.checks.verify import required_inputs, verify
 
 MODES = [[], ["--planner", "speed"], ["--groups", "8"], ["--target-macs", "0.5"]]
 

@@ -2,7 +2,7 @@ import itertools
 
 import numpy as np
 
-from onnxprune.partition import partition_input_channels
+from onnxprune.gkp.partition import partition_input_channels
 
 
 def _score(weight, labels, kept, groups):

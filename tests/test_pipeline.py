@@ -13,7 +13,7 @@ import pytest
 from graphs import resnet_basic, vgg
 from onnxprune.errors import UserError
 from onnxprune.pipeline import Progress, PruneConfig, prune
-from onnxprune.plan import LayerPlan, Plan
+from onnxprune.planning.plan import LayerPlan, Plan
 from oracle import feeds_for, rel_diff, run, zero_pruned_kernels
 
 REPORT_KEYS = {
@@ -183,8 +183,8 @@ def test_no_verify_skips_the_check():
 def test_a_malformed_hand_made_plan_is_a_user_error(edit, fragment):
     """Plans from --plan-in are validated on load; one made in Python gets the same checks (it
     used to fail with numpy's ValueError, or an IndexError, deep in the rewrite)."""
-    from onnxprune.normalize import normalize
-    from onnxprune.rewrite import apply_plan
+    from onnxprune.ir.normalize import normalize
+    from onnxprune.rewriting.rewrite import apply_plan
 
     model = vgg().model()
     layer = LayerPlan("conv6", "conv6.weight", 64, 32, [3, 3], 2, list(range(64)), [list(range(16)),

@@ -10,7 +10,7 @@ import pytest
 from graphs import resnet_basic
 from onnxprune.errors import UserError
 from onnxprune.pipeline import PruneConfig, prune
-from onnxprune.plan import PLAN_VERSION, Plan
+from onnxprune.planning.plan import PLAN_VERSION, Plan
 
 
 def calib(n=40, seed=3):

@@ -70,7 +70,7 @@ def test_plan_layers_have_equal_groups_and_kept_counts():
 
 
 def test_parallel_planning_gives_the_same_plan(monkeypatch):
-    from onnxprune import planner
+    from onnxprune.gkp import planner
 
     model = resnet_basic().model()
     _, sequential = prune(model, PruneConfig(groups=4))

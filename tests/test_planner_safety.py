@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import onnxprune.planner as planner
+import onnxprune.gkp.planner as planner
 from graphs import GraphBuilder
 from onnxprune.errors import UserError
-from onnxprune.planner import PlanOptions
+from onnxprune.gkp.planner import PlanOptions
 
 SLOW = 1.0  # seconds per layer in the slowed-down planner
 _real_plan_layer = planner.plan_layer
@@ -79,7 +79,7 @@ def test_ctrl_c_in_a_terminal_prints_no_worker_traceback(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import onnxprune.planner as planner
+        import onnxprune.gkp.planner as planner
         from test_planner_safety import _chain
 
         planner.PARALLEL_MIN_WEIGHTS = 0

@@ -12,13 +12,13 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-import onnxprune.precision as precision
+import onnxprune.rewriting.precision as precision
 from graphs import reduce_mean_head
 from onnxprune.cli import main
 from onnxprune.late_stages import FP16_TOLERANCE
 from onnxprune.pipeline import PruneConfig, prune
-from onnxprune.runtime import create_session
-from onnxprune.verify import compare_outputs
+from onnxprune.checks.runtime import create_session
+from onnxprune.checks.verify import compare_outputs
 from test_output_pin import CALIB, SAMPLE
 
 CLI_OPTIONS = ["--groups", "8", "-q"]  # no calibration: fast, and the bytes are pinned by test_output_pin

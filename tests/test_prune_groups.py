@@ -14,11 +14,11 @@ from onnx import numpy_helper
 
 import coupled_graphs as cg
 from graphs import FAMILIES
-from onnxprune.channel_groups import channel_groups
-from onnxprune.graph import GraphIndex, get_attr
-from onnxprune.prune_groups import masked_model, prune_channel_groups
-from onnxprune.runtime import create_session
-from onnxprune.verify import compare_outputs
+from onnxprune.channels.channel_groups import channel_groups
+from onnxprune.ir.graph import GraphIndex, get_attr
+from onnxprune.channels.prune_groups import masked_model, prune_channel_groups
+from onnxprune.checks.runtime import create_session
+from onnxprune.checks.verify import compare_outputs
 
 TOLERANCE = 1e-4
 

@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 from graphs import FAMILIES, inverted_residual, resnet_basic, vgg
-from onnxprune import kernel_selection
+from onnxprune.gkp import kernel_selection
 from onnxprune.pipeline import PruneConfig, prune
 from oracle import feeds_for, rel_diff, run, zero_pruned_kernels
 
@@ -131,7 +131,7 @@ def test_prune_is_deterministic():
 
 
 def test_plan_round_trip_reproduces_the_model():
-    from onnxprune.plan import Plan
+    from onnxprune.planning.plan import Plan
 
     model = resnet_basic().model()
     first, report = prune(model, PruneConfig(groups=4))
@@ -141,9 +141,9 @@ def test_plan_round_trip_reproduces_the_model():
 
 
 def test_verify_catches_a_wrong_rewrite():
-    from onnxprune.normalize import normalize
-    from onnxprune.rewrite import apply_plan
-    from onnxprune.verify import verify
+    from onnxprune.ir.normalize import normalize
+    from onnxprune.rewriting.rewrite import apply_plan
+    from onnxprune.checks.verify import verify
     from onnx import numpy_helper
 
     model = normalize(vgg().model())
@@ -179,7 +179,7 @@ def test_g1_selection_narrows_producers_instead_of_gathering():
 
 
 def test_disjoint_groups_fold_gather_into_dense_producer():
-    from onnxprune.plan import Plan
+    from onnxprune.planning.plan import Plan
 
     model = vgg().model()
     _, report = prune(model, PruneConfig(rate=0.5, groups=2))

@@ -8,7 +8,7 @@ import pytest
 
 from graphs import FAMILIES
 from onnxprune.errors import UserError
-from onnxprune.runtime import create_session
+from onnxprune.checks.runtime import create_session
 
 PACKAGE = Path(__file__).resolve().parent.parent / "onnxprune"
 
@@ -18,7 +18,7 @@ def test_no_other_module_opens_a_session():
     ``InferenceSession(`` in the package would bypass them."""
     openers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                      if "InferenceSession(" in p.read_text())
-    assert openers == ["runtime.py"]
+    assert openers == ["checks/runtime.py"]
 
 
 def test_model_bytes_and_path_give_the_same_outputs(tmp_path):
@@ -53,9 +53,9 @@ def test_own_models_fail_loudly():
 def test_a_rewritten_model_ort_cannot_load_is_a_bug_not_bad_input():
     """verify(): the input model loads, the rewritten one does not -> not a UserError (exit 2
     would tell the user their input is bad)."""
-    from onnxprune.normalize import normalize
-    from onnxprune.plan import Plan
-    from onnxprune.verify import verify
+    from onnxprune.ir.normalize import normalize
+    from onnxprune.planning.plan import Plan
+    from onnxprune.checks.verify import verify
 
     model = normalize(FAMILIES["vgg"]().model())
     broken = type(model)()

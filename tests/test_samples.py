@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from onnxprune.commands.eval import load_dataset
-from onnxprune.evaluate import evaluate
+from onnxprune.checks.evaluate import evaluate
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 ONNX_FILES = sorted(SAMPLES.glob("*.onnx"))

@@ -8,7 +8,7 @@ import onnx.shape_inference
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import shape_facts
+from onnxprune.ir import shape_facts
 from onnxprune.pipeline import PruneConfig, prune
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

@@ -2,13 +2,13 @@
 
 import pytest
 
-import onnxprune.speed_plan as speed_plan
+import onnxprune.planning.speed_plan as speed_plan
 from graphs import FAMILIES, GraphBuilder
-from onnxprune.latency import ConvOp, PROFILES
-from onnxprune.macs import count_macs
-from onnxprune.normalize import normalize
+from onnxprune.planning.latency import ConvOp, PROFILES
+from onnxprune.ir.macs import count_macs
+from onnxprune.ir.normalize import normalize
 from onnxprune.pipeline import PruneConfig, prune
-from onnxprune.speed_plan import Layer, Option, candidate_options, plan_speed
+from onnxprune.planning.speed_plan import Layer, Option, candidate_options, plan_speed
 
 
 def wide_resnet(size=32, width=64):
@@ -116,8 +116,8 @@ def test_auto_on_small_families_runs_and_verifies(family):
 
 
 def test_without_a_target_auto_cuts_what_plain_rate_pruning_would(model):
-    from onnxprune.analysis import find_prunable_convs
-    from onnxprune.kernel_selection import n_kept
+    from onnxprune.ir.analysis import find_prunable_convs
+    from onnxprune.gkp.kernel_selection import n_kept
 
     total, per_node = count_macs(model)
     prunable, _ = find_prunable_convs(model, lambda info: 1, 16)

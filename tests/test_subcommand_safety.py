@@ -16,14 +16,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import onnxprune.autotune as autotune
-import onnxprune.bench as bench
+import onnxprune.checks.autotune as autotune
+import onnxprune.checks.bench as bench
 import onnxprune.commands.eval as ev  # the eval command: its default data and its use of evaluate()
-import onnxprune.model_io as model_io
+import onnxprune.ir.model_io as model_io
 from graphs import vgg
 from onnxprune.cli import main
 from onnxprune.errors import UserError
-from onnxprune.latency import TABLE_FORMAT, TABLE_VERSION, AnalyticalModel, MeasuredTable, load_cost_model
+from onnxprune.planning.latency import TABLE_FORMAT, TABLE_VERSION, AnalyticalModel, MeasuredTable, load_cost_model
 
 
 def _digest(path):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from onnxprune.tmi import (
+from onnxprune.gkp.tmi import (
     choose_clustering,
     filter_magnitude,
     filter_tmi,

@@ -9,10 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import FAMILIES, resnet_basic, vgg
-from onnxprune.normalize import normalize
-from onnxprune.plan import LayerPlan, Plan
-from onnxprune.rewrite import apply_plan
-from onnxprune.verify import compare_outputs, masked_model, random_inputs, required_inputs, verify
+from onnxprune.ir.normalize import normalize
+from onnxprune.planning.plan import LayerPlan, Plan
+from onnxprune.rewriting.rewrite import apply_plan
+from onnxprune.checks.verify import compare_outputs, masked_model, random_inputs, required_inputs, verify
 from oracle import feeds_for, rel_diff, run, zero_pruned_kernels
 
 

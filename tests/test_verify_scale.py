@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.plan import Plan
-from onnxprune.verify import compare_outputs, output_floors, random_inputs, session, verify
+from onnxprune.planning.plan import Plan
+from onnxprune.checks.verify import compare_outputs, output_floors, random_inputs, session, verify
 
 
 def _saturated(shift=0.0, head="Sigmoid"):

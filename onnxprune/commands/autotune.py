@@ -1,6 +1,6 @@
 """``onnxprune autotune MODEL.onnx [options]``: measure the per-layer latencies the speed planner asks for.
 
-The measuring is the library's (``onnxprune.autotune``; its docstring is this command's
+The measuring is the library's (``onnxprune.checks.autotune``; its docstring is this command's
 ``--help``); here the options become an ``AutotuneCommand``, and the paths and an existing
 ``--out`` table are checked before the model is loaded.
 """
@@ -12,12 +12,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import autotune, model_io
-from ..bench import Settings
+from ..checks import autotune
+from ..ir import model_io
+from ..checks.bench import Settings
 from ..errors import ArgumentParser, run_reporting_errors
-from ..latency import MeasuredTable
-from ..model_io import check_paths
-from ..normalize import normalize
+from ..planning.latency import MeasuredTable
+from ..ir.model_io import check_paths
+from ..ir.normalize import normalize
 from ..pipeline import PruneConfig
 
 

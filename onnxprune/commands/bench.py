@@ -1,6 +1,6 @@
 """``onnxprune bench MODEL.onnx [MODEL.onnx ...] [options]``: interleaved latency comparison.
 
-The timing itself is the library's (``onnxprune.bench``; its docstring is this command's
+The timing itself is the library's (``onnxprune.checks.bench``; its docstring is this command's
 ``--help``); here the options become a ``BenchCommand``, checked once before any model is
 loaded.
 """
@@ -11,9 +11,10 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from .. import bench, model_io
+from ..checks import bench
+from ..ir import model_io
 from ..errors import ArgumentParser, UserError, run_reporting_errors
-from ..model_io import check_paths
+from ..ir.model_io import check_paths
 
 
 def build_parser() -> argparse.ArgumentParser:

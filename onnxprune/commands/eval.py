@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from ..errors import ArgumentParser, UserError, run_reporting_errors
-from ..eval_data import Dataset, load_idx, load_npz
-from ..evaluate import evaluate
+from ..checks.eval_data import Dataset, load_idx, load_npz
+from ..checks.evaluate import evaluate
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
@@ -161,7 +161,7 @@ class EvalCommand:
     def validate(self) -> None:
         """Every refusal before any work: options, the models, the data (default or given), the
         output path (never one of the inputs)."""
-        from ..model_io import check_paths
+        from ..ir.model_io import check_paths
 
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
@@ -194,7 +194,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def run(command: EvalCommand) -> int:
     """A validated command: load the data, evaluate, print (and write the JSON)."""
-    from ..model_io import write_text_atomic
+    from ..ir.model_io import write_text_atomic
 
     data = load_dataset(command.data, prefer=command.prefer)
     report = evaluate(Path(command.model), data, reference=command.reference, batch_size=command.batch_size,

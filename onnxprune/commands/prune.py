@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..analysis import conv_nodes
+from ..ir.analysis import conv_nodes
 from ..ci_summary import markdown
 from ..errors import ArgumentParser, UserError, run_reporting_errors
-from ..gate import BUDGET_NOT_MET, AccuracyCheck, BudgetNotMet, explicit_min_agreement, failed_path
-from ..gate import check_options as check_gate_options
-from ..model_io import check_paths, load_model, model_writer, text_writer, write_files
-from ..normalize import name_unnamed_nodes
-from ..agreement_budget import check_agreement
+from ..checks.gate import BUDGET_NOT_MET, AccuracyCheck, BudgetNotMet, explicit_min_agreement, failed_path
+from ..checks.gate import check_options as check_gate_options
+from ..ir.model_io import check_paths, load_model, model_writer, text_writer, write_files
+from ..ir.normalize import name_unnamed_nodes
+from ..planning.agreement_budget import check_agreement
 from ..pipeline import Progress, PruneConfig, prune
-from ..plan import Plan
-from ..shapes import DEFAULT_DIM, check_given, parse_input_shape
+from ..planning.plan import Plan
+from ..ir.shapes import DEFAULT_DIM, check_given, parse_input_shape
 from . import SUBCOMMANDS
 from .console import ConsoleProgress, nothing_pruned_warning, summary
 

@@ -1,0 +1,231 @@
+"""``onnxprune bench``: latency of ONNX models side by side in ONNX Runtime, and ``check_speed``.
+
+Why interleaved: on a shared machine the load drifts over seconds, so timing model A for a
+minute and then model B compares two different machines. Every model is loaded once, warmed
+up, and then the models take turns one run at a time, in alternating order (A B C, C B A, ...)
+so neither position in a round is favoured. Medians (and p90) over those runs are compared;
+ratios are to the first model.
+
+Session settings are fixed and printed: graph optimization ORT_ENABLE_ALL (the only level at
+which ORT's blocked NCHWc convolutions are used on CPU), sequential execution, an explicit
+intra-op thread count, and on CUDA a pinned ``cudnn_conv_algo_search`` (it dominates conv time).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from ..errors import PassFailed, UserError
+from ..ir.shapes import fixed_batch
+from .verify import random_inputs
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+CHECK_MARGIN = 0.02  # check_speed tolerates a pruned/original median ratio up to 1.02
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Settings:
+    provider: str = "cpu"
+    threads: int = 0  # 0 = default_threads()
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"
+    host_io: bool = False  # CUDA: time the host<->device copies of inputs and outputs too
+
+    def resolved_threads(self) -> int:
+        return self.threads or default_threads()
+
+    def as_dict(self) -> dict:
+        import onnxruntime as ort
+
+        data = {"onnxruntime": ort.__version__, "provider": PROVIDERS[self.provider],
+                "graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL",
+                "intra_op_num_threads": self.resolved_threads(), "inter_op_num_threads": 1,
+                "intra_op_allow_spinning": 0}
+        if self.provider == "cuda":
+            data["cudnn_conv_algo_search"] = self.cudnn_conv_algo_search
+            data["io"] = "numpy in/out (host<->device copies timed)" if self.host_io else \
+                "IOBinding, inputs and outputs on the GPU (copies not timed)"
+        return data
+
+
+def make_session(model: onnx.ModelProto, settings: Settings):
+    """An InferenceSession with the fixed settings above; a provider that is missing is an error."""
+    import onnxruntime as ort
+
+    from .runtime import create_session
+
+    wanted = PROVIDERS[settings.provider]
+    if wanted not in ort.get_available_providers():
+        raise UserError(f"provider {settings.provider} ({wanted}) is not available in this onnxruntime "
+                        f"(available: {', '.join(ort.get_available_providers())})")
+    providers = [wanted]
+    if settings.provider == "cuda":
+        providers = [(wanted, {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search}), "CPUExecutionProvider"]
+    # several sessions take turns in one process: runtime.create_session turns spinning off
+    sess = create_session(model, providers=providers, threads=settings.resolved_threads(), inter_threads=1,
+                          sequential=True)
+    if wanted not in sess.get_providers():
+        raise UserError(f"{wanted} could not be initialised (session runs on {', '.join(sess.get_providers())})")
+    return sess
+
+
+def make_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs; a symbolic first dimension becomes ``batch`` (see verify.random_inputs)."""
+    return random_inputs(model, seed=seed, batch=batch)
+
+
+def interleave(runners: Sequence[Callable[[], object]], repeat: int, warmup: int = 3,
+               clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Seconds per run for each runner: ``warmup`` untimed rounds, then ``repeat`` timed rounds.
+
+    Each round runs every runner once; even rounds go in order, odd rounds in reverse, so each
+    model is as often first as last in a round.
+    """
+    order = list(range(len(runners)))
+    for _ in range(warmup):
+        for i in order:
+            runners[i]()
+    samples: list[list[float]] = [[] for _ in runners]
+    for r in range(repeat):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            start = clock()
+            runners[i]()
+            samples[i].append(clock() - start)
+    return samples
+
+
+def summarize(seconds: Sequence[float]) -> dict:
+    """Median, p90 (linear interpolation) and min in milliseconds, and the sample count."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    return {"median_ms": round(float(np.median(ms)), 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
+            "min_ms": round(float(ms.min()), 4), "runs": int(ms.size)}
+
+
+def model_stats(model: onnx.ModelProto) -> dict:
+    from ..ir.macs import count_macs, count_params
+
+    return {"macs": count_macs(model)[0], "params": count_params(model)}
+
+
+def compare(models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: Sequence[int],
+            settings: Settings, repeat: int = 30, warmup: int = 5, seed: int = 0) -> dict:
+    """Interleaved timing of ``models`` at each batch size; a JSON-ready report."""
+    stats = [model_stats(m) for m in models]
+    sessions = [make_session(m, settings) for m in models]
+    fixed = [fixed_batch(m) for m in models]
+    if all(fixed):
+        batches = [fixed[0]]  # nothing to vary: every model runs at its own batch
+    results = []
+    for batch in batches:
+        feeds = [make_feeds(m, fixed[i] or batch, seed) for i, m in enumerate(models)]
+        runners = [runner(sess, feed, settings) for sess, feed in zip(sessions, feeds)]
+        samples = interleave(runners, repeat, warmup)
+        rows = []
+        for i, secs in enumerate(samples):
+            row = {"model": labels[i], "batch": fixed[i] or batch, **summarize(secs)}
+            rows.append(row)
+        first = rows[0]["median_ms"]
+        for row in rows:
+            row["ratio_to_first"] = round(row["median_ms"] / first, 4)
+            row["speedup_vs_first"] = round(first / row["median_ms"], 4)
+        results.append({"batch": batch, "rows": rows})
+    return {"settings": settings.as_dict(), "repeat": repeat, "warmup": warmup,
+            "models": [{"model": label, **s, "fixed_batch": f} for label, s, f in zip(labels, stats, fixed)],
+            "results": results}
+
+
+def runner(sess, feeds: dict, settings: Settings) -> Callable[[], object]:
+    """One inference of ``sess`` on ``feeds``, as a callable to time.
+
+    On CUDA (unless ``settings.host_io``) the inputs are copied to the GPU once and the outputs
+    stay there (IOBinding): a model that is 1.5x faster in its kernels is otherwise diluted by the
+    same PCIe copies in both runs (ResNet-50 batch 32: ~19 MB in per run).
+    """
+    if settings.provider != "cuda" or settings.host_io:
+        return lambda: sess.run(None, feeds)
+    return device_runner(sess, feeds, "cuda")
+
+
+def device_runner(sess, feeds: dict, device: str) -> Callable[[], object]:
+    import onnxruntime as ort
+
+    binding = sess.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, device)
+
+    def run():
+        sess.run_with_iobinding(binding)
+        return binding
+    return run
+
+
+def format_report(report: dict) -> str:
+    s = report["settings"]
+    head = (f"onnxruntime {s['onnxruntime']}, {s['provider']}, {s['graph_optimization_level']}, "
+            f"{s['execution_mode']}, intra_op_num_threads={s['intra_op_num_threads']}")
+    if "cudnn_conv_algo_search" in s:
+        head += f", cudnn_conv_algo_search={s['cudnn_conv_algo_search']}"
+    lines = [head, f"interleaved: {report['warmup']} warm-up + {report['repeat']} timed runs per model and batch",
+             "", "| model | MACs (batch 1) | params |", "|---|---|---|"]
+    for m in report["models"]:
+        fixed = f" (fixed batch {m['fixed_batch']})" if m["fixed_batch"] else ""
+        lines.append(f"| {m['model']}{fixed} | {m['macs'] / 1e9:.3f} G | {m['params'] / 1e6:.3f} M |")
+    lines += ["", "| model | batch | median ms | p90 ms | ratio to first | speedup |", "|---|---|---|---|---|---|"]
+    for result in report["results"]:
+        for row in result["rows"]:
+            lines.append(f"| {row['model']} | {row['batch']} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} | "
+                         f"{row['ratio_to_first']:.3f} | {row['speedup_vs_first']:.2f}x |")
+    return "\n".join(lines)
+
+
+def check_speed(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = "cpu",
+                threads: int = 0, batch: int = 1, min_rounds: int = 20, max_rounds: int = 200,
+                min_seconds: float = 3.0, margin: float = CHECK_MARGIN, fail: bool = True) -> dict:
+    """Measure ``pruned`` against ``original``; raise PassFailed if it is slower (with
+    ``fail=False`` only report it: ``passed`` in the result; the pipeline's gates decide).
+
+    Rule: both models run interleaved (after 5 warm-up rounds) for at least ``min_rounds`` rounds
+    and at least ``min_seconds``, at most ``max_rounds``. ratio = median(pruned) / median(original).
+    ratio > 1 + margin (default 1.02) fails with "slower than the input". The 2% margin is the
+    run-to-run spread of interleaved medians on a loaded 2-core machine (notes: 1–4%); a pruned
+    model that is identical in speed (e.g. every layer left dense) is not reported as slower.
+    """
+    settings = Settings(provider, threads)
+    sessions = [make_session(m, settings) for m in (original, pruned)]
+    fixed = fixed_batch(original)
+    feeds = [make_feeds(m, fixed or batch) for m in (original, pruned)]
+    runners = [runner(s, f, settings) for s, f in zip(sessions, feeds)]
+    samples = interleave(runners, 0, warmup=5)
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_seconds):
+        more = interleave(runners, 2, warmup=0)
+        for acc, new in zip(samples, more):
+            acc.extend(new)
+        rounds += 2
+    before, after = summarize(samples[0]), summarize(samples[1])
+    ratio = after["median_ms"] / before["median_ms"]
+    result = {"settings": settings.as_dict(), "batch": fixed or batch, "rounds": rounds,
+              "original_median_ms": before["median_ms"], "pruned_median_ms": after["median_ms"],
+              "original_p90_ms": before["p90_ms"], "pruned_p90_ms": after["p90_ms"],
+              "ratio": round(ratio, 4), "speedup": round(1 / ratio, 4), "margin": margin,
+              "passed": bool(ratio <= 1.0 + margin)}
+    if fail and not result["passed"]:
+        raise PassFailed(f"the pruned model is slower than the input on {provider}: median "
+                           f"{after['median_ms']:.3f} ms vs {before['median_ms']:.3f} ms (ratio {ratio:.3f} > "
+                           f"{1 + margin:.2f}); nothing written")
+    return result

@@ -1,0 +1,60 @@
+"""The one place that opens an ONNX Runtime session.
+
+Why one place: calibration, sensitivity probes, verification, evaluation, distillation and the
+latency benchmark all run models, and each used to build its own ``SessionOptions``: two of four
+left ORT's thread spinning on (idle pool threads busy-wait and steal the cores of whatever runs
+next, which on a 2-core machine slowed everything that followed), and each worded an unloadable
+model differently. Rules:
+
+- thread spinning is off: onnxprune runs several sessions in turn in one process;
+- log severity 3 (errors only): ORT's warnings about the model are not the user's business;
+- a model ORT cannot load becomes a one-line ``UserError`` worded by the caller
+  (``load_error``, with ``{reason}`` the first line of ORT's message), or — for models onnxprune
+  built itself, where failing to load is a bug — ORT's exception as it is (``load_error=None``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from ..errors import UserError
+
+CPU = ("CPUExecutionProvider",)
+
+
+def create_session(model, *, providers=CPU, threads: int | None = None, inter_threads: int | None = None,
+                   optimize: bool = True, sequential: bool = False,
+                   load_error: str | None = "ONNX Runtime cannot load the model: {reason}") -> ort.InferenceSession:
+    """An ``InferenceSession`` for ``model`` (ModelProto, serialized bytes or a path).
+
+    ``threads``/``inter_threads``: intra-/inter-op thread counts (None: ORT's default);
+    ``optimize=False`` disables graph optimizations (default: ORT's, all of them); ``sequential``
+    selects ORT_SEQUENTIAL execution (the benchmark's fixed settings).
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if sequential:
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if inter_threads is not None:
+        options.inter_op_num_threads = inter_threads
+    if isinstance(model, onnx.ModelProto):
+        source = model.SerializeToString()
+    elif isinstance(model, Path):
+        source = str(model)
+    else:
+        source = model
+    try:
+        return ort.InferenceSession(source, options, providers=list(providers))
+    except Exception as exc:  # ORT raises several unrelated types for unloadable models
+        if load_error is None:
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(load_error.format(reason=reason)) from None

@@ -1,0 +1,217 @@
+"""Check a rewritten model against its exactness oracle in ONNX Runtime.
+
+The oracle is the normalized original with every pruned grouped kernel set to zero: grouped
+kernel pruning removes exactly those multiply-adds, so the two must agree up to float rounding.
+Rules:
+- inputs are seeded random normals; a symbolic first dimension becomes ``batch``; other
+  symbolic dimensions come from ``shapes.resolve_input_shapes`` (the pipeline verifies its
+  working model, whose symbolic dims are already set: ``--input-shape``, calibration data or
+  the default);
+- a reference model ONNX Runtime cannot run at those shapes is the input's problem (exit 2,
+  with a hint to ``--input-shape``); a rewritten model it cannot run is an internal error;
+- agreement is ``max|a - b| / scale`` per output, worst output reported, tolerance 1e-4, where
+  ``scale = max|a|``, floored at the output's range when it comes from a bounded activation
+  (``output_floors``: Sigmoid, HardSigmoid, Softmax, Tanh -> 1; Clip with constant bounds ->
+  its largest bound), seen through layout ops (Reshape, Transpose, Concat, ...). Why: a
+  saturated map (a Sigmoid near 1e-4 everywhere) has a tiny ``max|a|`` while float rounding in
+  its logits is relative to *their* size, so logits agreeing to 1e-6 gave a "relative" output
+  difference of 2.4e-4. The cost: in such an output, a difference smaller than 1e-4 of its range
+  is not seen;
+- ORT runs on the CPU provider so the check means the same thing on every machine;
+- the rewritten model must not require a graph input the input model did not (an input with
+  an initializer is optional; one whose initializer was dropped would become required).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..errors import InternalError, UserError
+from ..ir.graph import GraphIndex, get_attr, set_initializer
+from ..planning.plan import LayerPlan, Plan
+from .runtime import create_session
+from ..ir.shapes import resolve_input_shapes
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass
+class VerifyResult:
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float
+    passed: bool
+    batch: int
+    new_required_inputs: list[str] = field(default_factory=list)  # inputs only the rewritten model needs
+    other_shapes: list[dict] = field(default_factory=list)  # verified again at further --input-shape sizes
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def masked_model(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+    """``model`` (normalized) with the grouped kernels the plan prunes set to zero."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    index = GraphIndex(out.graph)
+    layers = plan.by_node()
+    for node in out.graph.node:
+        layer = layers.get(node.name)
+        if layer is None or node.op_type not in PLANNED_OPS:
+            continue
+        name, masked = node.input[1], masked_weight(node, index.constant(node.input[1]), layer)
+        if index.use_count(name) > 1:
+            name = f"{name}__masked_{node.name}"
+            node.input[1] = name
+        set_initializer(out.graph, name, masked)
+    return out
+
+
+PLANNED_OPS = ("Conv", "Gemm")  # a Gemm is planned only as a reader of a coupled group (coupled.py)
+
+
+def masked_weight(node: onnx.NodeProto, weight: np.ndarray, layer: LayerPlan) -> np.ndarray:
+    """``weight`` with the kernels ``layer`` prunes zeroed; a Gemm's is read as a 1×1 Conv's
+    [outputs, features] (transposed when ``transB`` is 0)."""
+    mask = layer.kernel_mask()
+    if node.op_type == "Gemm":
+        mask = mask if get_attr(node, "transB", 0) else mask.T
+    else:
+        mask = mask[:, :, None, None]
+    return np.where(mask, weight, 0).astype(weight.dtype)
+
+
+def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
+    return create_session(model, optimize=optimize)
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = resolve_input_shapes(model)
+    init_names = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        ttype = inp.type.tensor_type
+        dims = [batch if d is None else d for d in shapes[inp.name].dims]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        if dtype.kind == "f":
+            feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
+        else:
+            feeds[inp.name] = np.zeros(dims, dtype=dtype)
+    return feeds
+
+
+# Ops whose output lies in [-bound, bound] whatever their input: the scale an output of theirs is judged at.
+BOUNDED_ACTIVATIONS = {"Sigmoid": 1.0, "HardSigmoid": 1.0, "Softmax": 1.0, "Tanh": 1.0}
+# Ops that only move or select values: an output's range is its source's.
+LAYOUT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Concat", "Slice", "Gather",
+              "Split", "Expand", "Tile")
+
+
+def output_floors(model: onnx.ModelProto) -> list[float]:
+    """Per graph output, the range of the bounded activation it comes from (see the module
+    rules), else 0.0 (judged at its own ``max|a|``)."""
+    index = GraphIndex(model.graph)
+
+    def bound(name: str, depth: int = 0) -> float:
+        node = index.producer.get(name)
+        if node is None or node.domain not in ("", "ai.onnx") or depth > 64:
+            return 0.0
+        if node.op_type in BOUNDED_ACTIVATIONS:
+            return BOUNDED_ACTIVATIONS[node.op_type]
+        if node.op_type == "Clip":
+            limits = [index.constant(n) for n in node.input[1:3] if n]
+            if len(limits) == 2 and all(v is not None and v.size == 1 for v in limits):
+                return float(max(abs(float(v.reshape(-1)[0])) for v in limits))
+            return 0.0
+        if node.op_type in LAYOUT_OPS:
+            data = [n for n in (node.input if node.op_type == "Concat" else node.input[:1]) if n]
+            return min((bound(n, depth + 1) for n in data), default=0.0)
+        return 0.0
+
+    return [bound(out.name) for out in model.graph.output]
+
+
+def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray],
+                    floors: list[float] | None = None) -> tuple[float, float]:
+    """(max absolute, max relative difference) over all outputs; ``floors`` (per output, see
+    ``output_floors``) raise the scale a difference is relative to."""
+    floors = floors or [0.0] * len(reference)
+    max_abs = max_rel = 0.0
+    for ref, got, floor in zip(reference, candidate, floors):
+        ref64, got64 = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
+        if ref64.shape != got64.shape:
+            return float("inf"), float("inf")
+        if ref64.size == 0:
+            continue
+        diff = float(np.max(np.abs(ref64 - got64)))
+        scale = max(float(np.max(np.abs(ref64))), floor, 1e-12)
+        max_abs, max_rel = max(max_abs, diff), max(max_rel, diff / scale)
+    return max_abs, max_rel
+
+
+SHAPE_HINT = " (at the input shapes used; if the model needs other sizes, give them with --input-shape NAME=DIMS)"
+
+
+def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], which: str) -> list[np.ndarray]:
+    try:
+        return sess.run(None, feeds)
+    except Exception as exc:  # ORT raises several unrelated types for a failed run
+        shapes = ", ".join(f"{name}={'x'.join(map(str, value.shape))}" for name, value in feeds.items())
+        message = f"ONNX Runtime cannot run {which} on inputs {shapes}: {str(exc).strip() or type(exc).__name__}"
+        if which == "the input model":
+            raise UserError(message + SHAPE_HINT) from None
+        raise InternalError(message) from exc
+
+
+def check_runs(model: onnx.ModelProto, seed: int = 0) -> None:
+    """Run ``model`` once on random inputs (batch 1): a model that cannot run at the working
+    input shapes is refused before planning, not after it."""
+    try:
+        sess = session(model)
+    except UserError as exc:
+        raise UserError(f"{exc}{SHAPE_HINT}") from None
+    _run(sess, random_inputs(model, seed, batch=1), "the input model")
+
+
+def required_inputs(model: onnx.ModelProto) -> list[str]:
+    """Names of the graph inputs a caller must feed: those without an initializer."""
+    init_names = {t.name for t in model.graph.initializer}
+    return [inp.name for inp in model.graph.input if inp.name not in init_names]
+
+
+def verify(normalized: onnx.ModelProto, rewritten: onnx.ModelProto, plan: Plan,
+           tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, batch: int = 2,
+           original: onnx.ModelProto | None = None) -> VerifyResult:
+    """Compare ``rewritten`` with the masked ``normalized`` model; with ``original`` (the model as
+    loaded) also check that ``rewritten`` requires no input ``original`` did not."""
+    had = set(required_inputs(original if original is not None else normalized))
+    extra = [name for name in required_inputs(rewritten) if name not in had]
+    if extra:
+        return VerifyResult(float("inf"), float("inf"), tolerance, False, batch, extra)
+    return compare_models(masked_model(normalized, plan), rewritten, tolerance, seed, batch, floors_of=normalized)
+
+
+def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, tolerance: float, seed: int = 0,
+                   batch: int = 2, floors_of: onnx.ModelProto | None = None,
+                   which: str = "the rewritten model") -> VerifyResult:
+    """Run ``reference`` and ``candidate`` on the same seeded random inputs (made for
+    ``reference``) and judge them as the module rules say; ``floors_of``: the model whose
+    bounded output activations set the scale floors (default ``reference``). Also how the
+    ``--precision fp16`` model is checked against its fp32 reference (``which`` names it)."""
+    feeds = random_inputs(reference, seed, batch)
+    try:
+        reference_session = session(reference)
+    except UserError as exc:
+        raise UserError(f"{exc}{SHAPE_HINT}") from None
+    expected = _run(reference_session, feeds, "the input model")
+    # a candidate ORT cannot load is our bug, not the user's input: no UserError wording
+    got = _run(create_session(candidate, load_error=None), feeds, which)
+    max_abs, max_rel = compare_outputs(expected, got, output_floors(floors_of if floors_of is not None else reference))
+    return VerifyResult(max_abs, max_rel, tolerance, bool(max_rel <= tolerance), batch)
