@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--target-macs", type=float, default=None,
                         help="MACs fraction for auto and the peers (default: what the G=8 setting reaches, ~0.58)")
-    parser.add_argument("--coupled", nargs="*", type=float, default=[],
+    parser.add_argument("--coupled", nargs="*", type=lambda s: s if s == "auto" else float(s), default=[],
                         help="also build --groups auto with these --coupled-rate values (same MACs target)")
     parser.add_argument("--repeat", type=int, default=12, help="timed runs per model and batch (default 12)")
     parser.add_argument("--threads", type=int, default=0)

@@ -22,8 +22,11 @@ from .ir.normalize import normalize, relist_initializer_inputs
 from .planning.plan import Plan
 from .report import Report, build_report
 from .gkp.planner import PlanOptions, plan_model
-from .channels.coupled import STRUCTURE as COUPLED_STRUCTURE
+from .channels.coupled import PROVENANCE_PREFIX as COUPLED_PROVENANCE
 from .channels.coupled import lift, lower
+from .channels.coupled import check_options as check_coupled
+from .channels.coupled import from_allocation as coupled_from_allocation
+from .channels.coupled import narrowing_config
 from .channels.coupled import prepare as prepare_coupled
 from .planning.agreement_budget import BUDGET_HOLDOUT_DIVISOR, resolve_min_agreement
 from .late_stages import check_distill, check_precision, distill_stage, fp16_stage
@@ -68,7 +71,7 @@ class PruneConfig(PlanOptions):
     eval_data: object = None  # .npz path with 'images' and 'labels', an evaluate.Dataset or a gate.AccuracyCheck
     max_accuracy_drop: float | None = None
     # coupled channel groups (see coupled.py): fraction of each residual stream / Concat / SE group removed
-    coupled_rate: float | None = None
+    coupled_rate: float | str | None = None  # or "auto": widths per group chosen by the fidelity planner
     g1_only: tuple[str, ...] = ()  # set by the pass: Convs writing a narrowed group (G=1 cuts only)
     fixed_channels: tuple[str, ...] = ()  # set by the pass: Convs whose kept channels a group decided
     # the output's float type (see precision.py): "fp32" (as computed) or "fp16" (fp32 inputs/outputs)
@@ -94,6 +97,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     started = time.perf_counter()
     check_distill(config)
     check_precision(config)
+    check_coupled(config)
     budget = resolve_min_agreement(config)  # option errors before any work
     check_gate_options(config)
 
@@ -137,16 +141,25 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     t = _lap(timings, "normalize", t)
 
     coupled, plan_base = None, model  # plan_base: the model the single-Conv planner plans
-    if config.coupled_rate is not None:
-        symbolic_dims = _with_input_dims_of(model, original)
+    auto_groups = config.coupled_rate == "auto"
+    symbolic_dims = _with_input_dims_of(model, original) if config.coupled_rate is not None else None
+    if config.coupled_rate is not None and not auto_groups:
         coupled, plan_base, config = prepare_coupled(model, symbolic_dims, config, feeds, progress)
         t = _lap(timings, "couple", t)
-    narrowing, dense = plan_base is not model, model  # with groups: the rest planned narrowed, then lifted
+    dense = model
 
-    def make_plan(options: PruneConfig, layer_progress=None) -> Plan:
-        """The single-Conv plan, on the dense model (with the coupled groups' readers, see coupled.py)."""
-        made = plan_model(plan_base, options, snapshots, layer_progress)
-        return lift(made, coupled, dense) if narrowing else made
+    def make_plan(options: PruneConfig, layer_progress=None, groups_of=None) -> tuple[Plan, object, PruneConfig]:
+        """(the plan on the dense model, its CoupledPlan or None, the options to calibrate it with).
+        ``groups_of``: the speed plan whose coupled group cuts (``--coupled-rate auto``) this plan
+        has; the single-Conv plan is then made on the narrowed model and lifted back (the groups'
+        readers, see coupled.py), and calibration keeps the readers' channels."""
+        chosen, base = coupled, plan_base
+        if groups_of is not None:
+            chosen = coupled_from_allocation(dense, fidelity_planner, groups_of)
+            if chosen.narrowed is not None:
+                base, options = chosen.narrowed, narrowing_config(options, chosen)
+        made = plan_model(base, options, snapshots, layer_progress)
+        return (lift(made, chosen, dense) if base is not dense else made), chosen, options
 
     speed_plan = search = fidelity_planner = None
     if budget is not None and config.calib_holdout_divisor is None:
@@ -166,9 +179,12 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         from .planning.fidelity_plan import FidelityPlanner
         from .planning.speed_plan import describe
 
-        progress.stage("measuring how much each candidate cut changes the output on the calibration data"
-                       if feeds else "ranking candidate cuts by a data-free proxy (no --calib: fidelity unmeasured)")
-        fidelity_planner = FidelityPlanner(plan_base, config, feeds, progress.layer)
+        with_groups = " (coupled channel groups included)" if auto_groups else ""
+        progress.stage(f"measuring how much each candidate cut{with_groups} changes the output on the calibration "
+                       f"data" if feeds else f"ranking candidate cuts{with_groups} by a data-free proxy (no --calib: "
+                       f"fidelity unmeasured)")
+        fidelity_planner = FidelityPlanner(plan_base, config, feeds, progress.layer,
+                                           coupled_also_in=[symbolic_dims] if auto_groups else None)
         target = fidelity_planner.default_target()
         speed_plan, _ = fidelity_planner.plan(target, config.target_speedup)
         t = _lap(timings, "sensitivity", t)
@@ -177,9 +193,10 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
                      "fidelity planner: least weight-norm proxy (no --calib: fidelity unmeasured)") + \
             ", within the MACs/speed target (knapsack)"
         config = replace(config, layer_configs=_sourced(speed_plan.configs, structure))
+    groups_of = speed_plan if auto_groups and fidelity_planner is not None else None
     if config.plan is None:
         progress.stage("planning")
-        plan = make_plan(config, progress.layer)
+        plan, coupled, config = make_plan(config, progress.layer, groups_of)
     else:
         for layer in config.plan.layers:  # a hand-made plan (Python API) is checked as --plan-in's are
             layer.validate()
@@ -202,12 +219,15 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
             def plan_and_calibrate(candidate):
                 trial = replace(config, layer_configs=_sourced(candidate.configs, structure + ", at the depth "
                                                                                      "--min-agreement chose"))
-                tried = calibrate(model, make_plan(trial), trial, None, feeds, calib_notes)
+                trial_plan, _, trial = make_plan(trial, None, candidate if auto_groups else None)
+                tried = calibrate(model, trial_plan, trial, None, feeds, calib_notes)
                 return tried.plan, tried.model, tried.report
 
             search = search_budget(fidelity_planner, target, budget, speed_plan, (plan, calibrated, calibration),
                                    plan_and_calibrate, progress)
             speed_plan, (plan, calibrated, calibration) = search.chosen_plan, search.chosen
+            if auto_groups:  # the chosen depth's own group cuts
+                coupled = coupled_from_allocation(dense, fidelity_planner, speed_plan)
         model = calibrated
     t = _lap(timings, "calibrate", t)
 
@@ -215,7 +235,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     # rewritten with the input's own (symbolic) dims, so no rewrite decision rests on a size that
     # holds only at the working shape (a map that is 1x1 there), and the output keeps them
     symbolic = _with_input_dims_of(model, original)
-    if not narrowing:
+    if coupled is None or coupled.narrowed is None:
         pruned = apply_plan(symbolic, plan)
     else:  # coupled groups removed first, then the single-Conv plan on the narrowed graph
         narrowed = coupled.apply(symbolic)
@@ -313,7 +333,7 @@ def _as_given(plan: Plan) -> Plan:
     Why new objects: the caller's plan is theirs (the Python API may apply one plan to several
     models); stamping its provenance in place would change it under them, and a second run
     would wrap "--plan-in (saved: --plan-in ...)" again."""
-    if any(str((layer.provenance or {}).get("structure", "")).startswith(COUPLED_STRUCTURE) for layer in plan.layers):
+    if any(str((layer.provenance or {}).get("structure", "")).startswith(COUPLED_PROVENANCE) for layer in plan.layers):
         raise UserError("this plan comes from a --coupled-rate run, whose channel groups a plan does not record yet; "
                         "prune the model again with --coupled-rate instead of --plan-in")
 

@@ -36,7 +36,8 @@ def test_knapsack_matches_brute_force_on_the_quantised_problem(seed):
     table = {f"L{i}": [Candidate(n, Option(1, n), int(rng.integers(1, 400)), 0.0, float(rng.random()))
                        for n in range(int(rng.integers(1, 4)))] for i in range(5)}
     need = float(rng.integers(100, 900))
-    state, feasible = allocate._knapsack(table, need, by_time=False)
+    state, chosen, feasible = allocate._knapsack(table, [], need, by_time=False)
+    assert chosen == []
     unit = need / allocate.BINS
     best = None
     for combo in itertools.product(*[[None] + cands for cands in table.values()]):
@@ -50,6 +51,49 @@ def test_knapsack_matches_brute_force_on_the_quantised_problem(seed):
         assert got == pytest.approx(best, abs=1e-12)
         assert sum(int(next(c for c in table[n] if c.option == o).saving_macs // unit)
                    for n, o in state.items()) >= allocate.BINS
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knapsack_with_coupled_groups_matches_brute_force(seed):
+    """A group's cut excludes its readers' own cuts: the cluster DP must find the best of
+    'readers cut alone (any combination)' and 'one width of the group, readers dense'."""
+    from onnxprune.channels.coupled_candidates import GroupCandidates, GroupCut
+
+    rng = np.random.default_rng(seed)
+
+    def cands(n):
+        return [Candidate(k + 1, Option(1, k + 1), int(rng.integers(1, 400)), 0.0, float(rng.random()))
+                for k in range(n)]
+
+    table = {f"L{i}": cands(int(rng.integers(1, 3))) for i in range(6)}
+    groups = []
+    for g, readers in enumerate((("L0", "L1"), ("L3", "L9"))):  # L9: a Gemm reader, no table entry
+        cuts = tuple(GroupCut((0,) * (w + 1), int(rng.integers(50, 700)), 0.0, float(rng.random()))
+                     for w in range(int(rng.integers(1, 3))))
+        groups.append(GroupCandidates(((f"t{g}", 0),), 64, ("P",), readers, cuts))
+    need = float(rng.integers(300, 1500))
+    clusters = allocate._clusters(table, groups)
+    state, chosen, feasible = allocate._knapsack(table, clusters, need, by_time=False)
+    unit = need / allocate.BINS
+    options = {name: [None] + c for name, c in table.items()}
+    best = None
+    for combo in itertools.product(*options.values(), *[[None, *g.cuts] for g in groups]):
+        layers, cuts = dict(zip(options, combo[:len(options)])), combo[len(options):]
+        if any(cut and any(layers.get(r) for r in g.consumers) for g, cut in zip(groups, cuts)):
+            continue  # a reader cut twice
+        saving = sum(int(c.saving_macs // unit) for c in (*layers.values(), *cuts) if c)
+        if saving >= allocate.BINS:
+            cost = sum(c.cost for c in (*layers.values(), *cuts) if c)
+            best = cost if best is None else min(best, cost)
+    assert feasible == (best is not None)
+    if best is not None:
+        got = sum(next(c.cost for c in table[name] if c.option == option) for name, option in state.items())
+        got += sum(cut.cost for _, cut in chosen)
+        assert got == pytest.approx(best, abs=1e-12)
+        for group, _ in chosen:
+            assert not set(group.consumers) & set(state)
+        saving = sum(int(next(c for c in table[n] if c.option == o).saving_macs // unit) for n, o in state.items())
+        assert saving + sum(int(cut.saving_macs // unit) for _, cut in chosen) >= allocate.BINS
 
 
 def test_candidate_widths_are_aligned_spread_and_below_c_in():
@@ -115,6 +159,68 @@ def test_fidelity_plan_meets_the_macs_target_and_the_output_has_those_macs(targe
     assert ratio <= target + 0.005
     assert ratio == pytest.approx(report["auto"]["predicted_macs_ratio"], abs=1e-3)
     assert report["auto"]["planner"] == "fidelity" and report["sensitivity"]["source"] == "calibration data"
+
+
+@pytest.mark.parametrize("target", [0.85, 0.7, 0.55])
+def test_no_single_change_to_the_allocation_lowers_its_cost_within_the_target(target):
+    """After the tightening rounds the slack is spent (allocate._relax): no chosen layer can take a
+    cheaper candidate (or none) with the exact MACs still within the limit."""
+    planner = FidelityPlanner(normalize(wide_resnet()), PruneConfig(groups="auto"))
+    _, allocation = planner.plan(target)
+    limit = (target + 0.005) * planner.dense.macs
+    assert allocation.outcome.macs <= limit and allocation.state
+    cost = {name: {c.option: c.cost for c in cands} for name, cands in planner.table.items()}
+    for name, option in allocation.state.items():
+        for alternative in [None, *cost[name]]:
+            trial = {k: v for k, v in allocation.state.items() if k != name}
+            if alternative is not None:
+                trial[name] = alternative
+            cheaper = (cost[name][alternative] if alternative else 0.0) < cost[name][option] - 1e-12
+            assert not (cheaper and planner.planner.evaluate(0.0, trial).macs <= limit), (name, alternative)
+
+
+class _InteractingPlanner:
+    """Layers whose cuts save their listed MACs, except that cutting L0 and L1 together saves 280
+    fewer (a producer and its consumer both narrowed): the DP over isolated savings must tighten,
+    which overshoots and leaves slack."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def evaluate(self, rate, state):
+        from onnxprune.planning.speed_plan import Outcome
+
+        saved = sum(next(c.saving_macs for c in self.table[n] if c.option == o) for n, o in state.items())
+        if "L0" in state and "L1" in state:
+            saved -= 280
+        return Outcome(rate, dict(state), 0.0, 2000 - saved)
+
+    def local_macs(self, name, state):
+        return self.evaluate(0.0, state).macs  # every layer "affects" all: exact, if slow
+
+    def local_time(self, name, state):
+        return 0.0
+
+
+def test_relax_spends_the_slack_of_the_tightening_rounds(monkeypatch):
+    table = {f"L{i}": [Candidate(1, Option(1, 1), 300, 1.0, 0.1)] for i in range(2)}  # cheap, so both taken
+    table.update({f"L{i}": [Candidate(k, Option(1, k), saving, 1.0, cost) for k, (saving, cost) in
+                            enumerate(((300, 1.0), (500, 1.5)))] for i in range(2, 5)})
+    planner = _InteractingPlanner(table)
+    dense = planner.evaluate(0.0, {})
+    relaxed = allocate.allocate(planner, table, dense, macs_limit=1150)
+    monkeypatch.setattr(allocate, "_relax", lambda planner, table, state, outcome, *rest: (state, outcome))
+    tightened = allocate.allocate(planner, table, dense, macs_limit=1150)
+    assert tightened.outcome.macs < relaxed.outcome.macs <= 1150  # the slack was there, and spent
+    assert relaxed.cost < tightened.cost
+    cost = {name: {c.option: c.cost for c in cands} for name, cands in table.items()}
+    for name, option in relaxed.state.items():  # and no single change is still cheaper within the limit
+        for alternative in [None, *cost[name]]:
+            trial = {k: v for k, v in relaxed.state.items() if k != name}
+            if alternative is not None:
+                trial[name] = alternative
+            cheaper = (cost[name][alternative] if alternative else 0.0) < cost[name][option] - 1e-12
+            assert not (cheaper and planner.evaluate(0.0, trial).macs <= 1150), (name, alternative)
 
 
 def test_an_unreachable_target_gives_the_deepest_plan_and_says_so():

@@ -53,7 +53,8 @@ from .prune_groups import prune_channel_groups
 from ..calibration.refit_steps import gemm_as_conv_weight, refittable_gemm
 from ..planning.speed_plan import align_channels
 
-STRUCTURE = "coupled channel group: --coupled-rate of the group's channels, provider-aligned"
+PROVENANCE_PREFIX = "coupled channel group:"  # every coupled reader's structure provenance starts so
+STRUCTURE = f"{PROVENANCE_PREFIX} --coupled-rate of the group's channels, provider-aligned"
 CHANNELS = "coupled channel group: data-free importance (filter and reader weight norms, summed)"
 CHANNELS_DATA = ("coupled channel group: calibration importance (each reader's weight norm x the channel's "
                  "mean squared input, summed)")
@@ -80,7 +81,7 @@ class CoupledCut:
 
 @dataclass
 class CoupledPlan:
-    rate: float
+    rate: float | str  # a fraction, or "auto" (widths chosen per group by the fidelity planner)
     align: int
     cuts: list[CoupledCut]
     left: list[dict]  # groups not narrowed: {"members", "width", "reason"}
@@ -89,6 +90,7 @@ class CoupledPlan:
     # tensor -> its kept channels, for every tensor the cuts narrow; the same in every version of
     # the model (``keep`` matches groups by members), so computed once, by ``choose``
     kept_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    candidates: list[dict] = field(default_factory=list)  # auto mode: every group's offered cuts
 
     @property
     def consumers(self) -> set[str]:
@@ -118,8 +120,11 @@ class CoupledPlan:
         return next(cut.importance for cut in self.cuts if reader in cut.consumers)
 
     def as_dict(self) -> dict:
-        return {"rate": self.rate, "align": self.align, "groups": [cut.as_dict() for cut in self.cuts],
+        data = {"rate": self.rate, "align": self.align, "groups": [cut.as_dict() for cut in self.cuts],
                 "left_alone": self.left, "notes": self.notes}
+        if self.candidates:
+            data["candidates"] = self.candidates
+        return data
 
 
 def choose(model: onnx.ModelProto, rate: float, align: int, exclude=(), feeds: dict | None = None,
@@ -130,36 +135,76 @@ def choose(model: onnx.ModelProto, rate: float, align: int, exclude=(), feeds: d
     AveragePool that makes a 1×1 map at one input size only)."""
     if not 0.0 < rate < 1.0:
         raise UserError(f"--coupled-rate must be in (0, 1), got {rate}")
+    found = eligible(model, align, exclude, also_in)
+    ranked = rank_channels(model, [group for group, _ in found.candidates], feeds)
+    kept = {}
+    for group, _ in found.candidates:
+        kept_count = align_channels((1.0 - rate) * group.width, align, group.width)
+        if kept_count >= group.width:
+            if group.width >= align:
+                found.left.append({"members": [list(m) for m in group.members[:3]], "width": group.width,
+                                   "reason": f"too narrow to lose a {align}-channel block"})
+            continue
+        kept[group.members] = ranked[group.members][:kept_count]
+    return plan_cuts(model, found, kept, rate, align, CHANNELS_DATA if feeds else CHANNELS)
+
+
+@dataclass
+class Eligible:
+    """The groups of one model that can be narrowed, and why the others cannot."""
+
+    analysis: ChannelAnalysis
+    candidates: list[tuple[ChannelGroup, str]]  # (group, "") for every narrowable group
+    left: list[dict]
+
+
+def eligible(model: onnx.ModelProto, align: int, exclude=(), also_in=()) -> Eligible:
+    """Every group ``choose`` may narrow (see its docstring), with the reasons for the rest."""
     analysis = channel_groups(model)
     stable = [{g.members for g in channel_groups(other).groups if g.prunable} for other in also_in]
     index = GraphIndex(model.graph)
     nodes = {n.name: n for n in model.graph.node}
     excluded = set(exclude)
-    cuts, left, candidates = [], [], []
+    candidates, left = [], []
     for group in analysis.groups:
         reason = _why_not(group, nodes, index, excluded)
         if not reason and any(group.members not in found for found in stable):
             reason = "its channel ties depend on the input's spatial size (they differ at the model's own input dims)"
-        kept_count = group.width if reason else align_channels((1.0 - rate) * group.width, align, group.width)
-        if not reason and kept_count >= group.width:
+        if not reason and group.width <= align:
             reason = f"too narrow to lose a {align}-channel block"
         if reason:
             if group.width >= align:  # tiny groups (a scalar gate, an RGB input) are noise in a report
                 left.append({"members": [list(m) for m in group.members[:3]], "width": group.width,
                              "reason": reason})
             continue
-        candidates.append((group, kept_count))
-    energy = _channel_energy(model, candidates, nodes, feeds) if feeds else None
-    for group, kept_count in candidates:
-        score = _importance(group, nodes, index, energy)
-        kept = np.sort(np.argsort(-score, kind="stable")[:kept_count])
-        cuts.append(CoupledCut(group.members, group.width, tuple(int(k) for k in kept), group.producers,
-                               group.consumers, CHANNELS_DATA if energy is not None else CHANNELS))
-    plan = CoupledPlan(rate, align, cuts, left)
+        candidates.append((group, ""))
+    return Eligible(analysis, candidates, left)
+
+
+def rank_channels(model: onnx.ModelProto, groups: list[ChannelGroup], feeds: dict | None) -> dict[tuple, list[int]]:
+    """Group members -> the group's channels, most important first (see the module docstring,
+    step 1); the kept channels of any width are a prefix of this order."""
+    index = GraphIndex(model.graph)
+    nodes = {n.name: n for n in model.graph.node}
+    energy = _channel_energy(model, [(g, 0) for g in groups], nodes, feeds) if feeds and groups else None
+    return {g.members: [int(c) for c in np.argsort(-_importance(g, nodes, index, energy), kind="stable")]
+            for g in groups}
+
+
+def plan_cuts(model: onnx.ModelProto, found: Eligible, kept: dict[tuple, list[int]], rate, align: int,
+              importance: str) -> CoupledPlan:
+    """The CoupledPlan removing, from each group in ``kept`` (by members), all but those channels."""
+    cuts = []
+    for group, _ in found.candidates:
+        if group.members in kept:
+            channels = tuple(sorted(int(k) for k in kept[group.members]))
+            cuts.append(CoupledCut(group.members, group.width, channels, group.producers, group.consumers,
+                                   importance))
+    plan = CoupledPlan(rate, align, cuts, found.left)
     if cuts:
-        keep = plan.keep(analysis)
-        plan.kept_tensors = analysis.kept_channels(keep)
-        plan.narrowed = prune_channel_groups(model, keep, analysis)
+        keep = plan.keep(found.analysis)
+        plan.kept_tensors = found.analysis.kept_channels(keep)
+        plan.narrowed = prune_channel_groups(model, keep, found.analysis)
     else:
         plan.notes.append("no coupled channel group could be narrowed")
     return plan
@@ -262,7 +307,8 @@ def lift(narrow_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto) -> Pla
             layers.append(LayerPlan(
                 node.name, node.input[1], int(weight.shape[0]), int(weight.shape[1]),
                 [int(k) for k in weight.shape[2:]], 1, list(range(int(weight.shape[0]))), [[int(k) for k in kept]],
-                provenance={"structure": STRUCTURE, "channels": coupled.importance_of(node.name),
+                provenance={"structure": AUTO_STRUCTURE if coupled.rate == "auto" else STRUCTURE,
+                            "channels": coupled.importance_of(node.name),
                             "kept_fraction": round(len(kept) / int(weight.shape[1]), 4)}))
             continue
         layer = planned.get(node.name)
@@ -306,18 +352,37 @@ def lower(dense_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto, narrow
     return Plan(layers, dense_plan.skipped, dense_plan.options)
 
 
-def prepare(model: onnx.ModelProto, symbolic: onnx.ModelProto, config, feeds: dict | None, progress):
-    """Choose the coupled groups to narrow -> (CoupledPlan, model to plan the rest on, its config).
-
-    ``symbolic``: ``model`` with the input's own dims, where the rewrite finds the groups again."""
-    from ..planning.latency import profile
-    from ..ir.macs import count_macs
-
+def check_options(config) -> None:
+    """--coupled-rate's option errors, before any work (a no-op without --coupled-rate)."""
+    rate = config.coupled_rate
+    if rate is None:
+        return
+    if isinstance(rate, str) and rate != "auto":
+        raise UserError(f"--coupled-rate must be a fraction in (0, 1) or 'auto', got {rate!r}")
+    if rate != "auto" and not 0.0 < rate < 1.0:
+        raise UserError(f"--coupled-rate must be in (0, 1), got {rate}")
     if config.plan is not None or config.groups != "auto" or config.tickets:
         raise UserError("--coupled-rate works with --groups auto only (not with --plan-in, --groups N or --tickets)")
-    if config.target_speedup is not None:
-        raise UserError("--coupled-rate does not take --target-speedup yet (its cost model does not see the coupled "
-                        "cut); give --target-macs")
+    if config.target_speedup is not None and rate != "auto":
+        raise UserError("--coupled-rate R does not take --target-speedup (the planner does not see its cut); give "
+                        "--target-macs, or --coupled-rate auto")
+    if rate == "auto" and config.planner != "fidelity":
+        raise UserError("--coupled-rate auto needs the fidelity planner (not --planner speed); give a rate instead")
+
+
+AUTO_STRUCTURE = (f"{PROVENANCE_PREFIX} width chosen by the fidelity planner (knapsack with the single-Conv "
+                  "cuts; --coupled-rate auto)")
+
+
+def prepare(model: onnx.ModelProto, symbolic: onnx.ModelProto, config, feeds: dict | None, progress):
+    """``--coupled-rate R``: choose the groups to narrow -> (CoupledPlan, model to plan the rest on,
+    its config). (``auto`` is chosen with the single-Conv cuts: ``from_allocation``.)
+
+    ``symbolic``: ``model`` with the input's own dims, where the rewrite finds the groups again."""
+    from ..ir.macs import count_macs
+    from ..planning.latency import profile
+
+    check_options(config)
     progress.stage("narrowing coupled channel groups (residual streams, Concat/Split, SE gates)")
     coupled = choose(model, config.coupled_rate, profile(config.provider).align, config.exclude, feeds, [symbolic])
     if coupled.narrowed is None:
@@ -334,6 +399,24 @@ def prepare(model: onnx.ModelProto, symbolic: onnx.ModelProto, config, feeds: di
             progress.stage(note)
         target = min(1.0, target / kept)
         coupled.notes.append(f"single-Conv planner target on the narrowed model: {target:.4f} of its MACs")
+    return coupled, coupled.narrowed, replace(narrowing_config(config, coupled), target_macs=target)
+
+
+def narrowing_config(config, coupled: CoupledPlan):
+    """``config`` for planning the rest of ``coupled``'s model: the groups' readers are the groups'
+    (excluded, channels fixed), their writers take G=1 cuts only."""
     readers = tuple(sorted(coupled.consumers))
-    return coupled, coupled.narrowed, replace(config, exclude=tuple(config.exclude) + readers, fixed_channels=readers,
-                                              g1_only=tuple(sorted(coupled.producers)), target_macs=target)
+    return replace(config, exclude=tuple(config.exclude) + readers, fixed_channels=readers,
+                   g1_only=tuple(sorted(set(config.g1_only) | coupled.producers)))
+
+
+def from_allocation(model: onnx.ModelProto, planner, speed_plan) -> CoupledPlan:
+    """``--coupled-rate auto``: the CoupledPlan of the group cuts the fidelity planner chose with
+    ``speed_plan`` (``planner``: that ``FidelityPlanner``, built with ``coupled_also_in``)."""
+    kept = {group.members: list(cut.kept) for group, cut in speed_plan.groups}
+    coupled = plan_cuts(model, planner.eligible, kept, "auto", planner.prof.align, AUTO_STRUCTURE)
+    coupled.candidates = [group.as_dict() for group in planner.groups]
+    if coupled.narrowed is not None:
+        coupled.notes.append("group widths chosen by the fidelity planner with the single-Conv cuts (one knapsack); "
+                             "its numbers in 'auto' are relative to the dense model")
+    return coupled

@@ -27,12 +27,12 @@ def resolve_min_agreement(config) -> float | None:
     MACs/speed target is (an explicit target is the user's choice and is kept); else none.
 
     Where the structure is not the fidelity planner's to choose (``--groups N``, ``--plan-in``,
-    ``--planner speed``, ``--coupled-rate``: its cut is fixed before the planner runs) an explicit
+    ``--planner speed``, ``--coupled-rate R``: its cut is fixed before the planner runs) an explicit
     value is not searched for: it is only the CI gate (``gate.py``) on the result."""
     if config.planner not in ("fidelity", "speed"):
         raise UserError(f"--planner must be 'fidelity' or 'speed', got {config.planner!r}")
     value = config.min_agreement
-    fidelity_auto = config.plan is None and config.planner == "fidelity" and config.coupled_rate is None and (
+    fidelity_auto = config.plan is None and config.planner == "fidelity" and config.coupled_rate in (None, "auto") and (
         config.groups == "auto" or config.target_macs is not None or config.target_speedup is not None)
     if value == "auto":
         explicit = config.target_macs is not None or config.target_speedup is not None

@@ -23,6 +23,13 @@ How:
    on the quantised problem and takes milliseconds for 50 layers × 12 widths.
 3. Any target can be re-planned from the same table in milliseconds (``fidelity_plan``); the
    pipeline's fidelity budget (``--min-agreement``) searches targets with real calibration.
+4. Coupled channel groups (``--coupled-rate auto``, ``channels.coupled_candidates``): a group's
+   cut narrows its readers' inputs, which exclude the readers' own single-Conv cuts. A group and
+   its readers form one *cluster*: the readers' single-Conv choices are solved as their own small
+   knapsack, and the cluster offers either one of those combinations or one width of the group;
+   the global DP takes the cheaper through a min-plus convolution (exact on the quantised problem).
+   The chosen state is evaluated on the layers narrowed by the chosen groups
+   (``coupled_candidates.narrowed_layers``), so the MACs check stays exact.
 """
 
 from __future__ import annotations
@@ -35,6 +42,16 @@ from .sensitivity import SensitivityReport
 from .speed_plan import Option, Outcome, SpeedPlan, _Planner, ratios
 
 MAX_WIDTHS = 12  # candidate widths per layer
+# Speed weight (``speed_weight``): at a MACs target the knapsack minimises fidelity cost; a cut that
+# saves MACs but little time (a Gather it needs, a layer the runtime runs memory-bound) is worth
+# less than its MACs say. Measured costs differ between layers by orders of magnitude and accuracy
+# comes first, so they are not weighted (on MobileNetV2 at 0.85 MACs, weight 0.5 would raise the
+# predicted KL 12% for a 10% faster prediction); the data-free proxy is no fidelity measurement, so
+# there time saved per MAC counts fully (MobileNetV2 at 0.58 MACs: 1.41x -> 1.46x (b1), 1.69x ->
+# 1.91x (b8) measured side by side, ORT CPU; ResNets unchanged: the cost model sees their cuts as
+# equally efficient).
+MEASURED_SPEED_WEIGHT = 0.0
+PROXY_SPEED_WEIGHT = 1.0
 BINS = 400  # quantisation of the required saving in the knapsack
 ROUNDS = 8  # tightening rounds when layer interactions make the exact MACs miss the target
 
@@ -56,6 +73,7 @@ class Allocation:
     cost: float  # Σ predicted fidelity cost of the chosen cuts
     notes: list[str] = field(default_factory=list)
     considered: frozenset = frozenset()  # layers that had at least one candidate cut
+    groups: list = field(default_factory=list)  # chosen (GroupCandidates, GroupCut) pairs
 
 
 def candidate_widths(c_in: int, align: int) -> list[int]:
@@ -67,9 +85,21 @@ def candidate_widths(c_in: int, align: int) -> list[int]:
     return widths
 
 
+def speed_weight(sensitivity: SensitivityReport) -> float:
+    """How much a candidate's time saved per MAC weighs against its fidelity cost (the exponent
+    ``γ`` in ``cost / (ρ / ρ_dense)^γ``, ρ = µs saved per MAC saved): ``MEASURED_SPEED_WEIGHT``
+    when the costs are measured output changes, ``PROXY_SPEED_WEIGHT`` for the data-free proxy."""
+    measured = any(layer.source != "weights" for layer in sensitivity.layers.values())
+    return MEASURED_SPEED_WEIGHT if measured else PROXY_SPEED_WEIGHT
+
+
 def candidates(planner: _Planner, sensitivity: SensitivityReport) -> dict[str, list[Candidate]]:
-    """Every layer's candidate cuts, each with its isolated saving and its fidelity cost."""
+    """Every layer's candidate cuts, each with its isolated saving and its fidelity cost
+    (weighted by its time saved per MAC, ``speed_weight``)."""
     table: dict[str, list[Candidate]] = {}
+    weight = speed_weight(sensitivity)
+    dense = planner.evaluate(0.0, {})
+    dense_us_per_mac = dense.time_us / max(dense.macs, 1)
     for name in planner.order:
         sens = sensitivity.layers.get(name)
         if sens is None:
@@ -84,25 +114,34 @@ def candidates(planner: _Planner, sensitivity: SensitivityReport) -> dict[str, l
             d_macs = dense_macs - planner.local_macs(name, state)
             d_time = dense_time - planner.local_time(name, state)
             if d_macs > 0 and d_time > 0:
-                found.append(Candidate(n, option, int(d_macs), float(d_time), sens.cost_at(option.n_keep)))
+                cost = sens.cost_at(option.n_keep)
+                if weight:  # time saved per MAC relative to the model's: > 1 for cuts that pay in time
+                    cost /= ((d_time / d_macs) / dense_us_per_mac) ** weight
+                found.append(Candidate(n, option, int(d_macs), float(d_time), cost))
         if found:
             table[name] = found
     return table
 
 
 def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcome, *,
-             macs_limit: float | None = None, time_limit: float | None = None) -> Allocation:
-    """Cheapest set of cuts whose exact MACs (or predicted time) is at most the limit."""
+             macs_limit: float | None = None, time_limit: float | None = None, groups=(),
+             evaluate_groups=None) -> Allocation:
+    """Cheapest set of cuts whose exact MACs (or predicted time) is at most the limit.
+
+    ``groups``: coupled-group candidates (``coupled_candidates.GroupCandidates``);
+    ``evaluate_groups(state, chosen)``: the exact outcome of a state with chosen group cuts."""
     by_time = macs_limit is None
     limit = time_limit if by_time else macs_limit
     if limit is None:
         raise ValueError("allocate needs a MACs or a time limit")
     total = dense.time_us if by_time else dense.macs
     need = total - limit
+    considered = frozenset(table)
     if need <= 0:
-        return Allocation({}, dense, 0.0, considered=frozenset(table))
+        return Allocation({}, dense, 0.0, considered=considered)
+    clusters = _clusters(table, groups)
     notes: list[str] = []
-    reachable = sum(max((c.saving_us if by_time else c.saving_macs) for c in cands) for cands in table.values())
+    reachable = _reachable(table, clusters, by_time)
     capped = need > reachable
     if capped:
         # quantised to need/BINS, cuts much smaller than an unreachable need would all round to 0
@@ -110,12 +149,13 @@ def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcom
         notes.append(NOT_REACHABLE)
         need = reachable
         if need <= 0:
-            return Allocation({}, dense, 0.0, notes, frozenset(table))
+            return Allocation({}, dense, 0.0, notes, considered)
     state: dict[str, Option] = {}
+    chosen: list = []
     outcome = dense
     for _ in range(ROUNDS):
-        state, feasible = _knapsack(table, need, by_time)
-        outcome = planner.evaluate(0.0, state)
+        state, chosen, feasible = _knapsack(table, clusters, need, by_time)
+        outcome = evaluate_groups(state, chosen) if chosen else planner.evaluate(0.0, state)
         value = outcome.time_us if by_time else outcome.macs
         if not feasible:
             if not notes:
@@ -126,53 +166,168 @@ def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcom
         need += value - limit + need / BINS
     else:
         notes.append("target missed by layer interactions after tightening; closest plan used")
+    if feasible_state(outcome, limit, by_time) and not capped:
+        state, outcome = _relax(planner, table, state, outcome, limit, by_time, chosen, evaluate_groups)
     cost = sum(next(c.cost for c in table[name] if c.option == option) for name, option in state.items())
-    return Allocation(state, outcome, cost, notes, frozenset(table))
+    cost += sum(cut.cost for _, cut in chosen)
+    return Allocation(state, outcome, cost, notes, considered, chosen)
 
 
-def _knapsack(table: dict[str, list[Candidate]], need: float, by_time: bool) -> tuple[dict[str, Option], bool]:
+def feasible_state(outcome: Outcome, limit: float, by_time: bool) -> bool:
+    return (outcome.time_us if by_time else outcome.macs) <= limit
+
+
+def _relax(planner: _Planner, table, state: dict[str, Option], outcome: Outcome, limit: float, by_time: bool,
+           chosen: list, evaluate_groups) -> tuple[dict[str, Option], Outcome]:
+    """Spend the slack the tightening rounds leave (layer interactions make the exact saving of a
+    state larger than the quantised DP assumed, so it can land well below the limit): repeatedly
+    make the one change to a chosen layer — a narrower cut or none — that lowers the fidelity cost
+    most while the exact MACs (time) stay within the limit. Changes are judged by the layer's
+    neighbourhood (``_Planner.local_*``: exact, only those Convs change)."""
+    value = outcome.time_us if by_time else outcome.macs
+    cost_of = {name: {c.option: c.cost for c in cands} for name, cands in table.items()}
+
+    def local(name: str, at: dict) -> float:
+        return planner.local_time(name, at) if by_time else planner.local_macs(name, at)
+
+    for _ in range(4 * len(state) + 1):
+        best = None
+        for name, option in state.items():
+            here = local(name, state)
+            for alternative in [None, *(c.option for c in table[name])]:
+                if alternative == option:
+                    continue
+                gain = cost_of[name][option] - (cost_of[name][alternative] if alternative else 0.0)
+                if gain <= 1e-12 or (best is not None and gain <= best[0]):
+                    continue
+                trial = dict(state)
+                if alternative is None:
+                    del trial[name]
+                else:
+                    trial[name] = alternative
+                if value - here + local(name, trial) <= limit:
+                    best = (gain, trial, value - here + local(name, trial))
+        if best is None:
+            break
+        _, state, value = best
+    outcome = evaluate_groups(state, chosen) if chosen else planner.evaluate(0.0, state)
+    return state, outcome
+
+
+def _saving(cand, by_time: bool) -> float:
+    return cand.saving_us if by_time else cand.saving_macs
+
+
+def _clusters(table: dict[str, list[Candidate]], groups) -> list[tuple[object, list[str]]]:
+    """(group, its readers that have single-Conv candidates) for every group with a cut."""
+    return [(group, [name for name in group.consumers if name in table]) for group in groups if group.cuts]
+
+
+def _reachable(table, clusters, by_time: bool) -> float:
+    in_cluster = {name for _, readers in clusters for name in readers}
+    total = sum(max(_saving(c, by_time) for c in cands) for name, cands in table.items() if name not in in_cluster)
+    for group, readers in clusters:
+        alone = sum(max(_saving(c, by_time) for c in table[name]) for name in readers)
+        total += max(alone, max(_saving(cut, by_time) for cut in group.cuts))
+    return total
+
+
+def _layer_step(dp: np.ndarray, cands: list[Candidate], unit: float, by_time: bool):
+    """One multiple-choice item: (new dp, candidate index per bin (-1: dense), source bin per bin)."""
+    bins = np.arange(len(dp))
+    new, pick, source = dp.copy(), np.full(len(dp), -1), bins.copy()
+    for k, cand in enumerate(cands):
+        step = int(_saving(cand, by_time) // unit)
+        if step <= 0:
+            continue
+        src = np.maximum(bins - step, 0)
+        value = dp[src] + cand.cost
+        better = value < new
+        new, pick, source = np.where(better, value, new), np.where(better, k, pick), np.where(better, src, source)
+    return new, pick, source
+
+
+def _knapsack(table: dict[str, list[Candidate]], clusters, need: float,
+              by_time: bool) -> tuple[dict[str, Option], list, bool]:
     """Exact multiple-choice knapsack on savings quantised to need/BINS (rounded down: safe).
 
-    ``dp[s]``: least cost of a choice for the layers so far saving at least ``s`` units.
-    """
+    ``dp[s]``: least cost of a choice for the items so far saving at least ``s`` units."""
     unit = need / BINS
     bins = np.arange(BINS + 1)
     dp = np.full(BINS + 1, np.inf)
     dp[0] = 0.0
-    choices = []  # per layer: the candidate index (-1: dense) and the source bin, for every bin
+    in_cluster = {name for _, readers in clusters for name in readers}
+    steps = []  # ("layer", name, pick, source) or ("cluster", group, readers' steps, mode, k, source)
     for name, cands in table.items():
-        new, pick, source = dp.copy(), np.full(BINS + 1, -1), bins.copy()
-        for k, cand in enumerate(cands):
-            step = int((cand.saving_us if by_time else cand.saving_macs) // unit)
+        if name in in_cluster:
+            continue
+        dp, pick, source = _layer_step(dp, cands, unit, by_time)
+        steps.append(("layer", name, pick, source))
+    for group, readers in clusters:
+        sub = np.full(BINS + 1, np.inf)
+        sub[0] = 0.0
+        sub_steps = []
+        for name in readers:
+            sub, pick, source = _layer_step(sub, table[name], unit, by_time)
+            sub_steps.append((name, pick, source))
+        # the readers' combinations: new[s] = min_k dp[s - k] + sub[k]  (k <= s; "at least" bins)
+        shifted = np.where(bins[:, None] >= bins[None, :], dp[np.maximum(bins[:, None] - bins[None, :], 0)], np.inf)
+        combined = shifted + sub[None, :]
+        k_best = np.argmin(combined, axis=1)
+        new = combined[bins, k_best]
+        mode, source = np.full(BINS + 1, -1), np.maximum(bins - k_best, 0)
+        for w, cut in enumerate(group.cuts):  # or one width of the group (readers dense)
+            step = int(_saving(cut, by_time) // unit)
             if step <= 0:
                 continue
             src = np.maximum(bins - step, 0)
-            value = dp[src] + cand.cost
+            value = dp[src] + cut.cost
             better = value < new
-            new, pick, source = np.where(better, value, new), np.where(better, k, pick), np.where(better, src, source)
+            new, mode, source = np.where(better, value, new), np.where(better, w, mode), np.where(better, src, source)
+            k_best = np.where(better, 0, k_best)
         dp = new
-        choices.append((name, pick, source))
+        steps.append(("cluster", group, sub_steps, mode, k_best, source))
     feasible = bool(np.isfinite(dp[BINS]))
     at = BINS if feasible else int(np.flatnonzero(np.isfinite(dp)).max())
     state: dict[str, Option] = {}
-    for name, pick, source in reversed(choices):
-        k = int(pick[at])
-        if k >= 0:
-            state[name] = table[name][k].option
-            at = int(source[at])
-    return state, feasible
+    chosen = []
+    for step in reversed(steps):
+        if step[0] == "layer":
+            _, name, pick, source = step
+            k = int(pick[at])
+            if k >= 0:
+                state[name] = table[name][k].option
+                at = int(source[at])
+            continue
+        _, group, sub_steps, mode, k_best, source = step
+        w, k = int(mode[at]), int(k_best[at])
+        if w >= 0:
+            chosen.append((group, group.cuts[w]))
+        else:
+            sub_at = k
+            for name, pick, sub_source in reversed(sub_steps):
+                j = int(pick[sub_at])
+                if j >= 0:
+                    state[name] = table[name][j].option
+                    sub_at = int(sub_source[sub_at])
+        at = int(source[at])
+    chosen.reverse()
+    return state, chosen, feasible
 
 
 def speed_plan_of(allocation: Allocation, planner: _Planner, dense: Outcome, skipped: dict[str, str],
                   cost_source: str, provider: str) -> SpeedPlan:
     """The allocation in the speed planner's output form (per-layer configs for ``plan_model``)."""
     configs = {name: {"skip": reason} for name, reason in skipped.items()}
+    readers = {name for group, _ in allocation.groups for name in group.consumers}
     for name, layer in planner.layers.items():
         if not layer.prunable:
             continue
         option = allocation.state.get(name)
         if option:
             configs[name] = option.as_config()
+        elif name in readers:
+            continue  # its input is a coupled group's choice (coupled.lift gives it its layer)
         elif name in allocation.considered:
             configs[name] = {"skip": f"auto: kept dense (its cuts cost more fidelity per MAC saved on {provider})"}
         else:
@@ -180,4 +335,4 @@ def speed_plan_of(allocation: Allocation, planner: _Planner, dense: Outcome, ski
     outcome = allocation.outcome
     speedup, macs_ratio = ratios(dense, outcome)
     return SpeedPlan(configs, None, speedup, macs_ratio, dense.time_us, outcome.time_us, cost_source,
-                     list(allocation.notes))
+                     list(allocation.notes), list(allocation.groups))

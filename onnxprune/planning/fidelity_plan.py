@@ -10,7 +10,9 @@ rest of the pipeline (``plan_model``, calibration, rewrite, verification) is unc
 
 from __future__ import annotations
 
-from .allocate import Allocation, allocate, candidate_widths, candidates, speed_plan_of
+from dataclasses import replace
+
+from .allocate import Allocation, allocate, candidate_widths, candidates, speed_plan_of, speed_weight
 from .latency import load_cost_model, profile
 from .sensitivity import SensitivityReport, measure, weight_proxy
 from .speed_plan import MACS_TOLERANCE, SpeedPlan, _check_targets, _macs_target, _Planner, collect_layers
@@ -19,18 +21,31 @@ from .speed_plan import MACS_TOLERANCE, SpeedPlan, _check_targets, _macs_target,
 class FidelityPlanner:
     """Sensitivity-measured candidate cuts of one (normalized) model on one provider."""
 
-    def __init__(self, model, config, feeds: dict | None = None, progress=None):
+    def __init__(self, model, config, feeds: dict | None = None, progress=None, sensitivity=None,
+                 coupled_also_in=None):
+        """``sensitivity``: curves already measured on a model whose Convs have the same inputs
+        (the dense model, for the rest of a coupled plan); ``coupled_also_in``: with it, the coupled
+        channel groups are candidates too (``--coupled-rate auto``), found identically in these
+        other versions of the model (``coupled.eligible``)."""
         _check_targets(config)
         self.config = config
         self.cost = load_cost_model(config.provider, config.latency_table)
         self.prof = profile(config.provider)
+        self.eligible = None
+        if coupled_also_in is not None:
+            from ..channels.coupled import eligible
+
+            self.eligible = eligible(model, self.prof.align, config.exclude, coupled_also_in)
+            writers = {name for group, _ in self.eligible.candidates for name in group.producers}
+            config = replace(config, g1_only=tuple(sorted(set(config.g1_only) | writers)))
         layers, self.skipped, other_macs = collect_layers(model, config)
         self.layers = layers
         self.planner = _Planner(layers, self.cost, self.prof, other_macs)
         self.dense = self.planner.evaluate(0.0, {})
         self._model, self._feeds, self._progress = model, feeds, progress
-        self._sensitivity: SensitivityReport | None = None
+        self._sensitivity: SensitivityReport | None = sensitivity
         self._table = None
+        self._groups = None
 
     @property
     def sensitivity(self) -> SensitivityReport:
@@ -55,6 +70,35 @@ class FidelityPlanner:
         return self._table
 
     @property
+    def groups(self) -> list:
+        """The coupled groups' candidate cuts (none unless built with ``coupled_also_in``)."""
+        if self._groups is None:
+            self._groups = []
+            if self.eligible is not None:
+                from ..channels.coupled_candidates import group_candidates
+
+                groups = group_candidates(self._model, self.layers, self.cost, self.prof.align, self._feeds,
+                                          self.eligible)
+                weight = speed_weight(self.sensitivity)
+                if weight:  # the single-Conv candidates' rule (allocate.speed_weight)
+                    per_mac = self.dense.time_us / max(self.dense.macs, 1)
+                    groups = [replace(g, cuts=tuple(
+                        replace(c, cost=c.cost / max((c.saving_us / c.saving_macs) / per_mac, 1e-6) ** weight)
+                        for c in g.cuts)) for g in groups]
+                self._groups = groups
+        return self._groups
+
+    def _evaluate_groups(self, state: dict, chosen: list):
+        """Exact outcome of single-Conv ``state`` with the ``chosen`` group cuts applied."""
+        from ..channels.coupled_candidates import gemm_saving, narrowed_layers
+
+        layers = narrowed_layers(self.layers, chosen)
+        planner = _Planner(layers, self.cost, self.prof,
+                           self.planner.other_macs - gemm_saving(chosen, self._model, self.layers))
+        readers = {name for group, _ in chosen for name in group.consumers}
+        return planner.evaluate(0.0, {k: v for k, v in state.items() if k not in readers})
+
+    @property
     def measured(self) -> bool:
         return bool(self._feeds)
 
@@ -69,9 +113,11 @@ class FidelityPlanner:
                 allocation = Allocation({}, self.dense, 0.0)
             else:
                 allocation = allocate(self.planner, self.table, self.dense,
-                                      macs_limit=(macs_target + MACS_TOLERANCE) * self.dense.macs)
+                                      macs_limit=(macs_target + MACS_TOLERANCE) * self.dense.macs,
+                                      groups=self.groups, evaluate_groups=self._evaluate_groups)
         elif speedup is not None:
-            allocation = allocate(self.planner, self.table, self.dense, time_limit=self.dense.time_us / speedup)
+            allocation = allocate(self.planner, self.table, self.dense, time_limit=self.dense.time_us / speedup,
+                                  groups=self.groups, evaluate_groups=self._evaluate_groups)
         else:
             raise ValueError("plan needs a MACs target or a speedup")
         plan = speed_plan_of(allocation, self.planner, self.dense, self.skipped,

@@ -102,6 +102,7 @@ class SpeedPlan:
     time_us: float
     cost_source: str
     notes: list[str] = field(default_factory=list)
+    groups: list = field(default_factory=list)  # coupled group cuts chosen with it: (GroupCandidates, GroupCut)
 
 
 def describe(plan: SpeedPlan) -> str:
