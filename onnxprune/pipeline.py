@@ -196,6 +196,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     groups_of = speed_plan if auto_groups and fidelity_planner is not None else None
     if config.plan is None:
         progress.stage("planning")
+        # trials of the budget search start from the options before any group's narrowing
+        plan_options = config
         plan, coupled, config = make_plan(config, progress.layer, groups_of)
     else:
         for layer in config.plan.layers:  # a hand-made plan (Python API) is checked as --plan-in's are
@@ -217,8 +219,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
             from .planning.budget import search_budget
 
             def plan_and_calibrate(candidate):
-                trial = replace(config, layer_configs=_sourced(candidate.configs, structure + ", at the depth "
-                                                                                     "--min-agreement chose"))
+                trial = replace(plan_options, layer_configs=_sourced(candidate.configs, structure + ", at the depth "
+                                                                                           "--min-agreement chose"))
                 trial_plan, _, trial = make_plan(trial, None, candidate if auto_groups else None)
                 tried = calibrate(model, trial_plan, trial, None, feeds, calib_notes)
                 return tried.plan, tried.model, tried.report

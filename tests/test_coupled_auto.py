@@ -37,7 +37,13 @@ def test_auto_output_is_exact_meets_the_target_and_reports_what_was_offered(buil
     offered = {tuple(c["members"][0]): c for c in coupled["candidates"]}
     for group in coupled["groups"]:  # every cut is one of the offered widths
         assert group["width_after"] in offered[tuple(group["members"][0])]["widths"]
-    assert report["macs_after"] <= (0.6 + 0.005) * report["macs_before"] * 1.02
+    assert report["macs_after"] <= (0.6 + 0.005) * report["macs_before"]
+    # the planner's MACs are the output's: writers, readers and the depthwise Convs a group runs
+    # through (se_depthwise) all counted
+    assert report["auto"]["predicted_macs_ratio"] == pytest.approx(report["macs_after"] / report["macs_before"],
+                                                                   abs=1e-4)
+    if build is se_depthwise or not with_data:  # cases where a group is the cheapest cut
+        assert coupled["groups"]
     assert report["verify"]["passed"]
     if not with_data:  # uncalibrated: the output is the original with the dropped reads zeroed
         feeds = feeds_for(model)
@@ -107,3 +113,54 @@ def test_bad_auto_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
 def test_a_string_rate_other_than_auto_is_a_user_error():
     with pytest.raises(UserError, match="or 'auto'"):
         prune(residual_stream(), PruneConfig(coupled_rate="half"))
+
+
+def test_the_fidelity_budget_is_searched_with_groups_chosen_at_each_depth():
+    """--min-agreement searches depths; each depth has its own group cuts (here the deepest cuts
+    the 32-wide stream, the depth chosen the 48-wide one), and the groups removed are the chosen
+    depth's (verification would fail if the rewrite removed another depth's)."""
+    model = residual_stream()
+    _, report = prune(model, PruneConfig(coupled_rate="auto", calib=calib(64), rate=0.6, min_agreement=0.7))
+    trials = report["budget"]["trials"]
+    assert not trials[0]["meets_budget"] and report["budget"]["met"]
+    assert report["coupled"]["groups"] and report["verify"]["passed"]
+    chosen = next(trial for trial in trials if trial["macs_target"] == report["budget"]["chosen_macs_target"])
+    assert chosen["predicted_macs_ratio"] == pytest.approx(report["macs_after"] / report["macs_before"], abs=1e-4)
+    readers = {n for g in report["coupled"]["groups"] for n in g["consumers"]}
+    lifted = {layer.node for layer in report.plan.layers
+              if layer.provenance.get("structure", "").startswith("coupled channel group:")}
+    assert lifted == readers
+
+
+def _wide_stream(size=16, w=64, w2=96):
+    from coupled_graphs import CoupledBuilder
+
+    b = CoupledBuilder(size=size)
+    x = b.relu(b.conv("input", w, name="stem"))
+    for i in range(2):
+        y = b.relu(b.conv(x, w, name=f"b{i}a"))
+        x = b.relu(b.add(b.conv(y, w, name=f"b{i}b"), x))
+    y = b.relu(b.conv(x, w2, stride=2, name="b2a"))
+    x = b.relu(b.add(b.conv(y, w2, name="b2b"), b.conv(x, w2, k=1, stride=2, name="b2s")))
+    b.output(b.gemm(b.gap_flatten(x), 10))
+    return b.model()
+
+
+@pytest.mark.parametrize("target", [0.1])
+def test_every_budget_trial_calibrates_the_cuts_its_own_allocation_chose(monkeypatch, target):
+    """A trial's options start from those before any group's narrowing: a reader of the first
+    plan's groups that a shallower depth cuts on its own is planned, not silently excluded."""
+    import onnxprune.calibration.calibrate as calibrate_module
+
+    real, missing = calibrate_module.calibrate, []
+
+    def spy(model, plan, config, progress, feeds, notes):
+        wanted = {name for name, c in (config.layer_configs or {}).items() if "skip" not in c}
+        missing.append(sorted(wanted - {layer.node for layer in plan.layers}))
+        return real(model, plan, config, progress, feeds, notes)
+
+    monkeypatch.setattr(calibrate_module, "calibrate", spy)
+    data = {"input": np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32)}
+    _, report = prune(_wide_stream(), PruneConfig(coupled_rate="auto", target_macs=target, calib=data,
+                                                  min_agreement=0.999))
+    assert len(missing) == len(report["budget"]["trials"]) and not any(missing), missing

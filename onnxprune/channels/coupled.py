@@ -414,8 +414,9 @@ def from_allocation(model: onnx.ModelProto, planner, speed_plan) -> CoupledPlan:
     """``--coupled-rate auto``: the CoupledPlan of the group cuts the fidelity planner chose with
     ``speed_plan`` (``planner``: that ``FidelityPlanner``, built with ``coupled_also_in``)."""
     kept = {group.members: list(cut.kept) for group, cut in speed_plan.groups}
-    coupled = plan_cuts(model, planner.eligible, kept, "auto", planner.prof.align, AUTO_STRUCTURE)
-    coupled.candidates = [group.as_dict() for group in planner.groups]
+    coupled = plan_cuts(model, planner.eligible, kept, "auto", planner.prof.align,
+                        CHANNELS_DATA if planner.measured else CHANNELS)
+    coupled.candidates = [group.as_dict() for group in planner.offered]
     if coupled.narrowed is not None:
         coupled.notes.append("group widths chosen by the fidelity planner with the single-Conv cuts (one knapsack); "
                              "its numbers in 'auto' are relative to the dense model")

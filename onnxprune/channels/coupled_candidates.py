@@ -60,6 +60,7 @@ class GroupCandidates:
     producers: tuple[str, ...]
     consumers: tuple[str, ...]
     cuts: tuple[GroupCut, ...]
+    passthrough: tuple[str, ...] = ()  # ops carrying the group on (depthwise Convs among them)
 
     def as_dict(self) -> dict:
         return {"members": [list(m) for m in self.members[:3]], "width": self.width,
@@ -110,18 +111,24 @@ def group_candidates(model: onnx.ModelProto, layers: dict[str, Layer], cost, ali
             fidelity = probe.cost(group, dropped) if probe else _proxy(model, group, dropped)
             cuts.append(GroupCut(kept, int(macs), float(us), float(fidelity)))
         if cuts:
-            out.append(GroupCandidates(group.members, group.width, group.producers, group.consumers, tuple(cuts)))
+            out.append(GroupCandidates(group.members, group.width, group.producers, group.consumers, tuple(cuts),
+                                       tuple(group.passthrough)))
     return out
 
 
 def narrowed_layers(layers: dict[str, Layer], chosen: list[tuple[GroupCandidates, GroupCut]]) -> dict[str, Layer]:
-    """``layers`` as they run with the chosen group cuts: writers with fewer filters, readers with
-    fewer input channels (and no single-Conv cut of their own)."""
+    """``layers`` as they run with the chosen group cuts: writers with fewer filters, depthwise
+    Convs the group passes through with fewer channels, readers with fewer input channels (and no
+    single-Conv cut of their own)."""
     layers = dict(layers)
     for group, cut in chosen:
         dropped = group.width - len(cut.kept)
         for name in group.producers:
             layers[name] = replace(layers[name], c_out=layers[name].c_out - dropped)
+        for name in _depthwise(group, layers):
+            layer = layers[name]
+            layers[name] = replace(layer, c_in=layer.c_in - dropped, c_out=layer.c_out - dropped,
+                                   groups=layer.groups - dropped)
         for name in group.consumers:
             if name in layers:
                 layers[name] = replace(layers[name], c_in=layers[name].c_in - dropped, prunable=False)
@@ -165,6 +172,13 @@ def _saving(group: ChannelGroup, dropped: int, layers: dict[str, Layer], cost, p
         before, after = _conv(layer, layer.c_in, layer.c_out, cost), _conv(layer, layer.c_in, layer.c_out - dropped,
                                                                            cost)
         macs, us = macs + before[1] - after[1], us + before[0] - after[0]
+    for name in _depthwise(group, layers):  # its channels run through depthwise Convs: they shrink too
+        layer = layers[name]
+        n = layer.c_out
+        for width, sign in ((n, 1), (n - dropped, -1)):
+            op = ConvOp(width, width, width, layer.kernel, layer.stride, layer.h_out, layer.w_out)
+            us += sign * cost.conv_us(op)
+            macs += sign * conv_macs(width, 1, layer.kernel, (layer.h_out, layer.w_out))
     for name in group.consumers:
         if name not in layers:  # a Gemm head: MACs only (the cost model times Convs)
             macs += _gemm_macs_per_input(nodes[name], index, per_node) * dropped
@@ -174,6 +188,12 @@ def _saving(group: ChannelGroup, dropped: int, layers: dict[str, Layer], cost, p
                                                                            cost)
         macs, us = macs + before[1] - after[1], us + before[0] - after[0]
     return macs, us
+
+
+def _depthwise(group, layers: dict[str, Layer]) -> list[str]:
+    """The depthwise Convs among the ops that carry ``group`` on (channel in = channel out)."""
+    return [name for name in group.passthrough
+            if name in layers and layers[name].groups == layers[name].c_in == layers[name].c_out > 1]
 
 
 def _conv(layer: Layer, c_in: int, c_out: int, cost) -> tuple[float, int]:

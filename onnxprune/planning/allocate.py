@@ -125,11 +125,12 @@ def candidates(planner: _Planner, sensitivity: SensitivityReport) -> dict[str, l
 
 def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcome, *,
              macs_limit: float | None = None, time_limit: float | None = None, groups=(),
-             evaluate_groups=None) -> Allocation:
+             planner_for=None) -> Allocation:
     """Cheapest set of cuts whose exact MACs (or predicted time) is at most the limit.
 
     ``groups``: coupled-group candidates (``coupled_candidates.GroupCandidates``);
-    ``evaluate_groups(state, chosen)``: the exact outcome of a state with chosen group cuts."""
+    ``planner_for(chosen)``: the planner of the model with the chosen group cuts applied (its
+    outcomes are the exact ones of a state with those cuts)."""
     by_time = macs_limit is None
     limit = time_limit if by_time else macs_limit
     if limit is None:
@@ -155,7 +156,7 @@ def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcom
     outcome = dense
     for _ in range(ROUNDS):
         state, chosen, feasible = _knapsack(table, clusters, need, by_time)
-        outcome = evaluate_groups(state, chosen) if chosen else planner.evaluate(0.0, state)
+        outcome = (planner_for(chosen) if chosen else planner).evaluate(0.0, state)
         value = outcome.time_us if by_time else outcome.macs
         if not feasible:
             if not notes:
@@ -167,7 +168,7 @@ def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcom
     else:
         notes.append("target missed by layer interactions after tightening; closest plan used")
     if feasible_state(outcome, limit, by_time) and not capped:
-        state, outcome = _relax(planner, table, state, outcome, limit, by_time, chosen, evaluate_groups)
+        state, outcome = _relax(planner_for(chosen) if chosen else planner, table, state, outcome, limit, by_time)
     cost = sum(next(c.cost for c in table[name] if c.option == option) for name, option in state.items())
     cost += sum(cut.cost for _, cut in chosen)
     return Allocation(state, outcome, cost, notes, considered, chosen)
@@ -177,13 +178,14 @@ def feasible_state(outcome: Outcome, limit: float, by_time: bool) -> bool:
     return (outcome.time_us if by_time else outcome.macs) <= limit
 
 
-def _relax(planner: _Planner, table, state: dict[str, Option], outcome: Outcome, limit: float, by_time: bool,
-           chosen: list, evaluate_groups) -> tuple[dict[str, Option], Outcome]:
+def _relax(planner: _Planner, table, state: dict[str, Option], outcome: Outcome, limit: float,
+           by_time: bool) -> tuple[dict[str, Option], Outcome]:
     """Spend the slack the tightening rounds leave (layer interactions make the exact saving of a
     state larger than the quantised DP assumed, so it can land well below the limit): repeatedly
     make the one change to a chosen layer — a narrower cut or none — that lowers the fidelity cost
     most while the exact MACs (time) stay within the limit. Changes are judged by the layer's
-    neighbourhood (``_Planner.local_*``: exact, only those Convs change)."""
+    neighbourhood (``_Planner.local_*``: exact, only those Convs change); ``planner`` is the one of
+    the model with the chosen group cuts applied, and the result is checked once more in full."""
     value = outcome.time_us if by_time else outcome.macs
     cost_of = {name: {c.option: c.cost for c in cands} for name, cands in table.items()}
 
@@ -210,8 +212,10 @@ def _relax(planner: _Planner, table, state: dict[str, Option], outcome: Outcome,
         if best is None:
             break
         _, state, value = best
-    outcome = evaluate_groups(state, chosen) if chosen else planner.evaluate(0.0, state)
-    return state, outcome
+    relaxed = planner.evaluate(0.0, state)
+    if (relaxed.time_us if by_time else relaxed.macs) > limit:  # never: local changes are exact
+        return dict(outcome.state), outcome
+    return state, relaxed
 
 
 def _saving(cand, by_time: bool) -> float:

@@ -88,15 +88,18 @@ class FidelityPlanner:
                 self._groups = groups
         return self._groups
 
-    def _evaluate_groups(self, state: dict, chosen: list):
-        """Exact outcome of single-Conv ``state`` with the ``chosen`` group cuts applied."""
+    def _planner_for(self, chosen: list) -> _Planner:
+        """The planner of the model with the ``chosen`` group cuts applied (writers, depthwise
+        Convs on the groups and readers narrowed; Gemm readers' MACs out of the rest)."""
         from ..channels.coupled_candidates import gemm_saving, narrowed_layers
 
-        layers = narrowed_layers(self.layers, chosen)
-        planner = _Planner(layers, self.cost, self.prof,
-                           self.planner.other_macs - gemm_saving(chosen, self._model, self.layers))
-        readers = {name for group, _ in chosen for name in group.consumers}
-        return planner.evaluate(0.0, {k: v for k, v in state.items() if k not in readers})
+        return _Planner(narrowed_layers(self.layers, chosen), self.cost, self.prof,
+                        self.planner.other_macs - gemm_saving(chosen, self._model, self.layers))
+
+    @property
+    def offered(self) -> list:
+        """The groups' candidate cuts if a plan asked for them (the report's), else none."""
+        return self._groups or []
 
     @property
     def measured(self) -> bool:
@@ -114,10 +117,10 @@ class FidelityPlanner:
             else:
                 allocation = allocate(self.planner, self.table, self.dense,
                                       macs_limit=(macs_target + MACS_TOLERANCE) * self.dense.macs,
-                                      groups=self.groups, evaluate_groups=self._evaluate_groups)
+                                      groups=self.groups, planner_for=self._planner_for)
         elif speedup is not None:
             allocation = allocate(self.planner, self.table, self.dense, time_limit=self.dense.time_us / speedup,
-                                  groups=self.groups, evaluate_groups=self._evaluate_groups)
+                                  groups=self.groups, planner_for=self._planner_for)
         else:
             raise ValueError("plan needs a MACs target or a speedup")
         plan = speed_plan_of(allocation, self.planner, self.dense, self.skipped,
