@@ -8,7 +8,10 @@
 #       `onnxprune autotune --provider cuda` (a SECONDS budget, default 90) and one more auto plan
 #       from that measured table (<model>__auto-measured.onnx), one more auto plan at 40% of the MACs
 #       (<model>__auto-deeper.onnx), then every variant timed with `onnxprune bench --provider cuda`
-#       side by side (interleaved, medians, inputs and outputs on the GPU), batch 1, 8 and 32.
+#       side by side (interleaved, medians, inputs and outputs on the GPU), batch 1, 8 and 32; then
+#       (on cuda, unless FP16_GRAPH=0) the same models converted to fp16 (DIR/fp16/, as `--precision
+#       fp16` writes them: fp32 inputs and outputs) timed with `--nhwc --cuda-graph`, the deployment
+#       settings; a model that cannot be captured as a CUDA graph is timed with `--nhwc` alone.
 #
 # onnxruntime-gpu must be importable (carried wheels: pip install --target, PYTHONPATH). The CUDA
 # and cuDNN libraries of nvidia-* pip packages (e.g. the ones PyTorch brings) are put on
@@ -71,4 +74,23 @@ print(f'{g / d:.4f}')" "$dense" "$dir/${name}__g8.onnx")
     echo "== $name: timing ${#models[@]} models on $provider"
     python3 -m onnxprune.cli bench "${models[@]}" --provider "$provider" --batch "$batches" --repeat "$repeat" --warmup 10 \
         --cudnn-conv-algo-search EXHAUSTIVE --json "$dir/${name}_$provider.json"
+
+    [[ "$provider" == "cuda" && "${FP16_GRAPH:-1}" == "1" ]] || continue
+    mkdir -p "$dir/fp16"
+    half=()
+    for m in "${models[@]}"; do half+=("$dir/fp16/$(basename "$m")"); done
+    python3 - "${models[@]}" <<'PY'
+import os, sys
+from onnxprune.ir.model_io import load_model, save_model
+from onnxprune.rewriting.precision import to_fp16
+for path in sys.argv[1:]:
+    save_model(to_fp16(load_model(path))[0], os.path.join(os.path.dirname(path), "fp16", os.path.basename(path)))
+PY
+    common=("${half[@]}" --provider cuda --nhwc --batch "$batches" --repeat "$repeat" --warmup 10
+            --cudnn-conv-algo-search EXHAUSTIVE)
+    echo "== $name: timing ${#half[@]} fp16 models on cuda with --nhwc --cuda-graph"
+    python3 -m onnxprune.cli bench "${common[@]}" --cuda-graph --json "$dir/${name}_cuda_fp16_nhwc_graph.json" || {
+        echo "== $name: no CUDA graph (the error above says why): fp16 with --nhwc alone"
+        python3 -m onnxprune.cli bench "${common[@]}" --json "$dir/${name}_cuda_fp16_nhwc.json"
+    }
 done

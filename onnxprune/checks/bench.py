@@ -9,6 +9,15 @@ ratios are to the first model.
 Session settings are fixed and printed: graph optimization ORT_ENABLE_ALL (the only level at
 which ORT's blocked NCHWc convolutions are used on CPU), sequential execution, an explicit
 intra-op thread count, and on CUDA a pinned ``cudnn_conv_algo_search`` (it dominates conv time).
+
+CUDA options (``--provider cuda``): ``--nhwc`` sets the CUDA EP's ``prefer_nhwc`` (channels-last
+convolution kernels; ORT inserts the layout transposes), ``--cuda-graph`` its ``enable_cuda_graph``:
+each model's kernels are captured once as a CUDA graph and every timed run is one graph launch,
+which removes the per-kernel launch cost that dominates small batches. A graph replays fixed
+device addresses and shapes, so it needs the inputs and outputs bound on the GPU (not with
+``--host-io``), every compute node on the CUDA EP, and its own session per batch size; a model
+that cannot be captured is a one-line error naming it. Inputs are random arrays of each input's
+own element type (an fp16 model with fp16 inputs is fed float16).
 """
 
 from __future__ import annotations
@@ -42,9 +51,28 @@ class Settings:
     threads: int = 0  # 0 = default_threads()
     cudnn_conv_algo_search: str = "EXHAUSTIVE"
     host_io: bool = False  # CUDA: time the host<->device copies of inputs and outputs too
+    cuda_graph: bool = False  # CUDA: capture once, time graph replays (the module docstring)
+    prefer_nhwc: bool = False  # CUDA: the EP's channels-last kernels
 
     def resolved_threads(self) -> int:
         return self.threads or default_threads()
+
+    def validate(self) -> None:
+        """A combination that cannot be timed as asked is a one-line UserError, before any work."""
+        if self.provider != "cuda":
+            for flag, on in (("--cuda-graph", self.cuda_graph), ("--nhwc", self.prefer_nhwc)):
+                if on:
+                    raise UserError(f"{flag} is an option of the CUDA provider: use it with --provider cuda")
+        if self.cuda_graph and self.host_io:
+            raise UserError("--cuda-graph replays on fixed GPU buffers, so it cannot time --host-io's "
+                            "host<->device copies: use one or the other")
+
+    def cuda_options(self) -> dict[str, str]:
+        """The CUDA EP's provider options, as strings: ORT's Python binding str()s every value
+        before the EP parses it, so "1"/"0" is what the EP sees whatever type is passed."""
+        return {"cudnn_conv_algo_search": self.cudnn_conv_algo_search,
+                "enable_cuda_graph": "1" if self.cuda_graph else "0",
+                "prefer_nhwc": "1" if self.prefer_nhwc else "0"}
 
     def as_dict(self) -> dict:
         import onnxruntime as ort
@@ -54,14 +82,25 @@ class Settings:
                 "intra_op_num_threads": self.resolved_threads(), "inter_op_num_threads": 1,
                 "intra_op_allow_spinning": 0}
         if self.provider == "cuda":
-            data["cudnn_conv_algo_search"] = self.cudnn_conv_algo_search
-            data["io"] = "numpy in/out (host<->device copies timed)" if self.host_io else \
-                "IOBinding, inputs and outputs on the GPU (copies not timed)"
+            data.update(cudnn_conv_algo_search=self.cudnn_conv_algo_search, cuda_graph=self.cuda_graph,
+                        prefer_nhwc=self.prefer_nhwc, io=self.io_text())
         return data
 
+    def io_text(self) -> str:
+        """How inputs and outputs move in a timed CUDA run (the report's ``io``)."""
+        if self.host_io:
+            return "numpy in/out (host<->device copies timed)"
+        graph = ", one CUDA graph replay per run" if self.cuda_graph else ""
+        return f"IOBinding, inputs and outputs on the GPU (copies not timed){graph}"
 
-def make_session(model: onnx.ModelProto, settings: Settings):
-    """An InferenceSession with the fixed settings above; a provider that is missing is an error."""
+
+def make_session(model: onnx.ModelProto, settings: Settings, label: str = "the model"):
+    """An InferenceSession with the fixed settings above; a provider that is missing is an error.
+
+    With ``cuda_graph`` ORT refuses, when the session is created, a model whose compute nodes are
+    not all on the CUDA EP (or that has control flow); that refusal, like a session that came up
+    without CUDA at all, is a one-line error naming ``label``, not ORT's traceback.
+    """
     import onnxruntime as ort
 
     from .runtime import create_session
@@ -72,17 +111,30 @@ def make_session(model: onnx.ModelProto, settings: Settings):
                         f"(available: {', '.join(ort.get_available_providers())})")
     providers = [wanted]
     if settings.provider == "cuda":
-        providers = [(wanted, {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search}), "CPUExecutionProvider"]
+        providers = [(wanted, settings.cuda_options()), "CPUExecutionProvider"]
+    load_error = "ONNX Runtime cannot load the model: {reason}"
+    if settings.cuda_graph:
+        load_error = _braces(label) + ": cannot be run as a CUDA graph (--cuda-graph): {reason}"
     # several sessions take turns in one process: runtime.create_session turns spinning off
     sess = create_session(model, providers=providers, threads=settings.resolved_threads(), inter_threads=1,
-                          sequential=True)
+                          sequential=True, load_error=load_error)
     if wanted not in sess.get_providers():
-        raise UserError(f"{wanted} could not be initialised (session runs on {', '.join(sess.get_providers())})")
+        running = ", ".join(sess.get_providers())
+        if settings.cuda_graph:
+            raise UserError(f"{label}: cannot be run as a CUDA graph (--cuda-graph): {wanted} could not be "
+                            f"initialised, the session runs on {running}")
+        raise UserError(f"{wanted} could not be initialised (session runs on {running})")
     return sess
 
 
+def _braces(text: str) -> str:
+    """``text`` safe inside a ``str.format`` template (a model path may hold braces)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def make_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random inputs; a symbolic first dimension becomes ``batch`` (see verify.random_inputs)."""
+    """Seeded random inputs, each of its input's own element type (float16 for an fp16 input,
+    zeros for integer inputs); a symbolic first dimension becomes ``batch`` (verify.random_inputs)."""
     return random_inputs(model, seed=seed, batch=batch)
 
 
@@ -122,16 +174,24 @@ def model_stats(model: onnx.ModelProto) -> dict:
 def compare(models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: Sequence[int],
             settings: Settings, repeat: int = 30, warmup: int = 5, seed: int = 0) -> dict:
     """Interleaved timing of ``models`` at each batch size; a JSON-ready report."""
+    settings.validate()
     stats = [model_stats(m) for m in models]
-    sessions = [make_session(m, settings) for m in models]
+
+    def open_sessions():
+        return [make_session(m, settings, label) for m, label in zip(models, labels)]
+
+    # a CUDA graph is captured for one set of shapes and addresses: graph mode opens sessions per batch
+    shared = None if settings.cuda_graph else open_sessions()
     fixed = [fixed_batch(m) for m in models]
     if all(fixed):
         batches = [fixed[0]]  # nothing to vary: every model runs at its own batch
     results = []
     for batch in batches:
+        sessions = shared or open_sessions()
         feeds = [make_feeds(m, fixed[i] or batch, seed) for i, m in enumerate(models)]
-        runners = [runner(sess, feed, settings) for sess, feed in zip(sessions, feeds)]
+        runners = [runner(sess, feed, settings, label) for sess, feed, label in zip(sessions, feeds, labels)]
         samples = interleave(runners, repeat, warmup)
+        del sessions, runners  # graph mode: the next batch's sessions do not sit beside these on the GPU
         rows = []
         for i, secs in enumerate(samples):
             row = {"model": labels[i], "batch": fixed[i] or batch, **summarize(secs)}
@@ -146,30 +206,57 @@ def compare(models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: S
             "results": results}
 
 
-def runner(sess, feeds: dict, settings: Settings) -> Callable[[], object]:
+def runner(sess, feeds: dict, settings: Settings, label: str = "the model") -> Callable[[], object]:
     """One inference of ``sess`` on ``feeds``, as a callable to time.
 
     On CUDA (unless ``settings.host_io``) the inputs are copied to the GPU once and the outputs
     stay there (IOBinding): a model that is 1.5x faster in its kernels is otherwise diluted by the
-    same PCIe copies in both runs (ResNet-50 batch 32: ~19 MB in per run).
+    same PCIe copies in both runs (ResNet-50 batch 32: ~19 MB in per run). With
+    ``settings.cuda_graph`` the graph is captured here (``graph_runner``).
     """
     if settings.provider != "cuda" or settings.host_io:
         return lambda: sess.run(None, feeds)
+    if settings.cuda_graph:
+        return graph_runner(sess, feeds, label)
     return device_runner(sess, feeds, "cuda")
 
 
 def device_runner(sess, feeds: dict, device: str) -> Callable[[], object]:
+    """Inputs copied to ``device`` once and bound, outputs bound to ``device``: every run reads
+    the same input buffers (held here, not only by the binding), and the outputs ORT allocates in
+    the first run stay bound and are written in place by the later ones."""
     import onnxruntime as ort
 
     binding = sess.io_binding()
-    for name, value in feeds.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
+    inputs = {name: ort.OrtValue.ortvalue_from_numpy(value, device, 0) for name, value in feeds.items()}
+    for name, value in inputs.items():
+        binding.bind_ortvalue_input(name, value)
     for out in sess.get_outputs():
         binding.bind_output(out.name, device)
 
     def run():
         sess.run_with_iobinding(binding)
         return binding
+    run.inputs = inputs  # keeps the device buffers alive as long as the runner
+    return run
+
+
+def graph_runner(sess, feeds: dict, label: str) -> Callable[[], object]:
+    """``device_runner`` on a session made with ``enable_cuda_graph``, its graph captured now.
+
+    ORT captures on the first run with the binding (a regular run, then the capture) and replays
+    the captured kernels on the same device addresses on every later run, which is why the
+    buffers are bound once and never rebound. A capture that fails (an op that cannot be captured,
+    a shape that changes) is a one-line error naming ``label`` here, not a traceback in the timing.
+    """
+    from .runtime import ort_reason
+
+    run = device_runner(sess, feeds, "cuda")
+    try:
+        run()
+    except Exception as exc:  # ORT raises several unrelated types
+        raise UserError(f"{label}: the CUDA graph capture failed (--cuda-graph needs static shapes and "
+                        f"every node on the GPU): {ort_reason(exc)}") from None
     return run
 
 
@@ -177,9 +264,12 @@ def format_report(report: dict) -> str:
     s = report["settings"]
     head = (f"onnxruntime {s['onnxruntime']}, {s['provider']}, {s['graph_optimization_level']}, "
             f"{s['execution_mode']}, intra_op_num_threads={s['intra_op_num_threads']}")
-    if "cudnn_conv_algo_search" in s:
-        head += f", cudnn_conv_algo_search={s['cudnn_conv_algo_search']}"
-    lines = [head, f"interleaved: {report['warmup']} warm-up + {report['repeat']} timed runs per model and batch",
+    io = []
+    if "cudnn_conv_algo_search" in s:  # CUDA: every provider option, and how inputs and outputs move
+        head += (f", cudnn_conv_algo_search={s['cudnn_conv_algo_search']}, "
+                 f"cuda_graph={_on(s.get('cuda_graph'))}, prefer_nhwc={_on(s.get('prefer_nhwc'))}")
+        io = [f"io: {s['io']}"]
+    lines = [head, *io, f"interleaved: {report['warmup']} warm-up + {report['repeat']} timed runs per model and batch",
              "", "| model | MACs (batch 1) | params |", "|---|---|---|"]
     for m in report["models"]:
         fixed = f" (fixed batch {m['fixed_batch']})" if m["fixed_batch"] else ""
@@ -190,6 +280,10 @@ def format_report(report: dict) -> str:
             lines.append(f"| {row['model']} | {row['batch']} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} | "
                          f"{row['ratio_to_first']:.3f} | {row['speedup_vs_first']:.2f}x |")
     return "\n".join(lines)
+
+
+def _on(flag) -> str:
+    return "on" if flag else "off"
 
 
 def check_speed(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = "cpu",

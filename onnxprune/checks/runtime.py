@@ -56,5 +56,10 @@ def create_session(model, *, providers=CPU, threads: int | None = None, inter_th
     except Exception as exc:  # ORT raises several unrelated types for unloadable models
         if load_error is None:
             raise
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(load_error.format(reason=reason)) from None
+        raise UserError(load_error.format(reason=ort_reason(exc))) from None
+
+
+def ort_reason(exc: BaseException) -> str:
+    """The first line of an ORT exception (the rest is its C++ context), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

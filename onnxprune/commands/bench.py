@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-io", action="store_true",
                    help="cuda: feed numpy arrays and fetch outputs each run, timing the PCIe copies too "
                         "(default: inputs and outputs stay on the GPU via IOBinding)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="cuda: capture each model once as a CUDA graph and time its replays (ORT's "
+                        "enable_cuda_graph; needs every node on the GPU and static shapes; not with --host-io)")
+    p.add_argument("--nhwc", action="store_true",
+                   help="cuda: the CUDA EP's channels-last kernels (ORT's prefer_nhwc)")
     p.add_argument("--json", metavar="out.json", help="also write the full report as JSON")
     return p
 
@@ -69,13 +74,15 @@ class BenchCommand:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchCommand":
-        settings = bench.Settings(args.provider, args.threads, args.cudnn_conv_algo_search, args.host_io)
+        settings = bench.Settings(args.provider, args.threads, args.cudnn_conv_algo_search, args.host_io,
+                                  cuda_graph=args.cuda_graph, prefer_nhwc=args.nhwc)
         return cls(tuple(args.models), tuple(parse_batches(args.batch)), settings, args.repeat, args.warmup,
                    args.json)
 
     def validate(self) -> None:
         if self.settings.threads < 0 or self.repeat < 1 or self.warmup < 0:
             raise UserError("--threads must be >= 0, --repeat >= 1, --warmup >= 0")
+        self.settings.validate()
         check_paths([("MODEL.onnx", path) for path in self.models], [("--json", self.json)])
 
 
