@@ -7,7 +7,8 @@ of a pruning run), so only the refit changes between variants, and the calibrate
 
 - ``variants``: top-1 agreement and mean KL on the evaluation photos and on the calibration
   inputs, for refit options given as JSON objects of calibrate's config fields (``calib_ridge``,
-  ``calib_layers``, ``calib_target``) and ``"calib_size": N``;
+  ``calib_layers``, ``calib_target``), ``"calib_size": N`` and ``"augment": "zoom"`` (each
+  calibration image also as its central 3/4 scaled back up);
 - ``--per-layer``: the relative error of every Conv/Gemm output against the dense model on the
   fit inputs, the refit's own held-out slice and the evaluation photos — where the gap opens.
 
@@ -61,10 +62,25 @@ def logits(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
     return np.concatenate([s.run(None, {name: _scaled(images[i:i + 64])})[0] for i in range(0, len(images), 64)])
 
 
+def zoomed(images: np.ndarray, keep: float = 0.75) -> np.ndarray:
+    """Each image's central ``keep`` fraction scaled back to full size (bilinear): another view of
+    the same photo, not another photo."""
+    from scipy.ndimage import zoom
+
+    n, c, h, w = images.shape
+    top, left = int(round(h * (1 - keep) / 2)), int(round(w * (1 - keep) / 2))
+    crop = images[:, :, top:h - top, left:w - left].astype(np.float32)
+    out = zoom(crop, (1, 1, h / crop.shape[2], w / crop.shape[3]), order=1)
+    return np.clip(np.rint(out), 0, 255).astype(images.dtype)
+
+
 def refit(model, plan_text: str, calib: np.ndarray, options: dict):
     options = dict(options)
     n = int(options.pop("calib_size", len(calib)))
-    config = SimpleNamespace(calib={"input": calib[:n]}, calib_size=n, calib_selection="weights", **options)
+    data = calib[:n]
+    if options.pop("augment", None) == "zoom":  # interleaved, so the held-out slice holds whole pairs
+        data = np.stack([data, zoomed(data)], axis=1).reshape(2 * n, *data.shape[1:])
+    config = SimpleNamespace(calib={"input": data}, calib_size=len(data), calib_selection="weights", **options)
     return C.calibrate(model, Plan.from_json(plan_text), config)  # calib_selection="weights": plan unchanged
 
 

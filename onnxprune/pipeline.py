@@ -71,7 +71,9 @@ class PruneConfig(PlanOptions):
     eval_data: object = None  # .npz path with 'images' and 'labels', an evaluate.Dataset or a gate.AccuracyCheck
     max_accuracy_drop: float | None = None
     # coupled channel groups (see coupled.py): fraction of each residual stream / Concat / SE group removed
-    coupled_rate: float | str | None = None  # or "auto": widths per group chosen by the fidelity planner
+    # "auto": the fidelity planner offers coupled groups' cuts beside the single-Conv ones (where it
+    # plans: --groups auto, no --plan-in/--tickets); a fraction: that much of every group; None: off
+    coupled_rate: float | str | None = "auto"
     g1_only: tuple[str, ...] = ()  # set by the pass: Convs writing a narrowed group (G=1 cuts only)
     fixed_channels: tuple[str, ...] = ()  # set by the pass: Convs whose kept channels a group decided
     # the output's float type (see precision.py): "fp32" (as computed) or "fp16" (fp32 inputs/outputs)
@@ -141,9 +143,12 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     t = _lap(timings, "normalize", t)
 
     coupled, plan_base = None, model  # plan_base: the model the single-Conv planner plans
-    auto_groups = config.coupled_rate == "auto"
-    symbolic_dims = _with_input_dims_of(model, original) if config.coupled_rate is not None else None
-    if config.coupled_rate is not None and not auto_groups:
+    auto = config.plan is None and (config.groups == "auto" or config.target_macs is not None
+                                    or config.target_speedup is not None)
+    auto_groups = config.coupled_rate == "auto" and auto and config.planner == "fidelity" and not config.tickets
+    fixed_groups = config.coupled_rate not in (None, "auto")
+    symbolic_dims = _with_input_dims_of(model, original) if auto_groups or fixed_groups else None
+    if fixed_groups:
         coupled, plan_base, config = prepare_coupled(model, symbolic_dims, config, feeds, progress)
         t = _lap(timings, "couple", t)
     dense = model
@@ -165,8 +170,6 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     if budget is not None and config.calib_holdout_divisor is None:
         # the budget is judged on the held-out slice: a quarter of the inputs resolves ~1% steps
         config = replace(config, calib_holdout_divisor=BUDGET_HOLDOUT_DIVISOR)
-    auto = config.plan is None and (config.groups == "auto" or config.target_macs is not None
-                                    or config.target_speedup is not None)
     if auto and config.planner == "speed":
         from .planning.speed_plan import describe, plan_speed
 

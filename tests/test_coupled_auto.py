@@ -93,10 +93,10 @@ def test_a_group_the_network_needs_is_left_to_the_single_conv_cuts():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--coupled-rate", "most"], "expected a fraction in (0, 1) or 'auto'"),
-    (["--coupled-rate", "auto", "--planner", "speed"], "needs the fidelity planner"),
+    (["--coupled-rate", "most"], "expected a fraction in (0, 1), 'auto' or 'off'"),
+    (["--coupled-rate", "0.5", "--groups", "8"], "works with --groups auto only"),
 ])
-def test_bad_auto_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
+def test_bad_coupled_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
     src = tmp_path / "in.onnx"
     src.write_bytes(residual_stream().SerializeToString())
     out = tmp_path / "out.onnx"
@@ -111,8 +111,25 @@ def test_bad_auto_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
 
 
 def test_a_string_rate_other_than_auto_is_a_user_error():
-    with pytest.raises(UserError, match="or 'auto'"):
+    with pytest.raises(UserError, match="'auto' or 'off'"):
         prune(residual_stream(), PruneConfig(coupled_rate="half"))
+
+
+def test_auto_is_the_default_where_the_fidelity_planner_plans_and_off_elsewhere(tmp_path):
+    model = residual_stream()
+    _, default = prune(model, PruneConfig(target_macs=0.6))
+    assert default["coupled"]["rate"] == "auto" and default["coupled"]["groups"]
+    for options in ({"planner": "speed"}, {"groups": 8}, {"coupled_rate": None}):
+        _, report = prune(model, PruneConfig(target_macs=0.6, **options) if "groups" not in options
+                          else PruneConfig(**options))
+        assert report["coupled"] is None, options
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    src.write_bytes(model.SerializeToString())
+    assert main([str(src), str(out), "--target-macs", "0.6", "--coupled-rate", "off", "-q",
+                 "--report", str(tmp_path / "r.json")]) == 0
+    import json
+
+    assert json.loads((tmp_path / "r.json").read_text())["coupled"] is None
 
 
 def test_the_fidelity_budget_is_searched_with_groups_chosen_at_each_depth():

@@ -28,9 +28,14 @@ def test_paper_mode_says_the_paper_rule_chose_everything():
 
 def test_fidelity_planner_and_calibration_are_named_where_they_decided():
     _, report = prune(resnet_basic().model(), PruneConfig(target_macs=0.6, calib=calib(), min_agreement=None))
-    layers = report.plan.layers
+    readers = {name for group in report["coupled"]["groups"] for name in group["consumers"]}
+    layers = [layer for layer in report.plan.layers if layer.node not in readers]
     assert layers and all(layer.provenance["structure"].startswith("fidelity planner: least total output KL")
                           for layer in layers)
+    for layer in report.plan.layers:  # a coupled group's readers: its structure, its channel ranking
+        if layer.node in readers:
+            assert layer.provenance["structure"].startswith("coupled channel group: width chosen by the fidelity")
+            assert layer.provenance["channels"].startswith("coupled channel group: calibration importance")
     refits = {entry["name"]: entry for entry in report["calibration"]["layers"]}
     for layer in layers:
         data_chosen = refits[layer.node].get("data_selected_groups", 0) > 0

@@ -24,7 +24,8 @@ def _counting(monkeypatch):
     def infer_shapes(model, *args, **kwargs):
         batch = model.graph.input[0].type.tensor_type.shape.dim[0]
         calls.append({"ops": {n.op_type for n in model.graph.node},
-                      "batch": batch.dim_value if batch.HasField("dim_value") else batch.dim_param})
+                      "batch": batch.dim_value if batch.HasField("dim_value") else batch.dim_param,
+                      "weights": sum(int(np.prod(w.dims)) for w in model.graph.initializer)})
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes", infer_shapes)
@@ -42,7 +43,10 @@ def test_one_shape_inference_per_model_version(monkeypatch, calib):
        calibrated model differ from it only in Conv/Gemm weight values and share its facts);
     2. the model handed to the rewriter, with the input's own symbolic batch dim restored (its
        folding decisions must not rest on a size that holds only at the working shape);
-    3. the rewritten model at batch 1 (the report's MACs after pruning).
+    3. the rewritten model at batch 1 (the report's MACs after pruning);
+    and, when the plan narrows coupled channel groups (``--coupled-rate auto``, the default), a
+    4th: the dense model with its symbolic dims is then analysed for the groups and the rewriter
+    gets the *narrowed* one, two symbolic versions.
 
     Before ``shape_facts`` the same run inferred 5 times, and 15 with calibration (twice per
     calibration of each plan the fidelity budget tried, twice in the sensitivity pass)."""
@@ -50,11 +54,13 @@ def test_one_shape_inference_per_model_version(monkeypatch, calib):
     config = PruneConfig(calib=str(SAMPLES / "fmnist_calib.npz"), calib_size=256) if calib else PruneConfig()
     pruned, report = prune(str(SAMPLES / "resnet20.onnx"), config)
     assert report["convs_pruned"] > 0
-    assert len(calls) == 3, calls
-    normalized, rewrite_input, rewritten = calls
-    assert "Gather" not in normalized["ops"] and normalized["batch"] == 1
-    assert "Gather" not in rewrite_input["ops"] and isinstance(rewrite_input["batch"], str)
-    assert "Gather" in rewritten["ops"] and rewritten["batch"] == 1
+    narrowed = bool(report["coupled"] and report["coupled"]["groups"])
+    assert len(calls) == 3 + narrowed, calls
+    *earlier, rewritten = calls
+    assert rewritten["batch"] == 1 and rewritten["weights"] < min(call["weights"] for call in earlier)
+    assert [call["batch"] for call in earlier if not isinstance(call["batch"], str)] == [1]  # the normalized one
+    symbolic = [call for call in earlier if isinstance(call["batch"], str)]
+    assert len(symbolic) == 1 + narrowed and not any("Gather" in call["ops"] for call in earlier)
 
 
 def _reshape_model(target, weight):

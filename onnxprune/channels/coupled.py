@@ -355,19 +355,17 @@ def lower(dense_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto, narrow
 def check_options(config) -> None:
     """--coupled-rate's option errors, before any work (a no-op without --coupled-rate)."""
     rate = config.coupled_rate
-    if rate is None:
+    if rate is None or rate == "auto":  # auto: offered where the fidelity planner plans, else off
         return
-    if isinstance(rate, str) and rate != "auto":
-        raise UserError(f"--coupled-rate must be a fraction in (0, 1) or 'auto', got {rate!r}")
-    if rate != "auto" and not 0.0 < rate < 1.0:
+    if isinstance(rate, str):
+        raise UserError(f"--coupled-rate must be a fraction in (0, 1), 'auto' or 'off', got {rate!r}")
+    if not 0.0 < rate < 1.0:
         raise UserError(f"--coupled-rate must be in (0, 1), got {rate}")
     if config.plan is not None or config.groups != "auto" or config.tickets:
-        raise UserError("--coupled-rate works with --groups auto only (not with --plan-in, --groups N or --tickets)")
-    if config.target_speedup is not None and rate != "auto":
+        raise UserError("--coupled-rate R works with --groups auto only (not with --plan-in, --groups N or --tickets)")
+    if config.target_speedup is not None:
         raise UserError("--coupled-rate R does not take --target-speedup (the planner does not see its cut); give "
                         "--target-macs, or --coupled-rate auto")
-    if rate == "auto" and config.planner != "fidelity":
-        raise UserError("--coupled-rate auto needs the fidelity planner (not --planner speed); give a rate instead")
 
 
 AUTO_STRUCTURE = (f"{PROVENANCE_PREFIX} width chosen by the fidelity planner (knapsack with the single-Conv "

@@ -15,10 +15,11 @@ so a reader's input is cut either by its own single-Conv cut or by its group, ne
 2. saving: MACs and predicted µs of the writers (fewer filters) and the readers (fewer input
    channels), from the cost model the single-Conv candidates use. Elementwise ops on the group
    (the residual Add, its ReLU) are not in the cost model: the time saving is understated;
-3. cost, with calibration data: the mean KL (or relative error for outputs that are not class
-   scores) of the network's first output on the held-out calibration inputs when the readers'
-   columns of the dropped channels are zero — exactly what the cut computes *before* the refit,
-   so it is conservative (the refit of the readers only lowers it); without data: the single-Conv
+3. cost, with calibration data: the change of the network's outputs (``sensitivity.output_change``:
+   mean KL of class scores, relative error of anything else, summed over the graph outputs) on
+   the held-out calibration inputs when the readers' columns of the dropped channels are zero —
+   exactly what the cut computes *before* the refit, so it is conservative (the refit of the
+   readers only lowers it); without data: the single-Conv
    proxy's definition (fraction of a reader's ‖W‖² in the dropped input channels) summed over the
    readers, i.e. the group costs what cutting each reader alone would.
 The candidates are plain data (``GroupCandidates``); the planner's choice becomes a
@@ -32,11 +33,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from ..calibration.calib_stream import batch_size, compare_first_output, count, first_output, split_holdout
+from ..calibration.calib_stream import batch_size, count, split_holdout
 from ..calibration.refit_steps import gemm_as_conv_weight
 from ..ir.graph import GraphIndex
 from ..ir.macs import conv_macs, count_macs
 from ..planning.latency import ConvOp
+from ..planning.sensitivity import graph_outputs, output_change
 from ..planning.speed_plan import Layer, align_channels
 from .channel_groups import ChannelGroup
 from .coupled import Eligible, rank_channels
@@ -236,7 +238,7 @@ class _Probe:
             held = feeds
         keep = max(unit, min(PROBE_SAMPLES, count(held)) // unit * unit)
         self.held = {k: v[:keep] for k, v in held.items()}
-        self.reference = first_output(model, self.held, self.batch)
+        self.reference = graph_outputs(model, self.held, self.batch)
         self.index = GraphIndex(model.graph)
         self.nodes = {n.name: n for n in model.graph.node}
 
@@ -255,8 +257,8 @@ class _Probe:
             else:
                 weight[:, columns] = 0.0
             by_name[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(weight, node.input[1]))
-        stats = compare_first_output(self.reference, first_output(masked, self.held, self.batch))
-        return stats["mean_kl"] if stats["mean_kl"] is not None else stats["rel_mse"]
+        got = graph_outputs(masked, self.held, self.batch)
+        return output_change(self.reference, got, self.model.graph.output[0].name)["kl"]
 
 
 def _trans_b(node) -> bool:

@@ -83,13 +83,15 @@ def _agreement_arg(text: str):
 
 
 def _coupled_rate(text: str):
-    """--coupled-rate: 'auto' or a fraction (its range is checked with the other options)."""
+    """--coupled-rate: 'auto', 'off' or a fraction (its range is checked with the other options)."""
     if text == "auto":
         return text
+    if text == "off":
+        return None
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), 'auto' or 'off', got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,14 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep this fraction of the model's MACs (e.g. 0.6); implies --groups auto")
     speed.add_argument("--target-speedup", type=float, metavar="S",
                        help="aim for this latency speedup over the input; implies --groups auto")
-    speed.add_argument("--coupled-rate", type=_coupled_rate, metavar="R|auto",
-                       help="also narrow coupled channel groups (residual streams, Concat/Split, SE gates; "
-                            "provider-aligned; channels ranked by weight norms, or by their use on the --calib data): "
-                            "R removes this fraction of every group, then the rest is planned; 'auto' offers each "
-                            "group's cuts (3/4 and 1/2 of its width) to the fidelity planner beside the single-Conv "
-                            "cuts, measured on --calib (output change with the dropped channels unread) or ranked by "
-                            "the weight proxy; the report's 'coupled' section lists each group, what was offered and "
-                            "what was left alone")
+    speed.add_argument("--coupled-rate", type=_coupled_rate, metavar="auto|off|R", default="auto",
+                       help="coupled channel groups (residual streams, Concat/Split, SE gates; provider-aligned; "
+                            "channels ranked by weight norms, or by their use on the --calib data): 'auto' (default) "
+                            "offers each group's cuts (3/4 and 1/2 of its width) to the fidelity planner beside the "
+                            "single-Conv cuts, measured on --calib (output change with the dropped channels unread) "
+                            "or ranked by the weight proxy (only where the fidelity planner plans: not with --groups "
+                            "N, --plan-in, --tickets or --planner speed); 'off' never narrows them; R removes this "
+                            "fraction of every group, then the rest is planned; the report's 'coupled' section lists "
+                            "each group, what was offered and what was left alone")
     speed.add_argument("--latency-table", metavar="table.json",
                        help="per-layer latencies measured by 'onnxprune autotune' (default: analytical model)")
     speed.add_argument("--check-speed", action="store_true",

@@ -43,7 +43,7 @@ import onnx
 from onnx import helper
 from threadpoolctl import threadpool_limits
 
-from ..calibration.calib_stream import (Stream, batch_size, compare_first_output, count, first_output, node_reads,
+from ..calibration.calib_stream import (Stream, batch_size, compare_first_output, count, node_reads,
                                         split_holdout)
 from ..calibration.least_squares import (DEFAULT_RIDGE, GREEDY_BUDGET, GREEDY_STEPS, ConvGeometry, accumulate,
                                          greedy_channels, solve_group, squared_error)
@@ -123,7 +123,7 @@ def measure(model: onnx.ModelProto, feeds: dict, widths: dict[str, list[int]], p
         held = fit
     fit = {k: v[:_whole(FIT_SAMPLES, unit)] for k, v in fit.items()}
     held = {k: v[:_whole(PROBE_SAMPLES, unit)] for k, v in held.items()}
-    reference = first_output(model, held, batch)
+    reference = graph_outputs(model, held, batch)
     position = {node.name: i for i, node in enumerate(model.graph.node)}
     order = sorted(widths, key=lambda name: position[name])
     index = GraphIndex(model.graph)
@@ -141,7 +141,8 @@ def measure(model: onnx.ModelProto, feeds: dict, widths: dict[str, list[int]], p
             curve = refit_curve(node, weight, bias, x, y, widths[name])
         del x, y
         live = held_stream.advance(position[name])
-        layers[name] = _probe(_suffix_model(model, position[name], live), node, curve, live, reference, batch)
+        layers[name] = _probe(_suffix_model(model, position[name], live), node, curve, live, reference, batch,
+                              model.graph.output[0].name)
     if progress is not None and order:
         progress(len(order), len(order), "")
     return SensitivityReport(layers, "calibration data", count(fit), count(held), time.perf_counter() - started)
@@ -190,13 +191,39 @@ def refit_curve(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray, x: n
     return _Curve(list(widths), rel, fits, c_in)
 
 
-def _probe(probe: onnx.ModelProto, node: onnx.NodeProto, curve: _Curve, live: dict,
-           reference: np.ndarray, batch: int) -> LayerSensitivity:
-    """Measure the output KL at ``PROBES`` widths spread over the curve; predict the rest."""
+def graph_outputs(model: onnx.ModelProto, feeds: dict, batch: int) -> dict[str, np.ndarray]:
+    """Every graph output of ``model`` on ``feeds`` (float64), by name."""
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    parts = [sess.run(names, {k: v[s:s + batch] for k, v in feeds.items()}) for s in range(0, count(feeds), batch)]
+    return {name: np.concatenate([p[i] for p in parts]).astype(np.float64) for i, name in enumerate(names)}
+
+
+def output_change(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], first: str) -> dict:
+    """How much a change moved the network's outputs: Σ over the outputs in ``got`` of the mean KL
+    (class scores) or the relative squared error (anything else), so a cut that only reaches a
+    second head of a detector is not free; top-1 agreement on the first graph output ``first``
+    when it is among them (else None)."""
+    total, agreement = 0.0, None
+    for name, value in got.items():
+        stats = compare_first_output(reference[name], value)
+        total += stats["mean_kl"] if stats["mean_kl"] is not None else stats["rel_mse"]
+        if name == first:
+            agreement = stats["top1_agreement"]
+    return {"kl": total, "top1_agreement": agreement}
+
+
+def _probe(probe: onnx.ModelProto | None, node: onnx.NodeProto, curve: _Curve, live: dict,
+           reference: dict[str, np.ndarray], batch: int, first: str) -> LayerSensitivity:
+    """Measure the output change at ``PROBES`` widths spread over the curve; predict the rest.
+    ``probe`` None: the layer reaches no graph output (dead code), its cuts cost nothing."""
+    if probe is None:
+        return LayerSensitivity(node.name, curve.c_in, curve.widths, [float(r) for r in curve.rel_err],
+                                [0.0] * len(curve.widths), {})
     sess = session(probe)
-    out = sess.get_outputs()[0].name
+    outs = [o.name for o in sess.get_outputs()]
     names = [i.name for i in sess.get_inputs() if i.name not in (_W, _B)]
-    count = len(reference)
+    count = len(next(iter(reference.values())))
     last = len(curve.widths) - 1
     picks = sorted({0, *(int(round(i)) for i in np.linspace(last // 3, last, PROBES - 1))})
     measured, at, ratios = {}, [], []
@@ -206,10 +233,10 @@ def _probe(probe: onnx.ModelProto, node: onnx.NodeProto, curve: _Curve, live: di
         for s in range(0, count, batch):
             feed = {name: live[name][s:s + batch] for name in names}
             feed.update({_W: w, _B: b})
-            parts.append(sess.run([out], feed)[0])
-        stats = compare_first_output(reference, np.concatenate(parts).astype(np.float64))
-        kl = stats["mean_kl"] if stats["mean_kl"] is not None else stats["rel_mse"]
-        measured[curve.widths[i]] = {"kl": kl, "top1_agreement": stats["top1_agreement"]}
+            parts.append(sess.run(outs, feed))
+        got = {name: np.concatenate([p[j] for p in parts]).astype(np.float64) for j, name in enumerate(outs)}
+        measured[curve.widths[i]] = output_change(reference, got, first)
+        kl = measured[curve.widths[i]]["kl"]
         at.append(curve.widths[i])
         ratios.append(kl / max(curve.rel_err[i], 1e-12))
     # between measured widths the KL per unit of layer error is interpolated (nearest beyond them)
@@ -224,10 +251,12 @@ def _probe(probe: onnx.ModelProto, node: onnx.NodeProto, curve: _Curve, live: di
 _W, _B = "onnxprune_probe_weight", "onnxprune_probe_bias"
 
 
-def _suffix_model(model: onnx.ModelProto, position: int, live: dict) -> onnx.ModelProto:
+def _suffix_model(model: onnx.ModelProto, position: int, live: dict) -> onnx.ModelProto | None:
     """The nodes from ``position`` (the probed Conv) to the end, fed from the cached ``live``
     tensors, with the Conv's weight and bias read from graph inputs: one session per layer runs
-    every candidate width, and nothing before the layer is recomputed."""
+    every candidate width, and nothing before the layer is recomputed. Its outputs are the graph
+    outputs those nodes compute (a head computed earlier in graph order is not among them); None
+    when there are none."""
     nodes = []
     for i, original in enumerate(model.graph.node[position:]):
         copy = onnx.NodeProto()
@@ -238,6 +267,9 @@ def _suffix_model(model: onnx.ModelProto, position: int, live: dict) -> onnx.Mod
             copy.input[1], copy.input[2] = _W, _B
         nodes.append(copy)
     produced = {name for node in nodes for name in node.output if name}
+    outputs = [o for o in model.graph.output if o.name in produced]
+    if not outputs:
+        return None
     reads = list(dict.fromkeys(name for node in nodes for name in node_reads(node)))
     initializers = {t.name: t for t in model.graph.initializer}
     inputs = [name for name in reads if name not in produced and name not in initializers and name in live]
@@ -249,7 +281,7 @@ def _suffix_model(model: onnx.ModelProto, position: int, live: dict) -> onnx.Mod
          for name in inputs]
         + [helper.make_tensor_value_info(_W, elem, list(weight.shape)),
            helper.make_tensor_value_info(_B, elem, [weight.shape[0]])],
-        [model.graph.output[0]], [initializers[name] for name in reads if name in initializers])
+        outputs, [initializers[name] for name in reads if name in initializers])
     probe = helper.make_model(graph, opset_imports=list(model.opset_import),
                               ir_version=min(model.ir_version, MAX_IR_VERSION))
     probe.functions.extend(model.functions)
