@@ -173,8 +173,8 @@ def build_variants(name: str, folder: Path, args) -> tuple[list, list]:
             t = time.perf_counter()
             auto, report = prune(dense, PruneConfig(groups="auto", target_macs=target, provider=args.provider,
                                                     latency_table=args.latency_table, verify=False,
-                                                    planner=planner, coupled_rate=rate))
-            groups = len(report["coupled"]["groups"])
+                                                    planner=planner, coupled_rate=None if rate == "off" else rate))
+            groups = len((report["coupled"] or {}).get("groups", []))
             log(f"{name}: auto --coupled-rate {rate} ({planner} planner) pruned in {time.perf_counter() - t:.0f}s, "
                 f"MACs x{report['macs_after'] / report['macs_before']:.3f}")
             labels.append(f"onnxprune auto --coupled-rate {rate} --planner {planner}"), models.append(auto)
@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--target-macs", type=float, default=None,
                         help="MACs fraction for auto and the peers (default: what the G=8 setting reaches, ~0.58)")
-    parser.add_argument("--coupled", nargs="*", type=lambda s: s if s == "auto" else float(s), default=[],
+    parser.add_argument("--coupled", nargs="*", type=lambda s: s if s in ("auto", "off") else float(s), default=[],
                         help="also build --groups auto with these --coupled-rate values (same MACs target)")
     parser.add_argument("--repeat", type=int, default=12, help="timed runs per model and batch (default 12)")
     parser.add_argument("--threads", type=int, default=0)
