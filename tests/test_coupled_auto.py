@@ -115,6 +115,20 @@ def test_a_string_rate_other_than_auto_is_a_user_error():
         prune(residual_stream(), PruneConfig(coupled_rate="half"))
 
 
+def test_the_console_names_the_narrowed_groups_and_counts_their_readers(tmp_path, capsys):
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    src.write_bytes(residual_stream().SerializeToString())
+    assert main([str(src), str(out), "--target-macs", "0.6", "--report", str(tmp_path / "r.json")]) == 0
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    line = next(x for x in capsys.readouterr().err.splitlines() if "auto: cuts chosen" in x)
+    groups = report["coupled"]["groups"]
+    assert groups and f"{len(groups)} coupled channel group" in line
+    assert all(f"{g['width_before']}->{g['width_after']}" in line for g in groups)
+    assert f"{report['convs_pruned']}/" in line  # the readers are among the pruned Convs counted
+
+
 def test_auto_is_the_default_where_the_fidelity_planner_plans_and_off_elsewhere(tmp_path):
     model = residual_stream()
     _, default = prune(model, PruneConfig(target_macs=0.6))

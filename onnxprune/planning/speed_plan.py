@@ -106,11 +106,17 @@ class SpeedPlan:
 
 
 def describe(plan: SpeedPlan) -> str:
-    pruned = sum(1 for c in plan.configs.values() if "skip" not in c)
+    readers = {name for group, _ in plan.groups for name in group.consumers}
+    pruned = sum(1 for c in plan.configs.values() if "skip" not in c) + len(readers)
+    total = len(set(plan.configs) | readers)
     how = f"rate {plan.rate:.2f}" if plan.rate is not None else "cuts chosen by fidelity cost"
-    text = (f"auto: {how}, {pruned}/{len(plan.configs)} Convs pruned, MACs -"
+    text = (f"auto: {how}, {pruned}/{total} Convs pruned, MACs -"
             f"{100 * (1 - plan.macs_ratio):.1f}%, predicted speedup {plan.predicted_speedup:.2f}x "
             f"({plan.cost_source} cost model)")
+    if plan.groups:
+        widths = ", ".join(f"{group.width}->{len(cut.kept)}" for group, cut in plan.groups)
+        text += (f"; {len(plan.groups)} coupled channel group{'s' if len(plan.groups) > 1 else ''} narrowed "
+                 f"({widths}; {len(readers)} of the pruned Convs read them)")
     return "; ".join([text] + plan.notes)
 
 
