@@ -236,10 +236,11 @@ def _reachable(table, clusters, by_time: bool) -> float:
     return total
 
 
-def _layer_step(dp: np.ndarray, cands: list[Candidate], unit: float, by_time: bool):
-    """One multiple-choice item: (new dp, candidate index per bin (-1: dense), source bin per bin)."""
+def _layer_step(dp: np.ndarray, cands, unit: float, by_time: bool, start=None):
+    """One multiple-choice item: (new dp, candidate index per bin (-1: none), source bin per bin);
+    ``start``: those three arrays for the item's other choices (default: none taken)."""
     bins = np.arange(len(dp))
-    new, pick, source = dp.copy(), np.full(len(dp), -1), bins.copy()
+    new, pick, source = start if start is not None else (dp.copy(), np.full(len(dp), -1), bins.copy())
     for k, cand in enumerate(cands):
         step = int(_saving(cand, by_time) // unit)
         if step <= 0:
@@ -279,17 +280,10 @@ def _knapsack(table: dict[str, list[Candidate]], clusters, need: float,
         combined = shifted + sub[None, :]
         k_best = np.argmin(combined, axis=1)
         new = combined[bins, k_best]
-        mode, source = np.full(BINS + 1, -1), np.maximum(bins - k_best, 0)
-        for w, cut in enumerate(group.cuts):  # or one width of the group (readers dense)
-            step = int(_saving(cut, by_time) // unit)
-            if step <= 0:
-                continue
-            src = np.maximum(bins - step, 0)
-            value = dp[src] + cut.cost
-            better = value < new
-            new, mode, source = np.where(better, value, new), np.where(better, w, mode), np.where(better, src, source)
-            k_best = np.where(better, 0, k_best)
-        dp = new
+        # ... or one width of the group (readers dense)
+        dp, mode, source = _layer_step(dp, group.cuts, unit, by_time,
+                                       (new, np.full(BINS + 1, -1), np.maximum(bins - k_best, 0)))
+        k_best = np.where(mode >= 0, 0, k_best)
         steps.append(("cluster", group, sub_steps, mode, k_best, source))
     feasible = bool(np.isfinite(dp[BINS]))
     at = BINS if feasible else int(np.flatnonzero(np.isfinite(dp)).max())
