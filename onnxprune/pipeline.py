@@ -339,8 +339,9 @@ def _as_given(plan: Plan) -> Plan:
     models); stamping its provenance in place would change it under them, and a second run
     would wrap "--plan-in (saved: --plan-in ...)" again."""
     if any(str((layer.provenance or {}).get("structure", "")).startswith(COUPLED_PROVENANCE) for layer in plan.layers):
-        raise UserError("this plan comes from a --coupled-rate run, whose channel groups a plan does not record yet; "
-                        "prune the model again with --coupled-rate instead of --plan-in")
+        raise UserError("this plan narrows coupled channel groups (residual streams, Concat/Split, SE gates), which a "
+                        "plan does not record yet; prune the model again with the same options instead of --plan-in "
+                        "(the output is the same, byte for byte), or make the plan with --coupled-rate off")
 
     def stamped(layer):
         saved = layer.provenance or {}

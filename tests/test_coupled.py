@@ -236,10 +236,15 @@ def test_excluding_a_depthwise_conv_inside_a_group_leaves_the_group_alone():
     assert report["verify"]["passed"]
 
 
-def test_a_coupled_plan_cannot_be_replayed_and_says_so(tmp_path):
-    _, report = prune(residual_stream(), PruneConfig(coupled_rate=0.5, target_macs=0.6))
-    with pytest.raises(UserError, match="--coupled-rate run"):
+@pytest.mark.parametrize("rate", [0.5, "auto"])
+def test_a_coupled_plan_cannot_be_replayed_and_says_so(tmp_path, rate):
+    _, report = prune(residual_stream(), PruneConfig(coupled_rate=rate, target_macs=0.6))
+    assert report["coupled"]["groups"]
+    with pytest.raises(UserError, match="narrows coupled channel groups.*--coupled-rate off"):
         prune(residual_stream(), PruneConfig(plan=report.plan))
+    _, off = prune(residual_stream(), PruneConfig(coupled_rate=None, target_macs=0.6))  # the way out
+    replayed, again = prune(residual_stream(), PruneConfig(plan=off.plan))
+    assert again["verify"]["passed"] and again["macs_after"] == off["macs_after"]
 
 
 def test_target_speedup_is_refused_and_an_overshooting_cut_says_so():
