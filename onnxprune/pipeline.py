@@ -26,6 +26,7 @@ from .channels.coupled import PROVENANCE_PREFIX as COUPLED_PROVENANCE
 from .channels.coupled import lift, lower
 from .channels.coupled import check_options as check_coupled
 from .channels.coupled import from_allocation as coupled_from_allocation
+from .channels.coupled import from_records as coupled_from_records
 from .channels.coupled import narrowing_config
 from .channels.coupled import prepare as prepare_coupled
 from .planning.agreement_budget import BUDGET_HOLDOUT_DIVISOR, resolve_min_agreement
@@ -150,6 +151,9 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     symbolic_dims = _with_input_dims_of(model, original) if auto_groups or fixed_groups else None
     if fixed_groups:
         coupled, plan_base, config = prepare_coupled(model, symbolic_dims, config, feeds, progress)
+    elif config.plan is not None and config.plan.coupled:  # a replayed plan's coupled cuts
+        coupled = coupled_from_records(model, _with_input_dims_of(model, original), config.plan.coupled, config)
+        config = narrowing_config(config, coupled)
         t = _lap(timings, "couple", t)
     dense = model
 
@@ -293,6 +297,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         accuracy_report = accuracy.measure(pruned)
     t = _lap(timings, "accuracy", t)
 
+    if coupled is not None and coupled.cuts and not plan.coupled:  # the plan records its groups (--plan-out)
+        plan = replace(plan, coupled=[cut.record() for cut in coupled.cuts])
     report = build_report(original, model, pruned32, plan, verified, config, shapes)
     report["auto"] = None if speed_plan is None else {
         "rate": speed_plan.rate, "predicted_speedup": round(speed_plan.predicted_speedup, 3),
@@ -338,10 +344,11 @@ def _as_given(plan: Plan) -> Plan:
     Why new objects: the caller's plan is theirs (the Python API may apply one plan to several
     models); stamping its provenance in place would change it under them, and a second run
     would wrap "--plan-in (saved: --plan-in ...)" again."""
-    if any(str((layer.provenance or {}).get("structure", "")).startswith(COUPLED_PROVENANCE) for layer in plan.layers):
-        raise UserError("this plan narrows coupled channel groups (residual streams, Concat/Split, SE gates), which a "
-                        "plan does not record yet; prune the model again with the same options instead of --plan-in "
-                        "(the output is the same, byte for byte), or make the plan with --coupled-rate off")
+    if not plan.coupled and any(str((layer.provenance or {}).get("structure", "")).startswith(COUPLED_PROVENANCE)
+                                for layer in plan.layers):
+        raise UserError("this plan narrows coupled channel groups (residual streams, Concat/Split, SE gates) but was "
+                        "saved before plans recorded them (plan version < 3); prune the model again with the same "
+                        "options and --plan-out (or --coupled-rate off for a plan without them)")
 
     def stamped(layer):
         saved = layer.provenance or {}

@@ -237,14 +237,45 @@ def test_excluding_a_depthwise_conv_inside_a_group_leaves_the_group_alone():
 
 
 @pytest.mark.parametrize("rate", [0.5, "auto"])
-def test_a_coupled_plan_cannot_be_replayed_and_says_so(tmp_path, rate):
-    _, report = prune(residual_stream(), PruneConfig(coupled_rate=rate, target_macs=0.6))
-    assert report["coupled"]["groups"]
-    with pytest.raises(UserError, match="narrows coupled channel groups.*--coupled-rate off"):
-        prune(residual_stream(), PruneConfig(plan=report.plan))
-    _, off = prune(residual_stream(), PruneConfig(coupled_rate=None, target_macs=0.6))  # the way out
-    replayed, again = prune(residual_stream(), PruneConfig(plan=off.plan))
-    assert again["verify"]["passed"] and again["macs_after"] == off["macs_after"]
+@pytest.mark.parametrize("with_data", [False, True])
+def test_a_coupled_plan_is_replayed_exactly_through_its_json(rate, with_data):
+    """--plan-out / --plan-in of a run that narrowed groups: the plan records the groups, and the
+    replay rebuilds the same structure; without data, the same model (with --calib the replay's
+    calibration chooses kept kernels from the data again, as for any replayed plan)."""
+    from onnxprune.planning.plan import Plan
+
+    calib = {"input": np.random.default_rng(3).standard_normal((48, 3, 8, 8)).astype(np.float32)}
+    options = {"calib": calib} if with_data else {}
+    target = 0.4 if rate == "auto" and with_data else 0.6  # where the measured costs take a group
+    first, report = prune(residual_stream(), PruneConfig(coupled_rate=rate, target_macs=target, **options))
+    assert report["coupled"]["groups"] and report.plan.coupled
+    plan = Plan.from_json(report.plan.to_json())
+    assert plan.coupled == report.plan.coupled
+    again, replayed = prune(residual_stream(), PruneConfig(plan=plan, **options))
+    assert replayed["verify"]["passed"] and replayed["macs_after"] == report["macs_after"]
+    assert [g["width_after"] for g in replayed["coupled"]["groups"]] == [g["width_after"] for g in
+                                                                           report["coupled"]["groups"]]
+    if not with_data:
+        feeds = feeds_for(residual_stream())
+        assert rel_diff(run(first, feeds), run(again, feeds)) < 1e-6
+
+
+def test_a_plan_saved_before_plans_recorded_groups_is_refused_and_says_what_to_do():
+    _, report = prune(residual_stream(), PruneConfig(target_macs=0.6))
+    from dataclasses import replace
+
+    old = replace(report.plan, coupled=[])  # what version 2 wrote
+    with pytest.raises(UserError, match="saved before plans recorded them.*--coupled-rate off"):
+        prune(residual_stream(), PruneConfig(plan=old))
+
+
+def test_a_recorded_group_the_model_does_not_have_is_a_user_error():
+    from dataclasses import replace
+
+    _, report = prune(residual_stream(), PruneConfig(target_macs=0.6))
+    bad = [{**report.plan.coupled[0], "members": [["no_such_tensor", 0]]}]
+    with pytest.raises(UserError, match="not one this model can narrow"):
+        prune(residual_stream(), PruneConfig(plan=replace(report.plan, coupled=bad)))
 
 
 def test_target_speedup_is_refused_and_an_overshooting_cut_says_so():

@@ -49,7 +49,7 @@ def test_round_trip_keeps_provenance_and_version_1_plans_still_load():
     _, report = prune(resnet_basic().model(), PruneConfig(groups=4, rate=0.5))
     text = report.plan.to_json()
     data = json.loads(text)
-    assert data["version"] == PLAN_VERSION == 2
+    assert data["version"] == PLAN_VERSION == 3
     again = Plan.from_json(text)
     assert [layer.provenance for layer in again.layers] == [layer.provenance for layer in report.plan.layers]
     data["version"] = 1
@@ -62,7 +62,7 @@ def test_round_trip_keeps_provenance_and_version_1_plans_still_load():
 
 
 @pytest.mark.parametrize("change, fragment", [
-    (lambda d: d.update(version=3), "plan version 3 is not supported"),
+    (lambda d: d.update(version=4), "plan version 4 is not supported"),
     (lambda d: d["layers"][0].update(provenance="paper"), "'provenance' must be an object"),
 ])
 def test_bad_plans_are_refused(change, fragment):

@@ -73,6 +73,10 @@ class CoupledCut:
     consumers: tuple[str, ...]
     importance: str = CHANNELS
 
+    def record(self) -> dict:
+        """The cut as a plan records it (``Plan.coupled``)."""
+        return {"members": [list(m) for m in self.members], "width": self.width, "kept": list(self.kept)}
+
     def as_dict(self) -> dict:
         return {"members": [list(m) for m in self.members], "width_before": self.width,
                 "width_after": len(self.kept), "producers": list(self.producers),
@@ -398,6 +402,25 @@ def prepare(model: onnx.ModelProto, symbolic: onnx.ModelProto, config, feeds: di
         target = min(1.0, target / kept)
         coupled.notes.append(f"single-Conv planner target on the narrowed model: {target:.4f} of its MACs")
     return coupled, coupled.narrowed, replace(narrowing_config(config, coupled), target_macs=target)
+
+
+REPLAYED = "--plan-in (the coupled group's kept channels as the plan records them)"
+
+
+def from_records(model: onnx.ModelProto, symbolic: onnx.ModelProto, records: list[dict], config) -> CoupledPlan:
+    """The coupled cuts a plan records (``Plan.coupled``) on ``model``; a group that is not one
+    this model can narrow (another model, an edited plan) is a user error."""
+    found = eligible(model, 1, config.exclude, [symbolic])
+    by_members = {group.members: group for group, _ in found.candidates}
+    kept = {}
+    for record in records:
+        members = tuple((str(t), int(o)) for t, o in record["members"])
+        group = by_members.get(members)
+        if group is None or group.width != record["width"]:
+            raise UserError(f"the plan's coupled channel group at {members[0][0]!r} (width {record['width']}) is not "
+                            f"one this model can narrow; was the plan made for another model?")
+        kept[members] = list(record["kept"])
+    return plan_cuts(model, found, kept, "plan-in", 1, REPLAYED)
 
 
 def narrowing_config(config, coupled: CoupledPlan):

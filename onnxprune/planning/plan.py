@@ -12,6 +12,10 @@ Per pruned Conv the plan holds:
   ``provenance``: which stage chose the structure (groups and kept count) and which the kept
   channels, with the fraction of input channels each group keeps — the answer to "why did this
   layer keep these channels?" in one place. Version 1 plans still load (no provenance).
+Since version 3 a plan also records the coupled channel groups it narrows (``coupled``: each
+group's members — (tensor, channel offset) pairs, as ``channels.channel_groups`` finds them —
+its width and the group channels kept), so a plan of the default mode can be replayed; a reader
+of an older version would silently drop them, hence the version bump.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ import numpy as np
 from ..errors import UserError
 
 PLAN_FORMAT = "onnxprune-plan"
-PLAN_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: before ``provenance``
+PLAN_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: before ``provenance``; 2: before ``coupled``
 
 
 @dataclass(frozen=True)
@@ -96,13 +100,15 @@ class Plan:
     layers: list[LayerPlan]
     skipped: list[dict] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    coupled: list[dict] = field(default_factory=list)  # {"members": [[tensor, offset], ...], "width", "kept"}
 
     def by_node(self) -> dict[str, LayerPlan]:
         return {layer.node: layer for layer in self.layers}
 
     def to_json(self) -> str:
         data = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "options": self.options,
-                "layers": [asdict(layer) for layer in self.layers], "skipped": self.skipped}
+                "layers": [asdict(layer) for layer in self.layers], "skipped": self.skipped,
+                "coupled": self.coupled}
         return json.dumps(data, indent=1, sort_keys=False) + "\n"
 
     @classmethod
@@ -124,8 +130,12 @@ class Plan:
         for entry in data.get("skipped", []):
             for key in ("node", "reason"):
                 _check_type("plan skipped entry", key, entry.get(key), _is(str), "a string")
+        _check_type("plan", "coupled", data.get("coupled", []), _is_list_of(_is(dict)), "a list of objects")
+        for group in data.get("coupled", []):
+            _check_coupled_group(group)
         plan = cls(layers=[LayerPlan(**layer) for layer in data["layers"]],
-                   skipped=list(data.get("skipped", [])), options=dict(data.get("options", {})))
+                   skipped=list(data.get("skipped", [])), options=dict(data.get("options", {})),
+                   coupled=[dict(group) for group in data.get("coupled", [])])
         for layer in plan.layers:
             layer.validate()
         repeated = sorted(name for name, n in Counter(layer.node for layer in plan.layers).items() if n > 1)
@@ -166,6 +176,21 @@ def _check_layer_fields(layer: dict) -> None:
             _check_type(where, key, layer[key], check, what)
         elif key not in _OPTIONAL:
             raise UserError(f"{where}: field {key!r} is missing")
+
+
+def _check_coupled_group(group: dict) -> None:
+    members = group.get("members")
+    if not (isinstance(members, list) and members and all(
+            isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and type(m[1]) is int and m[1] >= 0
+            for m in members)):
+        raise UserError("plan coupled group: 'members' must be a non-empty list of [tensor name, channel offset]")
+    width, kept = group.get("width"), group.get("kept")
+    if type(width) is not int or width < 1:
+        raise UserError("plan coupled group: 'width' must be a positive integer")
+    if not (isinstance(kept, list) and kept and all(type(k) is int for k in kept)
+            and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < width and len(kept) < width):
+        raise UserError(f"plan coupled group at {members[0][0]!r}: 'kept' must be sorted, distinct channels in "
+                        f"[0, {width}), fewer than the width")
 
 
 def _check_type(where: str, key: str, value, check, what: str) -> None:
