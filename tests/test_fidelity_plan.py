@@ -186,6 +186,7 @@ class _InteractingPlanner:
 
     def __init__(self, table):
         self.table = table
+        self.order = list(table)
 
     def evaluate(self, rate, state):
         from onnxprune.planning.speed_plan import Outcome
@@ -221,6 +222,22 @@ def test_relax_spends_the_slack_of_the_tightening_rounds(monkeypatch):
                 trial[name] = alternative
             cheaper = (cost[name][alternative] if alternative else 0.0) < cost[name][option] - 1e-12
             assert not (cheaper and planner.evaluate(0.0, trial).macs <= 1150), (name, alternative)
+
+
+def test_deepen_meets_a_target_the_tightening_rounds_missed(monkeypatch):
+    """One tightening round (ROUNDS=1) ends above the limit on the interacting layers; single
+    deeper changes (least cost per MAC saved) then meet it, and no 'missed' note is left."""
+    table = {f"L{i}": [Candidate(1, Option(1, 1), 300, 1.0, 0.1)] for i in range(2)}
+    table.update({f"L{i}": [Candidate(k, Option(1, k), saving, 1.0, cost) for k, (saving, cost) in
+                            enumerate(((300, 1.0), (500, 1.5)))] for i in range(2, 5)})
+    planner = _InteractingPlanner(table)
+    dense = planner.evaluate(0.0, {})
+    monkeypatch.setattr(allocate, "ROUNDS", 1)
+    met = allocate.allocate(planner, table, dense, macs_limit=1150)
+    assert met.outcome.macs <= 1150 and not met.notes
+    monkeypatch.setattr(allocate, "_deepen", lambda planner, table, state, outcome, *rest: (state, outcome))
+    missed = allocate.allocate(planner, table, dense, macs_limit=1150)
+    assert missed.outcome.macs > 1150 and any("target missed" in note for note in missed.notes)
 
 
 def test_an_unreachable_target_gives_the_deepest_plan_and_says_so():

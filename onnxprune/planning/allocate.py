@@ -166,7 +166,9 @@ def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcom
             break
         need += value - limit + need / BINS
     else:
-        notes.append("target missed by layer interactions after tightening; closest plan used")
+        state, outcome = _deepen(planner_for(chosen) if chosen else planner, table, state, outcome, limit, by_time)
+        if not feasible_state(outcome, limit, by_time):
+            notes.append("target missed by layer interactions after tightening; closest plan used")
     if feasible_state(outcome, limit, by_time) and not capped:
         state, outcome = _relax(planner_for(chosen) if chosen else planner, table, state, outcome, limit, by_time)
     cost = sum(next(c.cost for c in table[name] if c.option == option) for name, option in state.items())
@@ -216,6 +218,43 @@ def _relax(planner: _Planner, table, state: dict[str, Option], outcome: Outcome,
     if (relaxed.time_us if by_time else relaxed.macs) > limit:  # never: local changes are exact
         return dict(outcome.state), outcome
     return state, relaxed
+
+
+def _deepen(planner: _Planner, table, state: dict[str, Option], outcome: Outcome, limit: float,
+            by_time: bool) -> tuple[dict[str, Option], Outcome]:
+    """When the tightening rounds end just above the limit (the DP's quantised savings keep
+    choosing a state whose interactions cost a little more), take single changes — a layer's
+    deeper candidate, or a cut of a layer not yet cut — with the least cost added per unit saved,
+    until the exact value is within the limit (or nothing helps: the closest state is kept)."""
+    value = outcome.time_us if by_time else outcome.macs
+    cost_of = {name: {c.option: c.cost for c in cands} for name, cands in table.items()}
+    readers = set(table) - set(planner.order)  # a chosen group's readers: no cut of their own
+
+    def local(name: str, at: dict) -> float:
+        return planner.local_time(name, at) if by_time else planner.local_macs(name, at)
+
+    for _ in range(2 * len(table) + 1):
+        if value <= limit:
+            break
+        best = None
+        for name, cands in table.items():
+            if name in readers:
+                continue
+            here, now = local(name, state), cost_of[name].get(state.get(name), 0.0)
+            for cand in cands:
+                if cand.option == state.get(name):
+                    continue
+                trial = {**state, name: cand.option}
+                saved = here - local(name, trial)
+                if saved <= 0:
+                    continue
+                rate = (cand.cost - now) / saved
+                if best is None or rate < best[0]:
+                    best = (rate, trial, value - saved)
+        if best is None:
+            break
+        _, state, value = best
+    return state, planner.evaluate(0.0, state)
 
 
 def _saving(cand, by_time: bool) -> float:
