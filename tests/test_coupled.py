@@ -269,6 +269,33 @@ def test_a_plan_saved_before_plans_recorded_groups_is_refused_and_says_what_to_d
         prune(residual_stream(), PruneConfig(plan=old))
 
 
+def test_an_inconsistent_coupled_plan_is_refused_not_rewritten_wrong():
+    """Edited plans whose reader layers disagree with the recorded groups would rewrite a model
+    that is not the plan's (silently with --no-verify): refused with one line."""
+    from dataclasses import replace
+
+    from onnxprune.planning.plan import Plan
+
+    _, report = prune(residual_stream(), PruneConfig(target_macs=0.6))
+    plan, record = report.plan, report.plan.coupled[0]
+    reader = report["coupled"]["groups"][0]["consumers"][0]
+    no_reader = replace(plan, layers=[layer for layer in plan.layers if layer.node != reader])
+    other_kept = replace(plan, coupled=[{**record, "kept": [c for c in range(record["width"])
+                                                            if c not in record["kept"]][:len(record["kept"])]}])
+    for bad in (no_reader, other_kept):
+        with pytest.raises(UserError, match="inconsistent"):
+            prune(residual_stream(), PruneConfig(plan=bad, verify=False))
+    with pytest.raises(UserError, match="twice"):
+        Plan.from_json(replace(plan, coupled=[record, record]).to_json())
+
+
+def test_off_and_fixed_rates_through_the_python_api():
+    _, off = prune(residual_stream(), PruneConfig(target_macs=0.6, coupled_rate="off"))
+    assert off["coupled"] is None
+    _, fixed = prune(residual_stream(), PruneConfig(target_macs=0.6, coupled_rate=0.5))
+    assert "couple" in fixed["timings_s"]
+
+
 def test_a_recorded_group_the_model_does_not_have_is_a_user_error():
     from dataclasses import replace
 

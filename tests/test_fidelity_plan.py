@@ -483,3 +483,42 @@ def test_a_layer_that_reaches_only_a_later_output_is_measured_on_it():
         assert report.layers[name].cost[0] > 1e-3, (name, report.layers[name].cost)
     _, pruned = prune(_two_heads(), PruneConfig(target_macs=0.7, calib=data, min_agreement=None))
     assert pruned["verify"]["passed"] and pruned["convs_pruned"] > 0
+
+
+def _with_odd_outputs():
+    """The two-head model plus outputs a change cannot be compared on sample by sample: a scalar
+    statistic, ArgMax labels (int64) and NonZero of the box head (its count depends on the data)."""
+    from onnx import TensorProto, helper
+
+    model = _two_heads()
+    scores, boxes = model.graph.output[0].name, model.graph.output[1].name
+    model.graph.node.extend([
+        helper.make_node("ReduceMean", [boxes], ["stat"], name="stat", keepdims=0),
+        helper.make_node("ArgMax", [scores], ["labels"], name="labels", axis=1, keepdims=0),
+        helper.make_node("Greater", [boxes, "zero"], ["positive"], name="positive"),
+        helper.make_node("NonZero", ["positive"], ["where"], name="where")])
+    model.graph.initializer.append(helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]))
+    model.graph.output.extend([helper.make_tensor_value_info("stat", TensorProto.FLOAT, []),
+                               helper.make_tensor_value_info("labels", TensorProto.INT64, ["N"]),
+                               helper.make_tensor_value_info("where", TensorProto.INT64, [4, "K"])])
+    return model
+
+
+def test_outputs_that_are_not_per_sample_float_data_are_not_measured():
+    from onnxprune.planning.sensitivity import graph_outputs
+
+    model = normalize(_with_odd_outputs())
+    data = {"input": np.random.default_rng(0).standard_normal((20, 3, 8, 8)).astype(np.float32)}
+    measured = graph_outputs(model, data, 8)  # 8 + 8 + 4: the scalar would not concatenate
+    assert sorted(measured) == sorted(o.name for o in model.graph.output[:2])
+    assert all(len(v) == 20 for v in measured.values())
+
+
+@pytest.mark.parametrize("coupled", ["auto", None])
+def test_the_default_with_calibration_prunes_a_model_with_odd_outputs(coupled):
+    """Regression: a scalar output failed to concatenate, a data-dependent one failed to compare
+    once a cut changed its size, and integer labels were scored by the distance of class numbers."""
+    data = {"input": np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)}
+    _, report = prune(_with_odd_outputs(), PruneConfig(target_macs=0.7, calib=data, min_agreement=None,
+                                                       coupled_rate=coupled))
+    assert report["verify"]["passed"] and report["convs_pruned"] > 0

@@ -359,7 +359,7 @@ def lower(dense_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto, narrow
 def check_options(config) -> None:
     """--coupled-rate's option errors, before any work (a no-op without --coupled-rate)."""
     rate = config.coupled_rate
-    if rate is None or rate == "auto":  # auto: offered where the fidelity planner plans, else off
+    if rate in (None, "auto", "off"):  # auto: offered where the fidelity planner plans, else off
         return
     if isinstance(rate, str):
         raise UserError(f"--coupled-rate must be a fraction in (0, 1), 'auto' or 'off', got {rate!r}")
@@ -407,20 +407,32 @@ def prepare(model: onnx.ModelProto, symbolic: onnx.ModelProto, config, feeds: di
 REPLAYED = "--plan-in (the coupled group's kept channels as the plan records them)"
 
 
-def from_records(model: onnx.ModelProto, symbolic: onnx.ModelProto, records: list[dict], config) -> CoupledPlan:
-    """The coupled cuts a plan records (``Plan.coupled``) on ``model``; a group that is not one
-    this model can narrow (another model, an edited plan) is a user error."""
+def from_records(model: onnx.ModelProto, symbolic: onnx.ModelProto, plan: Plan, config) -> CoupledPlan:
+    """The coupled cuts ``plan`` records (``Plan.coupled``) on ``model``. A group that is not one
+    this model can narrow (another model, an edited plan), a group recorded twice, or a reader
+    whose layer in the plan does not keep exactly the group's kept channels (G=1) is a user
+    error: the rewrite would not compute what the plan says."""
     found = eligible(model, 1, config.exclude, [symbolic])
     by_members = {group.members: group for group, _ in found.candidates}
     kept = {}
-    for record in records:
+    for record in plan.coupled:
         members = tuple((str(t), int(o)) for t, o in record["members"])
         group = by_members.get(members)
         if group is None or group.width != record["width"]:
             raise UserError(f"the plan's coupled channel group at {members[0][0]!r} (width {record['width']}) is not "
                             f"one this model can narrow; was the plan made for another model?")
+        if members in kept:
+            raise UserError(f"the plan records the coupled channel group at {members[0][0]!r} twice")
         kept[members] = list(record["kept"])
-    return plan_cuts(model, found, kept, "plan-in", 1, REPLAYED)
+    coupled = plan_cuts(model, found, kept, "plan-in", 1, REPLAYED)
+    layers, nodes = plan.by_node(), {n.name: n for n in model.graph.node}
+    for name in sorted(coupled.consumers):
+        layer, expected = layers.get(name), [int(c) for c in coupled.kept_tensors[nodes[name].input[0]]]
+        if layer is None or layer.groups != 1 or layer.kept_in_channels[0] != expected:
+            what = "is missing" if layer is None else "does not keep exactly the group's channels with G=1"
+            raise UserError(f"the plan's layer for {name!r}, a reader of a coupled channel group it records, {what}; "
+                            f"the plan is inconsistent (edited?)")
+    return coupled
 
 
 def narrowing_config(config, coupled: CoupledPlan):

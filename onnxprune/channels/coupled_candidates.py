@@ -257,7 +257,7 @@ class _Probe:
             else:
                 weight[:, columns] = 0.0
             by_name[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(weight, node.input[1]))
-        got = graph_outputs(masked, self.held, self.batch)
+        got = graph_outputs(masked, self.held, self.batch, names=list(self.reference))
         return output_change(self.reference, got, self.model.graph.output[0].name)["kl"]
 
 

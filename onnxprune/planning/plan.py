@@ -133,6 +133,9 @@ class Plan:
         _check_type("plan", "coupled", data.get("coupled", []), _is_list_of(_is(dict)), "a list of objects")
         for group in data.get("coupled", []):
             _check_coupled_group(group)
+        recorded = Counter(json.dumps(group["members"]) for group in data.get("coupled", []))
+        if any(n > 1 for n in recorded.values()):
+            raise UserError("plan records a coupled channel group twice")
         plan = cls(layers=[LayerPlan(**layer) for layer in data["layers"]],
                    skipped=list(data.get("skipped", [])), options=dict(data.get("options", {})),
                    coupled=[dict(group) for group in data.get("coupled", [])])

@@ -191,21 +191,47 @@ def refit_curve(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray, x: n
     return _Curve(list(widths), rel, fits, c_in)
 
 
-def graph_outputs(model: onnx.ModelProto, feeds: dict, batch: int) -> dict[str, np.ndarray]:
-    """Every graph output of ``model`` on ``feeds`` (float64), by name."""
+UNMEASURABLE = 1e6  # cost of a cut whose effect reaches only outputs fidelity cannot be measured on
+
+
+def graph_outputs(model: onnx.ModelProto, feeds: dict, batch: int, names=None) -> dict[str, np.ndarray]:
+    """The graph outputs a change is measured on, by name (float64): float data with one row per
+    input sample. Others — a scalar statistic, class labels, detections whose count depends on
+    the data — cannot be compared sample by sample. When no output qualifies, the first output
+    as it is (what fidelity was measured on before outputs were told apart). ``names``: exactly
+    these outputs, unfiltered (a changed model's, to compare with a reference's)."""
     sess = session(model)
-    names = [o.name for o in sess.get_outputs()]
-    parts = [sess.run(names, {k: v[s:s + batch] for k, v in feeds.items()}) for s in range(0, count(feeds), batch)]
-    return {name: np.concatenate([p[i] for p in parts]).astype(np.float64) for i, name in enumerate(names)}
+    wanted = list(names) if names is not None else [o.name for o in sess.get_outputs()]
+    parts = [sess.run(wanted, {k: v[s:s + batch] for k, v in feeds.items()}) for s in range(0, count(feeds), batch)]
+    if names is not None:
+        return {name: np.concatenate([np.atleast_1d(p[i]) for p in parts]).astype(np.float64)
+                for i, name in enumerate(wanted)}
+    sizes = [min(batch, count(feeds) - s) for s in range(0, count(feeds), batch)]
+    names = wanted
+    measurable = {}
+    for i, name in enumerate(names):
+        values = [p[i] for p in parts]
+        if all(np.issubdtype(v.dtype, np.floating) and v.ndim >= 1 and v.shape[0] == size
+               for v, size in zip(values, sizes)):
+            measurable[name] = np.concatenate(values).astype(np.float64)
+    if not measurable:
+        measurable[names[0]] = np.concatenate([np.atleast_1d(p[0]) for p in parts]).astype(np.float64)
+    return measurable
 
 
 def output_change(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], first: str) -> dict:
-    """How much a change moved the network's outputs: Σ over the outputs in ``got`` of the mean KL
-    (class scores) or the relative squared error (anything else), so a cut that only reaches a
-    second head of a detector is not free; top-1 agreement on the first graph output ``first``
-    when it is among them (else None)."""
+    """How much a change moved the network's outputs: Σ over the measured outputs (``reference``'s)
+    in ``got`` of the mean KL (class scores) or the relative squared error (anything else), so a
+    cut that only reaches a second head of a detector is not free; an output whose shape changed
+    counts as wholly changed (1). Top-1 agreement on the first graph output ``first`` when it is
+    among them (else None)."""
     total, agreement = 0.0, None
     for name, value in got.items():
+        if name not in reference:
+            continue
+        if value.shape != reference[name].shape:
+            total += 1.0
+            continue
         stats = compare_first_output(reference[name], value)
         total += stats["mean_kl"] if stats["mean_kl"] is not None else stats["rel_mse"]
         if name == first:
@@ -221,7 +247,10 @@ def _probe(probe: onnx.ModelProto | None, node: onnx.NodeProto, curve: _Curve, l
         return LayerSensitivity(node.name, curve.c_in, curve.widths, [float(r) for r in curve.rel_err],
                                 [0.0] * len(curve.widths), {})
     sess = session(probe)
-    outs = [o.name for o in sess.get_outputs()]
+    outs = [o.name for o in sess.get_outputs() if o.name in reference]
+    if not outs:  # it reaches only outputs a change cannot be measured on: never cut it blind
+        return LayerSensitivity(node.name, curve.c_in, curve.widths, [float(r) for r in curve.rel_err],
+                                [UNMEASURABLE] * len(curve.widths), {})
     names = [i.name for i in sess.get_inputs() if i.name not in (_W, _B)]
     count = len(next(iter(reference.values())))
     last = len(curve.widths) - 1
@@ -234,7 +263,8 @@ def _probe(probe: onnx.ModelProto | None, node: onnx.NodeProto, curve: _Curve, l
             feed = {name: live[name][s:s + batch] for name in names}
             feed.update({_W: w, _B: b})
             parts.append(sess.run(outs, feed))
-        got = {name: np.concatenate([p[j] for p in parts]).astype(np.float64) for j, name in enumerate(outs)}
+        got = {name: np.concatenate([np.atleast_1d(p[j]) for p in parts]).astype(np.float64)
+               for j, name in enumerate(outs)}
         measured[curve.widths[i]] = output_change(reference, got, first)
         kl = measured[curve.widths[i]]["kl"]
         at.append(curve.widths[i])

@@ -110,7 +110,7 @@ def describe(plan: SpeedPlan) -> str:
     pruned = sum(1 for c in plan.configs.values() if "skip" not in c) + len(readers)
     total = len(set(plan.configs) | readers)
     how = f"rate {plan.rate:.2f}" if plan.rate is not None else "cuts chosen by fidelity cost"
-    text = (f"auto: {how}, {pruned}/{total} Convs pruned, MACs -"
+    text = (f"auto: {how}, {pruned}/{total} layers pruned, MACs -"
             f"{100 * (1 - plan.macs_ratio):.1f}%, predicted speedup {plan.predicted_speedup:.2f}x "
             f"({plan.cost_source} cost model)")
     if plan.groups:
