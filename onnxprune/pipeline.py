@@ -35,7 +35,7 @@ from .rewriting.rewrite import apply_plan
 from .ir.shapes import check_given, resolve_input_shapes, restore_input_dims, verification_shapes, with_input_shapes
 from .ir.shapes import describe as describe_shapes
 from .ir.shapes import sizes_text
-from .checks.verify import DEFAULT_TOLERANCE, check_runs, verify
+from .checks.verify import DEFAULT_TOLERANCE, check_runs, check_runs_on_calibration, verify
 
 
 @dataclass
@@ -130,6 +130,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     if describe_shapes(shapes):
         progress.stage(describe_shapes(shapes))
         check_runs(working, config.seed)  # a shape the model cannot run at fails now, not after planning
+    if feeds is not None:
+        check_runs_on_calibration(working, feeds)  # calibration's batches too, before any planning
     also_verify = []  # further --input-shape sizes; one that resolves to the working shape adds nothing
     for extra in verification_shapes(original, config.input_shapes):
         resolved = resolve_input_shapes(original, extra, feeds)

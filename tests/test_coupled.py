@@ -352,3 +352,20 @@ def test_a_one_to_one_group_through_a_concat_is_narrowed_not_called_private():
     _, report = prune(b.model(), PruneConfig(coupled_rate=0.5, target_macs=0.6))
     assert any(g["producers"] == ["side"] for g in report["coupled"]["groups"])
     assert report["verify"]["passed"]
+
+
+def test_a_model_that_cannot_run_at_the_calibration_batch_is_refused_before_planning(tmp_path, capsys):
+    """spatial_ops hard-codes the batch (2) in a Resize's sizes: calibration's batches fail in
+    ORT. That is the input's problem, said in one line before planning (exit 2), not an internal
+    error after minutes of work."""
+    from coupled_graphs import spatial_ops
+
+    from onnxprune.cli import main
+
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    src.write_bytes(spatial_ops().SerializeToString())
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    assert main([str(src), str(out), "--calib", str(tmp_path / "calib.npz"), "--min-channels", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot run the input model on the --calib inputs" in err and "internal error" not in err
+    assert "planning" not in err and "measuring" not in err and not out.exists()

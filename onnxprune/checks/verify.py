@@ -180,6 +180,26 @@ def check_runs(model: onnx.ModelProto, seed: int = 0) -> None:
     _run(sess, random_inputs(model, seed, batch=1), "the input model")
 
 
+def check_runs_on_calibration(model: onnx.ModelProto, feeds: dict) -> None:
+    """Run ``model`` once on the first calibration batch, as calibration will run it: a model
+    that cannot (a size hard-coded in a Reshape or Resize that holds at one batch size only) is
+    refused before minutes of planning, with ORT's reason, not as an internal error later."""
+    from ..calibration.calib_stream import batch_size
+    from .runtime import ort_reason
+
+    batch, _, usable = batch_size(model, feeds, [])
+    first = {name: value[:batch] for name, value in usable.items()}
+    try:
+        sess = session(model)
+        sess.run(None, first)
+    except UserError:
+        raise
+    except Exception as exc:  # ORT raises several unrelated types for a failed run
+        shapes = ", ".join(f"{name}={'x'.join(map(str, value.shape))}" for name, value in first.items())
+        raise UserError(f"ONNX Runtime cannot run the input model on the --calib inputs ({shapes}, the batches "
+                        f"calibration runs): {ort_reason(exc)}; does the model hard-code a batch size?") from None
+
+
 def required_inputs(model: onnx.ModelProto) -> list[str]:
     """Names of the graph inputs a caller must feed: those without an initializer."""
     init_names = {t.name for t in model.graph.initializer}
