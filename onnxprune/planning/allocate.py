@@ -224,8 +224,9 @@ def _deepen(planner: _Planner, table, state: dict[str, Option], outcome: Outcome
             by_time: bool) -> tuple[dict[str, Option], Outcome]:
     """When the tightening rounds end just above the limit (the DP's quantised savings keep
     choosing a state whose interactions cost a little more), take single changes — a layer's
-    deeper candidate, or a cut of a layer not yet cut — with the least cost added per unit saved,
-    until the exact value is within the limit (or nothing helps: the closest state is kept)."""
+    deeper candidate, or a cut of a layer not yet cut: the cheapest one that alone meets the
+    limit, else the one with the least cost added per unit saved — until the exact value is
+    within the limit (or nothing helps: the closest state is kept)."""
     value = outcome.time_us if by_time else outcome.macs
     cost_of = {name: {c.option: c.cost for c in cands} for name, cands in table.items()}
     readers = set(table) - set(planner.order)  # a chosen group's readers: no cut of their own
@@ -236,7 +237,7 @@ def _deepen(planner: _Planner, table, state: dict[str, Option], outcome: Outcome
     for _ in range(2 * len(table) + 1):
         if value <= limit:
             break
-        best = None
+        best = enough = None  # the best rate overall; the cheapest change that alone meets the limit
         for name, cands in table.items():
             if name in readers:
                 continue
@@ -248,12 +249,14 @@ def _deepen(planner: _Planner, table, state: dict[str, Option], outcome: Outcome
                 saved = here - local(name, trial)
                 if saved <= 0:
                     continue
-                rate = (cand.cost - now) / saved
-                if best is None or rate < best[0]:
-                    best = (rate, trial, value - saved)
+                added = cand.cost - now
+                if value - saved <= limit and (enough is None or added < enough[0]):
+                    enough = (added, trial, value - saved)
+                if best is None or added / saved < best[0]:
+                    best = (added / saved, trial, value - saved)
         if best is None:
             break
-        _, state, value = best
+        _, state, value = enough or best
     return state, planner.evaluate(0.0, state)
 
 
