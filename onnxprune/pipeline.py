@@ -150,12 +150,14 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
                                     or config.target_speedup is not None)
     auto_groups = config.coupled_rate == "auto" and auto and config.planner == "fidelity" and not config.tickets
     fixed_groups = config.coupled_rate not in (None, "auto", "off")
-    symbolic_dims = _with_input_dims_of(model, original) if auto_groups or fixed_groups else None
+    replayed_groups = config.plan is not None and bool(config.plan.coupled)  # a replayed plan's coupled cuts
+    symbolic_dims = (_with_input_dims_of(model, original) if auto_groups or fixed_groups or replayed_groups
+                     else None)
     if fixed_groups:
         coupled, plan_base, config = prepare_coupled(model, symbolic_dims, config, feeds, progress)
         t = _lap(timings, "couple", t)
-    elif config.plan is not None and config.plan.coupled:  # a replayed plan's coupled cuts
-        coupled = coupled_from_records(model, _with_input_dims_of(model, original), config.plan, config)
+    elif replayed_groups:
+        coupled = coupled_from_records(model, symbolic_dims, config.plan, config)
         config = narrowing_config(config, coupled)
         t = _lap(timings, "couple", t)
     dense = model

@@ -258,15 +258,21 @@ def _importance(group: ChannelGroup, nodes: dict, index: GraphIndex, energy: dic
             score += magnitude[start:start + group.width] / max(magnitude.mean(), 1e-30)
     for name in group.consumers:
         node = nodes[name]
-        weight = index.constant(node.input[1]).astype(np.float64)
-        if node.op_type == "Gemm":
-            weight = gemm_as_conv_weight(node, weight)
-        magnitude = (np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1) ** 2).sum(1)
+        magnitude = reader_channel_energy(node, index)
         if energy is not None:
             magnitude = magnitude * energy[node.input[0]]
         for start in offsets[node.input[0]]:
             score += magnitude[start:start + group.width] / max(magnitude.mean(), 1e-30)
     return score
+
+
+def reader_channel_energy(node: onnx.NodeProto, index: GraphIndex) -> np.ndarray:
+    """Per input channel of a group's reader (a Conv, or a Gemm read as a 1×1 Conv): the squared
+    norm of the weights that read it — the importance's and the auto mode's proxy's one measure."""
+    weight = index.constant(node.input[1]).astype(np.float64)
+    if node.op_type == "Gemm":
+        weight = gemm_as_conv_weight(node, weight)
+    return (np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1) ** 2).sum(1)
 
 
 def _channel_energy(model: onnx.ModelProto, candidates, nodes: dict, feeds: dict) -> dict[str, np.ndarray]:
@@ -380,11 +386,11 @@ def prepare(model: onnx.ModelProto, symbolic: onnx.ModelProto, config, feeds: di
     """``--coupled-rate R``: choose the groups to narrow -> (CoupledPlan, model to plan the rest on,
     its config). (``auto`` is chosen with the single-Conv cuts: ``from_allocation``.)
 
-    ``symbolic``: ``model`` with the input's own dims, where the rewrite finds the groups again."""
+    ``symbolic``: ``model`` with the input's own dims, where the rewrite finds the groups again.
+    The options were checked by ``check_options`` before any work (``pipeline.prune``)."""
     from ..ir.macs import count_macs
     from ..planning.latency import profile
 
-    check_options(config)
     progress.stage("narrowing coupled channel groups (residual streams, Concat/Split, SE gates)")
     coupled = choose(model, config.coupled_rate, profile(config.provider).align, config.exclude, feeds, [symbolic])
     if coupled.narrowed is None:

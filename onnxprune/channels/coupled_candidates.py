@@ -30,18 +30,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as np
 import onnx
 
 from ..calibration.calib_stream import batch_size, count, split_holdout
 from ..calibration.refit_steps import gemm_as_conv_weight
-from ..ir.graph import GraphIndex
+from ..ir.graph import GraphIndex, get_attr
 from ..ir.macs import conv_macs, count_macs
 from ..planning.latency import ConvOp
 from ..planning.sensitivity import graph_outputs, output_change
 from ..planning.speed_plan import Layer, align_channels
 from .channel_groups import ChannelGroup
-from .coupled import Eligible, rank_channels
+from .coupled import Eligible, rank_channels, reader_channel_energy
 
 FRACTIONS = (0.75, 0.5)  # kept fractions of a group's width offered to the planner
 PROBE_SAMPLES = 64  # held-out calibration inputs a group cut's output change is measured on
@@ -63,6 +62,7 @@ class GroupCandidates:
     consumers: tuple[str, ...]
     cuts: tuple[GroupCut, ...]
     passthrough: tuple[str, ...] = ()  # ops carrying the group on (depthwise Convs among them)
+    gemm_macs_per_channel: float = 0.0  # MACs its Gemm readers (outside the Conv planner) lose per channel
 
     def as_dict(self) -> dict:
         return {"members": [list(m) for m in self.members[:3]], "width": self.width,
@@ -80,26 +80,29 @@ def group_candidates(model: onnx.ModelProto, layers: dict[str, Layer], cost, ali
     for group, _ in found.candidates:
         for name in group.consumers:
             readers[name] = readers.get(name, 0) + 1
-    usable = []
+    index = GraphIndex(model.graph)
+    nodes = {n.name: n for n in model.graph.node}
     initializers = {init.name for init in model.graph.initializer}
+    usable = []
     for group, _ in found.candidates:
         if any(readers[name] > 1 for name in group.consumers):
-            found.left.append({"members": [list(m) for m in group.members[:3]], "width": group.width,
-                               "reason": "a reader also reads another group (auto mode cuts one group per reader)"})
+            reason = "a reader also reads another group (auto mode cuts one group per reader)"
         elif not all(name in layers for name in group.producers) or not all(
-                name in layers or _is_gemm(model, name) for name in group.consumers):
-            found.left.append({"members": [list(m) for m in group.members[:3]], "width": group.width,
-                               "reason": "a member Conv has no static shape (its time cannot be predicted)"})
-        elif not all(_weight_name(model, name) in initializers for name in group.consumers):
-            found.left.append({"members": [list(m) for m in group.members[:3]], "width": group.width,
-                               "reason": "a reader's weight is not an initializer (its cut cannot be probed)"})
+                name in layers or nodes[name].op_type == "Gemm" for name in group.consumers):
+            reason = "a member Conv has no static shape (its time cannot be predicted)"
+        elif not all(nodes[name].input[1] in initializers for name in group.consumers):
+            reason = "a reader's weight is not an initializer (its cut cannot be probed)"
         else:
             usable.append(group)
+            continue
+        found.left.append({"members": [list(m) for m in group.members[:3]], "width": group.width, "reason": reason})
     ranked = rank_channels(model, usable, feeds)
     _, per_node = count_macs(model)
-    probe = _Probe(model, feeds) if feeds else None
+    probe = _Probe(model, feeds, index, nodes) if feeds else None
     out = []
     for group in usable:
+        gemm_macs = sum(_gemm_macs_per_input(nodes[name], index, per_node) for name in group.consumers
+                        if name not in layers)
         cuts = []
         for kept_count in sorted({align_channels(f * group.width, align, group.width) for f in FRACTIONS},
                                  reverse=True):
@@ -107,14 +110,15 @@ def group_candidates(model: onnx.ModelProto, layers: dict[str, Layer], cost, ali
                 continue
             kept = tuple(sorted(ranked[group.members][:kept_count]))
             dropped = sorted(set(range(group.width)) - set(kept))
-            macs, us = _saving(group, len(dropped), layers, cost, per_node, model)
+            macs, us = _saving(group, len(dropped), layers, cost)
+            macs += gemm_macs * len(dropped)
             if macs <= 0:
                 continue
-            fidelity = probe.cost(group, dropped) if probe else _proxy(model, group, dropped)
+            fidelity = probe.cost(group, dropped) if probe else _proxy(group, dropped, index, nodes)
             cuts.append(GroupCut(kept, int(macs), float(us), float(fidelity)))
         if cuts:
             out.append(GroupCandidates(group.members, group.width, group.producers, group.consumers, tuple(cuts),
-                                       tuple(group.passthrough)))
+                                       tuple(group.passthrough), gemm_macs))
     return out
 
 
@@ -137,25 +141,9 @@ def narrowed_layers(layers: dict[str, Layer], chosen: list[tuple[GroupCandidates
     return layers
 
 
-def gemm_saving(chosen: list[tuple[GroupCandidates, GroupCut]], model: onnx.ModelProto, layers) -> int:
+def gemm_saving(chosen: list[tuple[GroupCandidates, GroupCut]]) -> int:
     """MACs the chosen cuts save in Gemm readers (not in the planner's Conv layers)."""
-    _, per_node = count_macs(model)
-    index = GraphIndex(model.graph)
-    nodes = {n.name: n for n in model.graph.node}
-    total = 0
-    for group, cut in chosen:
-        for name in group.consumers:
-            if name not in layers:
-                total += _gemm_macs_per_input(nodes[name], index, per_node) * (group.width - len(cut.kept))
-    return int(total)
-
-
-def _weight_name(model: onnx.ModelProto, name: str) -> str:
-    return next(n.input[1] for n in model.graph.node if n.name == name)
-
-
-def _is_gemm(model: onnx.ModelProto, name: str) -> bool:
-    return any(n.name == name and n.op_type == "Gemm" for n in model.graph.node)
+    return int(sum(group.gemm_macs_per_channel * (group.width - len(cut.kept)) for group, cut in chosen))
 
 
 def _gemm_macs_per_input(node, index: GraphIndex, per_node: dict) -> float:
@@ -163,12 +151,11 @@ def _gemm_macs_per_input(node, index: GraphIndex, per_node: dict) -> float:
     return per_node.get(node.name, 0) / max(1, int(weight.shape[1]))
 
 
-def _saving(group: ChannelGroup, dropped: int, layers: dict[str, Layer], cost, per_node: dict,
-            model: onnx.ModelProto) -> tuple[float, float]:
-    """(MACs, µs) the writers and readers save when ``dropped`` channels of the group go."""
+def _saving(group: ChannelGroup, dropped: int, layers: dict[str, Layer], cost) -> tuple[float, float]:
+    """(MACs, µs) the writers, the depthwise Convs on the group and the Conv readers save when
+    ``dropped`` channels of the group go (Gemm readers: ``GroupCandidates.gemm_macs_per_channel``;
+    the cost model times Convs only)."""
     macs = us = 0.0
-    index = GraphIndex(model.graph)
-    nodes = {n.name: n for n in model.graph.node}
     for name in group.producers:
         layer = layers[name]
         before, after = _conv(layer, layer.c_in, layer.c_out, cost), _conv(layer, layer.c_in, layer.c_out - dropped,
@@ -182,8 +169,7 @@ def _saving(group: ChannelGroup, dropped: int, layers: dict[str, Layer], cost, p
             us += sign * cost.conv_us(op)
             macs += sign * conv_macs(width, 1, layer.kernel, (layer.h_out, layer.w_out))
     for name in group.consumers:
-        if name not in layers:  # a Gemm head: MACs only (the cost model times Convs)
-            macs += _gemm_macs_per_input(nodes[name], index, per_node) * dropped
+        if name not in layers:
             continue
         layer = layers[name]
         before, after = _conv(layer, layer.c_in, layer.c_out, cost), _conv(layer, layer.c_in - dropped, layer.c_out,
@@ -204,25 +190,16 @@ def _conv(layer: Layer, c_in: int, c_out: int, cost) -> tuple[float, int]:
     return cost.conv_us(op), conv_macs(c_out, c_in, layer.kernel, (layer.h_out, layer.w_out))
 
 
-def _reader_weight(node, index: GraphIndex) -> np.ndarray:
-    """A reader's weight as [out, in, ...] (a Gemm as a 1×1 Conv)."""
-    weight = index.constant(node.input[1])
-    return gemm_as_conv_weight(node, weight) if node.op_type == "Gemm" else weight
-
-
 def _columns(group: ChannelGroup, tensor: str, dropped: list[int]) -> list[int]:
     """Input channels of a reader of ``tensor`` that are the group's ``dropped`` channels."""
     return [offset + c for t, offset in group.members if t == tensor for c in dropped]
 
 
-def _proxy(model: onnx.ModelProto, group: ChannelGroup, dropped: list[int]) -> float:
-    index = GraphIndex(model.graph)
-    nodes = {n.name: n for n in model.graph.node}
+def _proxy(group: ChannelGroup, dropped: list[int], index: GraphIndex, nodes: dict) -> float:
     total = 0.0
     for name in group.consumers:
         node = nodes[name]
-        weight = _reader_weight(node, index).astype(np.float64)
-        energy = (np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1) ** 2).sum(1)
+        energy = reader_channel_energy(node, index)
         total += float(energy[_columns(group, node.input[0], dropped)].sum() / max(energy.sum(), 1e-30))
     return total
 
@@ -230,8 +207,8 @@ def _proxy(model: onnx.ModelProto, group: ChannelGroup, dropped: list[int]) -> f
 class _Probe:
     """The network's output change when a group's dropped channels are read as zero."""
 
-    def __init__(self, model: onnx.ModelProto, feeds: dict):
-        self.model = model
+    def __init__(self, model: onnx.ModelProto, feeds: dict, index: GraphIndex, nodes: dict):
+        self.model, self.index, self.nodes = model, index, nodes
         self.batch, unit, feeds = batch_size(model, feeds, [])
         _, held = split_holdout(feeds, unit)
         if not count(held):
@@ -239,8 +216,6 @@ class _Probe:
         keep = max(unit, min(PROBE_SAMPLES, count(held)) // unit * unit)
         self.held = {k: v[:keep] for k, v in held.items()}
         self.reference = graph_outputs(model, self.held, self.batch)
-        self.index = GraphIndex(model.graph)
-        self.nodes = {n.name: n for n in model.graph.node}
 
     def cost(self, group: ChannelGroup, dropped: list[int]) -> float:
         masked = onnx.ModelProto()
@@ -250,16 +225,10 @@ class _Probe:
             node = self.nodes[name]
             weight = self.index.constant(node.input[1]).copy()
             columns = _columns(group, node.input[0], dropped)
-            if node.op_type == "Gemm" and not _trans_b(node):
+            if node.op_type == "Gemm" and not get_attr(node, "transB", 0):  # B is [inputs, outputs]
                 weight[columns, :] = 0.0
-            elif node.op_type == "Gemm":
-                weight[:, columns] = 0.0
-            else:
+            else:  # a Conv's [out, in, ...] or a Gemm's transposed B
                 weight[:, columns] = 0.0
             by_name[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(weight, node.input[1]))
         got = graph_outputs(masked, self.held, self.batch, names=list(self.reference))
         return output_change(self.reference, got, self.model.graph.output[0].name)["kl"]
-
-
-def _trans_b(node) -> bool:
-    return any(a.name == "transB" and a.i for a in node.attribute)

@@ -163,11 +163,16 @@ def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], which: str) -
     try:
         return sess.run(None, feeds)
     except Exception as exc:  # ORT raises several unrelated types for a failed run
-        shapes = ", ".join(f"{name}={'x'.join(map(str, value.shape))}" for name, value in feeds.items())
-        message = f"ONNX Runtime cannot run {which} on inputs {shapes}: {str(exc).strip() or type(exc).__name__}"
+        message = (f"ONNX Runtime cannot run {which} on inputs {_shapes_text(feeds)}: "
+                   f"{str(exc).strip() or type(exc).__name__}")
         if which == "the input model":
             raise UserError(message + SHAPE_HINT) from None
         raise InternalError(message) from exc
+
+
+def _shapes_text(feeds: dict[str, np.ndarray]) -> str:
+    """``name=1x3x224x224, ...``: the inputs a failed run was given, for its one-line error."""
+    return ", ".join(f"{name}={'x'.join(map(str, value.shape))}" for name, value in feeds.items())
 
 
 def check_runs(model: onnx.ModelProto, seed: int = 0) -> None:
@@ -195,9 +200,9 @@ def check_runs_on_calibration(model: onnx.ModelProto, feeds: dict) -> None:
     except UserError:
         raise
     except Exception as exc:  # ORT raises several unrelated types for a failed run
-        shapes = ", ".join(f"{name}={'x'.join(map(str, value.shape))}" for name, value in first.items())
-        raise UserError(f"ONNX Runtime cannot run the input model on the --calib inputs ({shapes}, the batches "
-                        f"calibration runs): {ort_reason(exc)}; does the model hard-code a batch size?") from None
+        raise UserError(f"ONNX Runtime cannot run the input model on the --calib inputs ({_shapes_text(first)}, "
+                        f"the batches calibration runs): {ort_reason(exc)}; does the model hard-code a batch "
+                        f"size?") from None
 
 
 def required_inputs(model: onnx.ModelProto) -> list[str]:

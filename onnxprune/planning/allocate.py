@@ -93,6 +93,14 @@ def speed_weight(sensitivity: SensitivityReport) -> float:
     return MEASURED_SPEED_WEIGHT if measured else PROXY_SPEED_WEIGHT
 
 
+def speed_weighted(cost: float, saving_us: float, saving_macs: float, dense_us_per_mac: float, weight: float) -> float:
+    """``cost / (ρ / ρ_dense)^weight`` (``speed_weight``): a cut that saves more time per MAC than
+    the model's average counts as cheaper; one that saves no time is floored, not infinite."""
+    if not weight:
+        return cost
+    return cost / max((saving_us / saving_macs) / dense_us_per_mac, 1e-6) ** weight
+
+
 def candidates(planner: _Planner, sensitivity: SensitivityReport) -> dict[str, list[Candidate]]:
     """Every layer's candidate cuts, each with its isolated saving and its fidelity cost
     (weighted by its time saved per MAC, ``speed_weight``)."""
@@ -114,9 +122,7 @@ def candidates(planner: _Planner, sensitivity: SensitivityReport) -> dict[str, l
             d_macs = dense_macs - planner.local_macs(name, state)
             d_time = dense_time - planner.local_time(name, state)
             if d_macs > 0 and d_time > 0:
-                cost = sens.cost_at(option.n_keep)
-                if weight:  # time saved per MAC relative to the model's: > 1 for cuts that pay in time
-                    cost /= ((d_time / d_macs) / dense_us_per_mac) ** weight
+                cost = speed_weighted(sens.cost_at(option.n_keep), d_time, d_macs, dense_us_per_mac, weight)
                 found.append(Candidate(n, option, int(d_macs), float(d_time), cost))
         if found:
             table[name] = found
@@ -153,11 +159,12 @@ def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcom
             return Allocation({}, dense, 0.0, notes, considered)
     state: dict[str, Option] = {}
     chosen: list = []
-    outcome = dense
+    outcome, narrowed = dense, planner
     for _ in range(ROUNDS):
         state, chosen, feasible = _knapsack(table, clusters, need, by_time)
-        outcome = (planner_for(chosen) if chosen else planner).evaluate(0.0, state)
-        value = outcome.time_us if by_time else outcome.macs
+        narrowed = planner_for(chosen) if chosen else planner  # the model as the chosen groups leave it
+        outcome = narrowed.evaluate(0.0, state)
+        value = _value(outcome, by_time)
         if not feasible:
             if not notes:
                 notes.append(NOT_REACHABLE)
@@ -166,18 +173,33 @@ def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcom
             break
         need += value - limit + need / BINS
     else:
-        state, outcome = _deepen(planner_for(chosen) if chosen else planner, table, state, outcome, limit, by_time)
+        state, outcome = _deepen(narrowed, table, state, outcome, limit, by_time)
         if not feasible_state(outcome, limit, by_time):
             notes.append("target missed by layer interactions after tightening; closest plan used")
     if feasible_state(outcome, limit, by_time) and not capped:
-        state, outcome = _relax(planner_for(chosen) if chosen else planner, table, state, outcome, limit, by_time)
-    cost = sum(next(c.cost for c in table[name] if c.option == option) for name, option in state.items())
-    cost += sum(cut.cost for _, cut in chosen)
+        state, outcome = _relax(narrowed, table, state, outcome, limit, by_time)
+    cost_of = _costs(table)
+    cost = sum(cost_of[name][option] for name, option in state.items()) + sum(cut.cost for _, cut in chosen)
     return Allocation(state, outcome, cost, notes, considered, chosen)
 
 
 def feasible_state(outcome: Outcome, limit: float, by_time: bool) -> bool:
-    return (outcome.time_us if by_time else outcome.macs) <= limit
+    return _value(outcome, by_time) <= limit
+
+
+def _value(outcome: Outcome, by_time: bool) -> float:
+    """What the limit bounds: predicted µs for a speed target, MACs otherwise."""
+    return outcome.time_us if by_time else outcome.macs
+
+
+def _local(planner: _Planner, name: str, state: dict[str, Option], by_time: bool) -> float:
+    """``_value`` of the Convs a change to ``name`` touches (exact: no other Conv changes)."""
+    return planner.local_time(name, state) if by_time else planner.local_macs(name, state)
+
+
+def _costs(table) -> dict[str, dict]:
+    """Layer -> option -> fidelity cost of that candidate."""
+    return {name: {c.option: c.cost for c in cands} for name, cands in table.items()}
 
 
 def _relax(planner: _Planner, table, state: dict[str, Option], outcome: Outcome, limit: float,
@@ -188,16 +210,11 @@ def _relax(planner: _Planner, table, state: dict[str, Option], outcome: Outcome,
     most while the exact MACs (time) stay within the limit. Changes are judged by the layer's
     neighbourhood (``_Planner.local_*``: exact, only those Convs change); ``planner`` is the one of
     the model with the chosen group cuts applied, and the result is checked once more in full."""
-    value = outcome.time_us if by_time else outcome.macs
-    cost_of = {name: {c.option: c.cost for c in cands} for name, cands in table.items()}
-
-    def local(name: str, at: dict) -> float:
-        return planner.local_time(name, at) if by_time else planner.local_macs(name, at)
-
+    value, cost_of = _value(outcome, by_time), _costs(table)
     for _ in range(4 * len(state) + 1):
         best = None
         for name, option in state.items():
-            here = local(name, state)
+            here = _local(planner, name, state, by_time)
             for alternative in [None, *(c.option for c in table[name])]:
                 if alternative == option:
                     continue
@@ -209,13 +226,14 @@ def _relax(planner: _Planner, table, state: dict[str, Option], outcome: Outcome,
                     del trial[name]
                 else:
                     trial[name] = alternative
-                if value - here + local(name, trial) <= limit:
-                    best = (gain, trial, value - here + local(name, trial))
+                after = value - here + _local(planner, name, trial, by_time)
+                if after <= limit:
+                    best = (gain, trial, after)
         if best is None:
             break
         _, state, value = best
     relaxed = planner.evaluate(0.0, state)
-    if (relaxed.time_us if by_time else relaxed.macs) > limit:  # never: local changes are exact
+    if not feasible_state(relaxed, limit, by_time):  # never: local changes are exact
         return dict(outcome.state), outcome
     return state, relaxed
 
@@ -227,12 +245,8 @@ def _deepen(planner: _Planner, table, state: dict[str, Option], outcome: Outcome
     deeper candidate, or a cut of a layer not yet cut: the cheapest one that alone meets the
     limit, else the one with the least cost added per unit saved — until the exact value is
     within the limit (or nothing helps: the closest state is kept)."""
-    value = outcome.time_us if by_time else outcome.macs
-    cost_of = {name: {c.option: c.cost for c in cands} for name, cands in table.items()}
+    value, cost_of = _value(outcome, by_time), _costs(table)
     readers = set(table) - set(planner.order)  # a chosen group's readers: no cut of their own
-
-    def local(name: str, at: dict) -> float:
-        return planner.local_time(name, at) if by_time else planner.local_macs(name, at)
 
     for _ in range(2 * len(table) + 1):
         if value <= limit:
@@ -241,12 +255,12 @@ def _deepen(planner: _Planner, table, state: dict[str, Option], outcome: Outcome
         for name, cands in table.items():
             if name in readers:
                 continue
-            here, now = local(name, state), cost_of[name].get(state.get(name), 0.0)
+            here, now = _local(planner, name, state, by_time), cost_of[name].get(state.get(name), 0.0)
             for cand in cands:
                 if cand.option == state.get(name):
                     continue
                 trial = {**state, name: cand.option}
-                saved = here - local(name, trial)
+                saved = here - _local(planner, name, trial, by_time)
                 if saved <= 0:
                     continue
                 added = cand.cost - now

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .allocate import Allocation, allocate, candidate_widths, candidates, speed_plan_of, speed_weight
+from .allocate import (Allocation, allocate, candidate_widths, candidates, speed_plan_of, speed_weight,
+                       speed_weighted)
 from .latency import load_cost_model, profile
 from .sensitivity import SensitivityReport, measure, weight_proxy
 from .speed_plan import MACS_TOLERANCE, SpeedPlan, _check_targets, _macs_target, _Planner, collect_layers
@@ -83,7 +84,7 @@ class FidelityPlanner:
                 if weight:  # the single-Conv candidates' rule (allocate.speed_weight)
                     per_mac = self.dense.time_us / max(self.dense.macs, 1)
                     groups = [replace(g, cuts=tuple(
-                        replace(c, cost=c.cost / max((c.saving_us / c.saving_macs) / per_mac, 1e-6) ** weight)
+                        replace(c, cost=speed_weighted(c.cost, c.saving_us, c.saving_macs, per_mac, weight))
                         for c in g.cuts)) for g in groups]
                 self._groups = groups
         return self._groups
@@ -94,7 +95,7 @@ class FidelityPlanner:
         from ..channels.coupled_candidates import gemm_saving, narrowed_layers
 
         return _Planner(narrowed_layers(self.layers, chosen), self.cost, self.prof,
-                        self.planner.other_macs - gemm_saving(chosen, self._model, self.layers))
+                        self.planner.other_macs - gemm_saving(chosen))
 
     @property
     def offered(self) -> list:

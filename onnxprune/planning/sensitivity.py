@@ -207,15 +207,14 @@ def graph_outputs(model: onnx.ModelProto, feeds: dict, batch: int, names=None) -
         return {name: np.concatenate([np.atleast_1d(p[i]) for p in parts]).astype(np.float64)
                 for i, name in enumerate(wanted)}
     sizes = [min(batch, count(feeds) - s) for s in range(0, count(feeds), batch)]
-    names = wanted
     measurable = {}
-    for i, name in enumerate(names):
+    for i, name in enumerate(wanted):
         values = [p[i] for p in parts]
         if all(np.issubdtype(v.dtype, np.floating) and v.ndim >= 1 and v.shape[0] == size
                for v, size in zip(values, sizes)):
             measurable[name] = np.concatenate(values).astype(np.float64)
     if not measurable:
-        measurable[names[0]] = np.concatenate([np.atleast_1d(p[0]) for p in parts]).astype(np.float64)
+        measurable[wanted[0]] = np.concatenate([np.atleast_1d(p[0]) for p in parts]).astype(np.float64)
     return measurable
 
 
