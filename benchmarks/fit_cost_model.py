@@ -1,0 +1,131 @@
+"""Fit the ORT cost model's coefficients to whole-model latencies (``onnxprune/planning/cost_fit.py``).
+
+Three steps, each a subcommand:
+
+    # 1. pruned variants of a dense model, planned under randomly perturbed per-class costs so
+    #    that they cut different kinds of Convs (1×1, k×k, depthwise, streams) by different amounts
+    python benchmarks/fit_cost_model.py variants DENSE.onnx OUTDIR [--n 8]
+    # 2. time the dense model and its variants side by side (interleaved medians), batch 1 and 8;
+    #    each sample is stored with its Convs' shapes
+    python benchmarks/fit_cost_model.py measure FAMILY DENSE.onnx VARIANT.onnx ... --out S.json
+    # 3. fit on every family, validate leaving each family out, print the coefficients
+    python benchmarks/fit_cost_model.py fit S.json ... [--provider cpu|cuda]
+
+Any pruned variants will do for step 2: what a sample records is its Convs' shapes and its
+median latency. The CPU samples in ``benchmarks/results/cost_fit/`` (ORT CPU, 2 threads, this
+project's machine) are 8 variants from step 1 per network (made by a prototype of it with other
+base costs) plus the default, Torch-Pruning and other plans at ≈0.58 and ≈0.40 of the MACs;
+``tests/test_cost_fit.py`` fits and validates them. Findings: benchmarks/README.md, "A cost
+model fitted to whole-model latencies".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnxprune.planning import cost_fit  # noqa: E402
+from onnxprune.planning.cost_fit import FEATURES  # noqa: E402
+
+TARGETS = (0.8, 0.65, 0.5, 0.4)
+
+
+def variants(args) -> None:
+    """Plans of ``args.dense`` under random per-class costs (seeded: the same files every run)."""
+    import importlib
+
+    from onnxprune.cli import main
+
+    planners = [importlib.import_module(f"onnxprune.planning.{name}") for name in ("fidelity_plan", "speed_plan")]
+
+    base = np.array([8.0, 1.5e-5, 1.3e-5, 3e-5, 7e-5, 1.5e-5, 3e-4])  # rough in-graph µs per unit
+    out = Path(args.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    original = [planner.load_cost_model for planner in planners]
+    try:
+        for i in range(args.n):
+            rng = np.random.default_rng(1000 + i)
+            scale = np.exp(rng.uniform(np.log(0.2), np.log(5.0), size=base.size))
+            scale[0] = 1.0
+            model = cost_fit.FittedModel("cpu", base * scale)
+            for planner in planners:  # the planners' only way to the cost model
+                planner.load_cost_model = lambda provider="cpu", table_path=None, model=model: model
+            target = TARGETS[i % len(TARGETS)]
+            path = out / f"rand{i}_{target}.onnx"
+            rc = main([args.dense, str(path), "--target-macs", str(target), "--quiet"])
+            print(f"{path}: exit {rc}", flush=True)
+    finally:
+        for planner, load in zip(planners, original):
+            planner.load_cost_model = load
+
+
+def measure(args) -> None:
+    from onnxprune.checks.bench import Settings, compare
+
+    paths = [args.dense, *args.variants]
+    models = [onnx.load(p) for p in paths]
+    report = compare(models, paths, args.batch, Settings(provider=args.provider, threads=args.threads),
+                     repeat=args.repeat)
+    samples = []
+    for result in report["results"]:
+        for path, model, row in zip(paths, models, result["rows"]):
+            ops = cost_fit.model_conv_ops(model, result["batch"])
+            samples.append({"provider": args.provider, "family": args.family, "batch": result["batch"], "label": path,
+                            "dense": path == args.dense, "median_ms": row["median_ms"],
+                            "ops": [op.key for op in ops]})
+            print(f"{args.family} b{result['batch']} {path}: {row['median_ms']:.3f} ms "
+                  f"({row['speedup_vs_first']:.2f}x)")
+    data = {"settings": report["settings"], "repeat": args.repeat, "samples": samples}
+    Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def fit(args) -> None:
+    samples, dense = cost_fit.load_samples(args.samples)
+    result = cost_fit.fit(samples, args.provider)
+    print("coefficients (µs per unit):")
+    for name, value in zip(FEATURES, result.coefficients):
+        print(f"  {name:16s} {value:.4g}")
+    print("leave one network out (speedup over dense: median |error|; Spearman of latencies):")
+    for key, row in cost_fit.validate(samples, dense, args.provider).items():
+        f, a = row["fitted"], row["analytical"]
+        print(f"  {key:24s} {row['variants']:2d} variants  fitted {f['median_abs_speedup_error']:.3f} / "
+              f"{f['spearman']:.2f}   analytical {a['median_abs_speedup_error']:.3f} / {a['spearman']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("variants")
+    p.add_argument("dense")
+    p.add_argument("outdir")
+    p.add_argument("--n", type=int, default=8)
+    p.set_defaults(run=variants)
+    p = sub.add_parser("measure")
+    p.add_argument("family")
+    p.add_argument("dense")
+    p.add_argument("variants", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8])
+    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: IOBinding timing as onnxprune bench does; fit such samples with --provider cuda")
+    p.set_defaults(run=measure)
+    p = sub.add_parser("fit")
+    p.add_argument("samples", nargs="+")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    p.set_defaults(run=fit)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
