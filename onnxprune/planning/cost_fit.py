@@ -10,8 +10,7 @@ as they run in a graph, including the fusions (Conv+Add+Relu) and the blocked-la
 
 Model (microseconds per Conv, linear in the coefficients ``c``)::
 
-    t(op) = c_overhead
-          + c_1x1   · MACs  (group=1, block-aligned, 1×1)
+    t(op) = c_1x1   · MACs  (group=1, block-aligned, 1×1)
           + c_kxk   · MACs  (group=1, block-aligned, larger kernels)
           + c_unal  · MACs  (group=1, channels off the SIMD block)
           + c_dw    · MACs  (depthwise)
@@ -21,84 +20,55 @@ Model (microseconds per Conv, linear in the coefficients ``c``)::
 A model's latency is the sum over its Convs plus a rest (pooling, Gemm, the non-fused
 elementwise ops) that is one unknown per network and batch: ``fit`` solves for ``c`` and every
 rest together, by non-negative least squares on relative error (each model's time counts as
-much as any other's, whatever its size). ``validate`` holds one network out: its rest is taken
+much as any other's, whatever its size; rests are times, so they are kept >= 0 too — on the
+recorded samples two of them sit at that bound, so the coefficients are loosely determined).
+There is no per-Conv overhead term: pruning keeps a network's Conv count, so a constant per
+Conv cannot be told apart from the rest. ``validate`` holds one network out: its rest is taken
 from its dense model alone, as a user's planner would know it, and its pruned variants'
-latencies are predicted.
+latencies are predicted; the baselines are the analytical model with its scale fitted the same
+way and the analytical model as the planner uses it (the ratio of summed Conv times).
 
 Gathers keep the analytical model's cost (it was set from in-graph measurements); the
 coefficients are in-graph microseconds too, so both stay on one scale.
 
 Status: a measurement tool, not the planner's default. Fitted on three of ResNet-18/50,
-MobileNetV2 and EfficientNet-Lite0, it predicts the fourth's latencies better than the
-analytical model, but plans made with it were no faster than the analytical model's (slower on
-MobileNetV2); benchmarks/README.md, "A cost model fitted to measurements", has the numbers.
+MobileNetV2 and EfficientNet-Lite0, it ranks the fourth's pruned variants about as well as the
+analytical model or better, but its speedup predictions are not closer than the planner's own
+ratio on ResNet-50, and plans made with it were no faster (slower on MobileNetV2);
+benchmarks/README.md, "A cost model fitted to measurements", has the numbers.
 The same fit applies to CUDA samples (``benchmarks/fit_cost_model.py measure --provider cuda``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from .latency import AnalyticalModel, ConvOp, grouped_efficiency, on_fast_path, parse_key, profile
+from .latency import AnalyticalModel, ConvOp, parse_key
 
-FEATURES = ("overhead", "macs_1x1", "macs_kxk", "macs_unaligned", "macs_depthwise", "macs_grouped",
-            "output_elements")
+FEATURES = ("macs_1x1", "macs_kxk", "macs_unaligned", "macs_depthwise", "macs_grouped", "output_elements")
 
 
 def conv_features(op: ConvOp, provider: str = "cpu") -> np.ndarray:
-    """``op``'s row of the design matrix, in ``FEATURES`` order."""
-    prof = profile(provider)
+    """``op``'s row of the design matrix, in ``FEATURES`` order (its class from the analytical
+    model's rules: block alignment, depthwise, grouped efficiency)."""
+    analytical = AnalyticalModel(provider)
     row = np.zeros(len(FEATURES))
-    row[0] = 1.0
     macs = float(op.macs)
     if op.groups == 1:
-        if not on_fast_path(op, prof):
-            row[3] = macs
-        elif op.kernel == (1, 1):
-            row[1] = macs
-        else:
+        if analytical.efficiency(op) < 1.0:
             row[2] = macs
+        elif op.kernel == (1, 1):
+            row[0] = macs
+        else:
+            row[1] = macs
     elif op.groups == op.c_in == op.c_out:
-        row[4] = macs
+        row[3] = macs
     else:
-        efficiency = grouped_efficiency(op.c_out // op.groups, prof)
-        row[5] = macs / (efficiency if on_fast_path(op, prof) else efficiency * prof.unaligned_grouped)
-    row[6] = float(op.batch * op.c_out * op.h_out * op.w_out)
+        row[4] = macs / analytical.efficiency(op)
+    row[5] = float(op.batch * op.c_out * op.h_out * op.w_out)
     return row
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One measured model: its network (``family``), batch, Convs and median latency."""
-
-    family: str
-    batch: int
-    ops: tuple[ConvOp, ...]
-    median_ms: float
-    label: str = ""
-
-    @property
-    def rest_key(self) -> tuple[str, int]:
-        return (self.family, self.batch)
-
-    def features(self, provider: str = "cpu", features=None) -> np.ndarray:
-        features = features or conv_features
-        return np.sum([features(op, provider) for op in self.ops], axis=0)
-
-
-@dataclass(frozen=True)
-class Fit:
-    """Fitted coefficients (``FEATURES`` order, µs per unit) and each network's rest (µs)."""
-
-    provider: str
-    coefficients: tuple[float, ...]
-    rests: dict = field(default_factory=dict)
-    features: object = None  # the design-matrix row of one op (default ``conv_features``)
-
-    def conv_us(self, op: ConvOp) -> float:
-        return float((self.features or conv_features)(op, self.provider) @ np.asarray(self.coefficients))
 
 
 def analytical_features(op: ConvOp, provider: str = "cpu") -> np.ndarray:
@@ -107,13 +77,54 @@ def analytical_features(op: ConvOp, provider: str = "cpu") -> np.ndarray:
     return np.array([AnalyticalModel(provider).conv_us(op)])
 
 
-def fit(samples: list[Sample], provider: str = "cpu", features=None) -> Fit:
+@dataclass(frozen=True)
+class Sample:
+    """One measured model: its network (``family``), batch, Convs and median latency; ``dense``
+    marks the unpruned model of its network and batch."""
+
+    family: str
+    batch: int
+    ops: tuple[ConvOp, ...]
+    median_ms: float
+    label: str = ""
+    dense: bool = False
+
+    @property
+    def rest_key(self) -> tuple[str, int]:
+        return (self.family, self.batch)
+
+    def features(self, provider: str = "cpu", features=conv_features) -> np.ndarray:
+        return np.sum([features(op, provider) for op in self.ops], axis=0)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Fitted coefficients (µs per unit of each feature) and each network's rest (µs)."""
+
+    provider: str
+    coefficients: tuple[float, ...]
+    rests: tuple[tuple[tuple[str, int], float], ...] = ()
+    features: object = conv_features  # the design-matrix row of one op
+
+    def conv_us(self, op: ConvOp) -> float:
+        return float(self.features(op, self.provider) @ np.asarray(self.coefficients))
+
+    def model(self) -> "FittedModel":
+        """The planner's cost-model interface over these coefficients."""
+        if self.features is not conv_features:
+            raise ValueError("only a fit of conv_features makes a FittedModel")
+        return FittedModel(self.provider, self.coefficients)
+
+
+def fit(samples: list[Sample], provider: str = "cpu", features=conv_features) -> Fit:
     """Coefficients and per-network rests minimising the squared relative error of every sample."""
     from scipy.optimize import nnls
 
+    if not samples:
+        raise ValueError("no samples to fit")
     keys = sorted({s.rest_key for s in samples})
     columns = {key: i for i, key in enumerate(keys)}
-    width = len((features or conv_features)(samples[0].ops[0], provider))
+    width = len(features(samples[0].ops[0], provider))
     design = np.zeros((len(samples), width + len(keys)))
     target = np.zeros(len(samples))
     for row, sample in enumerate(samples):
@@ -128,7 +139,7 @@ def fit(samples: list[Sample], provider: str = "cpu", features=None) -> Fit:
     solution, _ = nnls(scaled / norms, target * weight)
     solution = solution / norms
     coefficients = tuple(float(v) for v in solution[:width])
-    rests = {key: float(solution[width + i]) for key, i in columns.items()}
+    rests = tuple((key, float(solution[width + i])) for key, i in columns.items())
     return Fit(provider, coefficients, rests, features)
 
 
@@ -142,32 +153,50 @@ def predict_family(model, samples: list[Sample], dense: Sample) -> list[float]:
     return [(convs(s) + rest) / 1e3 for s in samples]
 
 
-def validate(samples: list[Sample], dense_labels: dict, provider: str = "cpu") -> dict:
+def planner_speedups(model, samples: list[Sample], dense: Sample) -> list[float]:
+    """Speedups as the planner predicts them: dense Conv time over the variant's (no rest)."""
+    def convs(sample):
+        return sum(model.conv_us(op) for op in sample.ops)
+
+    return [convs(dense) / convs(s) for s in samples]
+
+
+def validate(samples: list[Sample], provider: str = "cpu") -> dict:
     """Leave-one-network-out: fit on the others, predict the held-out network's variants.
 
-    ``dense_labels``: family -> label of its dense sample. Returns per family and batch the
-    median absolute error of predicted speedup over dense, and the Spearman correlation of
-    predicted and measured latencies, for the fitted model and for the analytical model with
-    its scale fitted on the same networks (``analytical_features``)."""
+    Per held-out network and batch: the median absolute error of the predicted speedup over the
+    dense model and the Spearman correlation of predicted and measured latencies, for the fitted
+    model, the analytical model with its scale fitted on the same networks
+    (``analytical_features``) and the analytical model as the planner uses it
+    (``planner_speedups``; its Spearman is that of speedups, the same ranking)."""
     from scipy.stats import spearmanr
 
+    families = sorted({s.family for s in samples})
+    if len(families) < 2:
+        raise ValueError(f"leave-one-network-out needs samples of 2 or more networks, got {families}")
     out = {}
-    for family in sorted({s.family for s in samples}):
+    for family in families:
         training = [s for s in samples if s.family != family]
-        fitted = fit(training, provider)
-        analytical = fit(training, provider, analytical_features)
+        models = {"fitted": fit(training, provider), "analytical": fit(training, provider, analytical_features)}
         for batch in sorted({s.batch for s in samples if s.family == family}):
             group = [s for s in samples if s.family == family and s.batch == batch]
-            dense = next(s for s in group if s.label == dense_labels[family])
-            variants = [s for s in group if s is not dense]
+            dense = [s for s in group if s.dense]
+            if len(dense) != 1:
+                raise ValueError(f"{family} at batch {batch}: {len(dense)} dense samples, expected 1")
+            variants = [s for s in group if not s.dense]
             if len(variants) < 3:
                 continue
-            measured = np.array([dense.median_ms / s.median_ms for s in variants])
+            measured_ms = np.array([s.median_ms for s in variants])
+            measured = dense[0].median_ms / measured_ms
             row = {"variants": len(variants)}
-            for name, model in (("fitted", fitted), ("analytical", analytical)):
-                predicted = np.array([dense.median_ms / ms for ms in predict_family(model, variants, dense)])
-                row[name] = {"median_abs_speedup_error": float(np.median(np.abs(predicted - measured))),
-                             "spearman": float(spearmanr(predicted, measured)[0])}
+            for name, model in models.items():
+                predicted_ms = np.array(predict_family(model, variants, dense[0]))
+                row[name] = {"median_abs_speedup_error": float(np.median(np.abs(
+                                 dense[0].median_ms / predicted_ms - measured))),
+                             "spearman": float(spearmanr(predicted_ms, measured_ms)[0])}
+            speedups = np.array(planner_speedups(AnalyticalModel(provider), variants, dense[0]))
+            row["planner"] = {"median_abs_speedup_error": float(np.median(np.abs(speedups - measured))),
+                              "spearman": float(spearmanr(speedups, measured)[0])}
             out[f"{family}/b{batch}"] = row
     return out
 
@@ -206,19 +235,21 @@ def model_conv_ops(model, batch: int = 1) -> tuple[ConvOp, ...]:
     return tuple(ops)
 
 
-def load_samples(paths) -> tuple[list[Sample], dict[str, str]]:
-    """Samples recorded by ``benchmarks/fit_cost_model.py measure`` and each family's dense label."""
+def load_samples(paths) -> tuple[list[Sample], str]:
+    """Samples recorded by ``benchmarks/fit_cost_model.py measure`` and the provider they were
+    timed on (all files must agree)."""
     import json
     from pathlib import Path
 
-    samples, dense = [], {}
+    samples, providers = [], set()
     for path in paths:
         for row in json.loads(Path(path).read_text(encoding="utf-8"))["samples"]:
             samples.append(Sample(row["family"], row["batch"], ops_from_keys(row["ops"]), row["median_ms"],
-                                  row["label"]))
-            if row["dense"]:
-                dense[row["family"]] = row["label"]
-    return samples, dense
+                                  row["label"], bool(row["dense"])))
+            providers.add(row.get("provider", "cpu"))
+    if len(providers) != 1:
+        raise ValueError(f"samples from {len(providers)} providers ({sorted(providers)}): fit one at a time")
+    return samples, providers.pop()
 
 
 def ops_from_keys(keys) -> tuple[ConvOp, ...]:
