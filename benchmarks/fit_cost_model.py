@@ -134,7 +134,10 @@ def main() -> None:
     p.add_argument("samples", nargs="+")
     p.set_defaults(run=fit)
     args = parser.parse_args()
-    args.run(args)
+    try:
+        args.run(args)
+    except ValueError as exc:  # the library's one-line reasons (too few networks, mixed providers)
+        sys.exit(f"fit_cost_model.py {args.command}: {exc}")
 
 
 if __name__ == "__main__":
