@@ -140,14 +140,13 @@ def choose(model: onnx.ModelProto, rate: float, align: int, exclude=(), feeds: d
     if not 0.0 < rate < 1.0:
         raise UserError(f"--coupled-rate must be in (0, 1), got {rate}")
     found = eligible(model, align, exclude, also_in)
-    ranked = rank_channels(model, [group for group, _ in found.candidates], feeds)
+    ranked = rank_channels(model, found.candidates, feeds)
     kept = {}
-    for group, _ in found.candidates:
+    for group in found.candidates:
         kept_count = align_channels((1.0 - rate) * group.width, align, group.width)
-        if kept_count >= group.width:
-            if group.width >= align:
-                found.left.append({"members": [list(m) for m in group.members[:3]], "width": group.width,
-                                   "reason": f"too narrow to lose a {align}-channel block"})
+        if kept_count >= group.width:  # eligible groups are wider than a block: always reported
+            found.left.append({"members": [list(m) for m in group.members[:3]], "width": group.width,
+                               "reason": f"too narrow to lose a {align}-channel block"})
             continue
         kept[group.members] = ranked[group.members][:kept_count]
     return plan_cuts(model, found, kept, rate, align, CHANNELS_DATA if feeds else CHANNELS)
@@ -158,7 +157,7 @@ class Eligible:
     """The groups of one model that can be narrowed, and why the others cannot."""
 
     analysis: ChannelAnalysis
-    candidates: list[tuple[ChannelGroup, str]]  # (group, "") for every narrowable group
+    candidates: list[ChannelGroup]  # every narrowable group
     left: list[dict]
 
 
@@ -181,7 +180,7 @@ def eligible(model: onnx.ModelProto, align: int, exclude=(), also_in=()) -> Elig
                 left.append({"members": [list(m) for m in group.members[:3]], "width": group.width,
                              "reason": reason})
             continue
-        candidates.append((group, ""))
+        candidates.append(group)
     return Eligible(analysis, candidates, left)
 
 
@@ -190,7 +189,7 @@ def rank_channels(model: onnx.ModelProto, groups: list[ChannelGroup], feeds: dic
     step 1); the kept channels of any width are a prefix of this order."""
     index = GraphIndex(model.graph)
     nodes = {n.name: n for n in model.graph.node}
-    energy = _channel_energy(model, [(g, 0) for g in groups], nodes, feeds) if feeds and groups else None
+    energy = _channel_energy(model, groups, nodes, feeds) if feeds and groups else None
     return {g.members: [int(c) for c in np.argsort(-_importance(g, nodes, index, energy), kind="stable")]
             for g in groups}
 
@@ -199,7 +198,7 @@ def plan_cuts(model: onnx.ModelProto, found: Eligible, kept: dict[tuple, list[in
               importance: str) -> CoupledPlan:
     """The CoupledPlan removing, from each group in ``kept`` (by members), all but those channels."""
     cuts = []
-    for group, _ in found.candidates:
+    for group in found.candidates:
         if group.members in kept:
             channels = tuple(sorted(int(k) for k in kept[group.members]))
             cuts.append(CoupledCut(group.members, group.width, channels, group.producers, group.consumers,
@@ -275,13 +274,13 @@ def reader_channel_energy(node: onnx.NodeProto, index: GraphIndex) -> np.ndarray
     return (np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1) ** 2).sum(1)
 
 
-def _channel_energy(model: onnx.ModelProto, candidates, nodes: dict, feeds: dict) -> dict[str, np.ndarray]:
+def _channel_energy(model: onnx.ModelProto, groups, nodes: dict, feeds: dict) -> dict[str, np.ndarray]:
     """Mean square per channel of every tensor the candidate groups' readers read, over the first
     ``ENERGY_SAMPLES`` calibration inputs, in the dense model."""
     from ..calibration.calib_stream import batch_size
     from ..checks.runtime import create_session
 
-    tensors = sorted({nodes[name].input[0] for group, _ in candidates for name in group.consumers})
+    tensors = sorted({nodes[name].input[0] for group in groups for name in group.consumers})
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     listed = {o.name for o in probe.graph.output}
@@ -419,7 +418,7 @@ def from_records(model: onnx.ModelProto, symbolic: onnx.ModelProto, plan: Plan, 
     whose layer in the plan does not keep exactly the group's kept channels (G=1) is a user
     error: the rewrite would not compute what the plan says."""
     found = eligible(model, 1, config.exclude, [symbolic])
-    by_members = {group.members: group for group, _ in found.candidates}
+    by_members = {group.members: group for group in found.candidates}
     kept = {}
     for record in plan.coupled:
         members = tuple((str(t), int(o)) for t, o in record["members"])

@@ -77,14 +77,14 @@ def group_candidates(model: onnx.ModelProto, layers: dict[str, Layer], cost, ali
     planner sees them, ``cost``: the planner's cost model; ``found``: ``coupled.eligible`` of it,
     whose ``left`` gains the groups auto mode cannot use)."""
     readers: dict[str, int] = {}
-    for group, _ in found.candidates:
+    for group in found.candidates:
         for name in group.consumers:
             readers[name] = readers.get(name, 0) + 1
     index = GraphIndex(model.graph)
     nodes = {n.name: n for n in model.graph.node}
     initializers = {init.name for init in model.graph.initializer}
     usable = []
-    for group, _ in found.candidates:
+    for group in found.candidates:
         if any(readers[name] > 1 for name in group.consumers):
             reason = "a reader also reads another group (auto mode cuts one group per reader)"
         elif not all(name in layers for name in group.producers) or not all(

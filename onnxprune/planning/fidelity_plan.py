@@ -37,7 +37,7 @@ class FidelityPlanner:
             from ..channels.coupled import eligible
 
             self.eligible = eligible(model, self.prof.align, config.exclude, coupled_also_in)
-            writers = {name for group, _ in self.eligible.candidates for name in group.producers}
+            writers = {name for group in self.eligible.candidates for name in group.producers}
             config = replace(config, g1_only=tuple(sorted(set(config.g1_only) | writers)))
         layers, self.skipped, other_macs = collect_layers(model, config)
         self.layers = layers
