@@ -105,10 +105,14 @@ def fit(args) -> None:
 
 
 def batches(text: str) -> list[int]:
+    """``onnxprune bench``'s --batch rule, as an argparse type."""
+    from onnxprune.commands.bench import parse_batches
+    from onnxprune.errors import UserError
+
     try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        return parse_batches(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main() -> None:
