@@ -141,7 +141,7 @@ def evaluate_gates(report: dict, config) -> list[dict]:
     if getattr(config, "check_speed", False):
         speed = report.get("speed") or {}
         ratio, limit = speed.get("ratio"), 1.0 + speed.get("margin", 0.0)
-        detail = (f"latency ratio {ratio:.3f} (median {speed['pruned_median_ms']:.3f} ms vs "
+        detail = (f"per-round latency ratio {ratio:.3f} (medians {speed['pruned_median_ms']:.3f} ms vs "
                   f"{speed['original_median_ms']:.3f} ms on {speed['settings']['provider']}) "
                   f"{'<=' if speed['passed'] else '>'} {limit:.2f}: "
                   + ("not slower than the input" if speed["passed"] else "slower than the input"))
