@@ -4,13 +4,22 @@ For each model (random weights, 224×224, symbolic batch) this builds:
 - dense: the exported model;
 - onnxprune G=8: the paper's setting, rate 0.4375, 8 groups in every prunable Conv (kept kernels
   chosen by L1 magnitude unless --full-planner: same shapes, so the same latency);
-- onnxprune auto: ``--groups auto`` at the same MACs as G=8 (``target_macs``);
 - onnxsim: onnxsim 0.8.1 ``pruning.apply_structured_pruning`` (L1), sparsity bisected to the same MACs;
 - torch-pruning: Torch-Pruning 1.6 ``MagnitudePruner`` (L1, round_to=16, fc left dense), pruning
   ratio bisected to the same MACs, then exported;
+- onnxprune auto: ``--groups auto`` at the MACs the peers reached (see below), else at the target;
 and times them all side by side with ``onnxprune.checks.bench.compare`` (interleaved, medians) at each batch.
 Peers that cannot reach the MACs target report what they did reach. Needs torch, onnxsim==0.8.1,
 torch-pruning==1.6.* (benchmark-only dependencies).
+
+Equal MACs: the peers' bisections land at or below the target in their own steps (Torch-Pruning's
+16-channel rounding: ResNet-50 at 0.572 for 0.58, 0.393 for 0.40), and onnxprune counts a
+``--target-macs F`` as met up to F + 0.005, so side by side onnxprune used to run 2–3% more MACs
+than Torch-Pruning: a head start worth about as much as the differences measured. The peers are
+therefore built first and onnxprune is planned for the lowest MACs ratio a peer reached, minus that
+tolerance, so it never runs more MACs than any peer (``--no-match-peers``: the target as given).
+Each onnxprune row's last column is its per-round latency ratio to each peer, with a 95% interval
+(``bench.paired_ratio``): below 1 is faster than the peer, an interval containing 1 is a tie.
 
     python benchmarks/speed.py [--models resnet18 resnet50 wide mobilenet_v2] [--batch 1,8] [--repeat 12]
 """
@@ -34,7 +43,7 @@ import torch  # noqa: E402
 
 from torch_models import BUILDERS, export, randomize_bn  # noqa: E402
 from onnxprune.ir.analysis import find_prunable_convs  # noqa: E402
-from onnxprune.checks.bench import Settings, compare  # noqa: E402
+from onnxprune.checks.bench import Settings, compare, paired_ratio  # noqa: E402
 from onnxprune.ir.graph import GraphIndex  # noqa: E402
 from onnxprune.gkp.kernel_selection import n_kept  # noqa: E402
 from onnxprune.ir.normalize import normalize  # noqa: E402
@@ -42,6 +51,7 @@ from onnxprune.planning.plan import LayerPlan, Plan  # noqa: E402
 from onnxprune.ir.macs import count_macs, count_params  # noqa: E402
 from onnxprune.ir.model_io import save_model  # noqa: E402
 from onnxprune.pipeline import PruneConfig, prune  # noqa: E402
+from onnxprune.planning.speed_plan import MACS_TOLERANCE  # noqa: E402
 
 MODELS = ("resnet18", "resnet50", "wide", "mobilenet_v2")
 CLASSIFIER = {"resnet18": "fc", "resnet50": "fc", "mobilenet_v2": "classifier"}
@@ -157,6 +167,23 @@ def build_variants(name: str, folder: Path, args) -> tuple[list, list]:
     log(f"{name}: G=8 pruned in {time.perf_counter() - t:.0f}s, MACs x{target:.3f}")
     labels.append("onnxprune G=8 r=0.4375"), models.append(g8), notes.append("paper setting"), slugs.append("g8")
 
+    peers = []  # (label, model, note, slug), built first: onnxprune is planned at the MACs they reach
+    if "onnxsim" in args.peers:
+        t = time.perf_counter()
+        model, note = onnxsim_at(dense, target)
+        log(f"{name}: onnxsim in {time.perf_counter() - t:.0f}s ({note})")
+        peers.append(("onnxsim 0.8.1 structured", model, note, "onnxsim"))
+    if "torch-pruning" in args.peers and net is not None:
+        t = time.perf_counter()
+        model, note = torch_pruning_at(name, net, target, folder)
+        log(f"{name}: torch-pruning in {time.perf_counter() - t:.0f}s ({note})")
+        peers.append(("Torch-Pruning 1.6 L1 r16", model, note, "torchpruning"))
+    reached = [macs_of(model) / macs_of(dense) for _, model, _, _ in peers]
+    if args.match_peers and reached:
+        target = min([target, *reached]) - MACS_TOLERANCE
+        log(f"{name}: peers reached MACs x{', x'.join(f'{r:.3f}' for r in reached)}; "
+            f"onnxprune planned for x{target:.4f}")
+
     for provider in args.auto_for or [args.provider]:
         for planner in args.planners:
             t = time.perf_counter()
@@ -180,21 +207,26 @@ def build_variants(name: str, folder: Path, args) -> tuple[list, list]:
             labels.append(f"onnxprune auto --coupled-rate {rate} --planner {planner}"), models.append(auto)
             notes.append(f"{groups} coupled groups narrowed"), slugs.append(f"coupled{rate}-{planner}")
 
-    if "onnxsim" in args.peers:
-        t = time.perf_counter()
-        model, note = onnxsim_at(dense, target)
-        log(f"{name}: onnxsim in {time.perf_counter() - t:.0f}s ({note})")
-        labels.append("onnxsim 0.8.1 structured"), models.append(model), notes.append(note)
-        slugs.append("onnxsim")
-    if "torch-pruning" in args.peers and net is not None:
-        t = time.perf_counter()
-        model, note = torch_pruning_at(name, net, target, folder)
-        log(f"{name}: torch-pruning in {time.perf_counter() - t:.0f}s ({note})")
-        labels.append("Torch-Pruning 1.6 L1 r16"), models.append(model), notes.append(note)
-        slugs.append("torchpruning")
+    for label, model, note, slug in peers:
+        labels.append(label), models.append(model), notes.append(note), slugs.append(slug)
     for slug, model in zip(slugs, models):  # kept for benchmarks/cuda_speed.sh and re-runs of onnxprune bench
         save_model(model, folder / f"{name}__{slug}.onnx")
     return [(label, note) for label, note in zip(labels, notes)], models
+
+
+def vs_peers(report: dict, i: int, peer_rows: list[int], labels) -> str:
+    """For an onnxprune row: its per-round latency ratio to each peer at each batch, 95% interval."""
+    if not labels[i][0].startswith("onnxprune"):
+        return ""
+    parts = []
+    for j in peer_rows:
+        cells = []
+        for result in report["results"]:
+            got = paired_ratio(result["rows"][i]["runs_ms"], result["rows"][j]["runs_ms"])
+            low, high = got["paired_ratio_ci95"]
+            cells.append(f"{got['paired_ratio']:.3f} [{low:.3f}, {high:.3f}]")
+        parts.append(f"{labels[j][0].split()[0]}: " + " / ".join(cells))
+    return "; ".join(parts)
 
 
 def main() -> None:
@@ -220,6 +252,8 @@ def main() -> None:
     parser.add_argument("--auto-for", nargs="+", choices=["cpu", "cuda"], default=None,
                         help="providers to plan --groups auto for, one model each (default: --provider)")
     parser.add_argument("--latency-table", default=None, help="measured table for the auto plans (autotune)")
+    parser.add_argument("--no-match-peers", dest="match_peers", action="store_false",
+                        help="plan onnxprune at the target as given, not at the lowest MACs a peer reached")
     parser.add_argument("--build-only", action="store_true",
                         help="write the models to --out and stop (time them elsewhere, e.g. cuda_speed.sh)")
     args = parser.parse_args()
@@ -237,13 +271,15 @@ def main() -> None:
         report = compare(models, [label for label, _ in labels], batches, settings, repeat=args.repeat, warmup=3)
         log(f"{name}: timed in {time.perf_counter() - t:.0f}s")
         dense_macs, dense_params = macs_of(models[0]), count_params(models[0])
+        peer_rows = [i for i, (label, _) in enumerate(labels) if not label.startswith(("onnxprune", "dense"))]
         for i, ((label, note), model) in enumerate(zip(labels, models)):
             cells = []
             for result in report["results"]:
                 row = result["rows"][i]
                 cells.append(f"{row['ratio_to_first']:.3f} ({row['speedup_vs_first']:.2f}x, {row['median_ms']:.1f} ms)")
             table.append(f"| {name} | {label} | {macs_of(model) / dense_macs:.3f} | "
-                         f"{count_params(model) / dense_params:.3f} | " + " | ".join(cells) + f" | {note} |")
+                         f"{count_params(model) / dense_params:.3f} | " + " | ".join(cells) + f" | {note} | "
+                         + vs_peers(report, i, peer_rows, labels) + " |")
     if args.build_only:
         log(f"models in {folder}")
         return
@@ -251,10 +287,11 @@ def main() -> None:
     algo = f", cudnn_conv_algo_search={s['cudnn_conv_algo_search']}" if "cudnn_conv_algo_search" in s else ""
     print(f"\nORT {s['onnxruntime']} {s['provider']}, {s['graph_optimization_level']}, "
           f"{s['intra_op_num_threads']} threads{algo}; interleaved, {args.repeat} timed runs each after 3 warm-up; "
-          f"latency ratio = median / dense median (speedup, median)\n")
+          f"latency ratio = median / dense median (speedup, median); vs peers: per-round latency ratio to "
+          f"each peer, batch {', '.join(map(str, batches))}, [95% interval]\n")
     print("| model | method | MACs ratio | params ratio | " +
-          " | ".join(f"latency ratio batch {b}" for b in batches) + " | notes |")
-    print("|---|---|---|---|" + "---|" * len(batches) + "---|")
+          " | ".join(f"latency ratio batch {b}" for b in batches) + " | notes | vs peers |")
+    print("|---|---|---|---|" + "---|" * len(batches) + "---|---|")
     print("\n".join(table))
     log(f"total {time.perf_counter() - started:.0f}s; models in {folder}")
 
