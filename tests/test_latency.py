@@ -41,6 +41,29 @@ def test_analytical_costs_rank_like_the_notes():
     assert model.gather_us(GatherOp(128, 64, 28, 28)) > 0
 
 
+def test_memory_bound_convs_cost_more_per_mac_on_cpu():
+    """The traffic term: at equal MACs a 1x1 Conv on a 7x7 map with 2048 inputs (weights dominate)
+    and a 1x1 Conv on a 56x56 map with 64 outputs (maps dominate) cost more than a 3x3 Conv on
+    a 14x14 map, as measured in the graph (56-68 vs 75-82 GMAC/s); weights are amortised over
+    the batch, maps are not; the CUDA profile (unmeasured) has no such term."""
+    model = AnalyticalModel("cpu")
+    three = ConvOp(256, 256, 1, (3, 3), (1, 1), 14, 14)
+    wide = ConvOp(2048, 512, 1, (1, 1), (1, 1), 7, 7)
+    large_map = ConvOp(256, 64, 1, (1, 1), (1, 1), 56, 56)
+
+    def per_mac(op):
+        return (model.conv_us(op) - CPU.op_overhead_us) / op.macs
+
+    assert per_mac(wide) > 1.15 * per_mac(three) and per_mac(large_map) > 1.03 * per_mac(three)
+    batch8 = ConvOp(2048, 512, 1, (1, 1), (1, 1), 7, 7, batch=8)
+    assert per_mac(batch8) < per_mac(wide)  # the same weights serve 8 images
+    assert per_mac(batch8) > per_mac(ConvOp(256, 256, 1, (3, 3), (1, 1), 14, 14, batch=8))
+    arithmetic = (model.conv_us(wide) - CPU.op_overhead_us) * CPU.macs_per_us
+    assert arithmetic == pytest.approx(wide.macs + 13 * wide.weight_elements + 6 * wide.map_elements)
+    cuda = AnalyticalModel("cuda")
+    assert cuda.conv_us(wide) == pytest.approx(cuda.profile.op_overhead_us + wide.macs / cuda.profile.macs_per_us)
+
+
 def test_keys_round_trip():
     for op in (conv(144, 96, 2, 1, 7), GatherOp(256, 176, 56, 56, 8)):
         assert parse_key(op.key) == op

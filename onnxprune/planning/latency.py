@@ -3,7 +3,7 @@
 Two sources, one interface (``conv_us(ConvOp)``, ``gather_us(GatherOp)``, microseconds):
 
 - ``AnalyticalModel``: no measurement needed. Time = per-op overhead + MACs / (throughput ×
-  efficiency). The efficiency numbers are the ones measured for ORT CPU (see
+  efficiency) + memory traffic (below). The efficiency numbers are the ones measured for ORT CPU (see
   shared/notes/ort-cpu-grouped-conv.md): a grouped Conv only runs on the fast blocked (NCHWc)
   path when its per-group input and output channel counts are multiples of the SIMD block
   (16 with AVX-512); off that path it runs at ~0.3× dense. On the path its efficiency grows with
@@ -14,6 +14,23 @@ Two sources, one interface (``conv_us(ConvOp)``, ``gather_us(GatherOp)``, micros
   Gathers ran 1.43× (batch 1, interleaved), so the copy cost is set to match that. The CUDA profile is a
   guess from public reports (cuDNN grouped convs need ≥32 channels per group); it has not been
   measured.
+
+  Memory traffic (CPU): a dense Conv does not run at one speed per MAC. Timed inside the
+  whole graph (ORT's profiler, fused Conv+Add+ReLU nodes, ResNet-50 at batch 1), the 3×3 Convs
+  on 14–56² maps ran at 75–82 GMAC/s and the 1×1 Convs on 7² maps at 56–68: a Conv with few
+  MACs per element it moves (its weights, which only the batch amortises, and its input and
+  output maps) is bound by memory, not arithmetic. Ignoring that made the planner see a MAC of
+  a residual stream's 1×1 readers and writers as cheap as a MAC of a 3×3 Conv, and cut the
+  latter: at the same MACs its ResNet-50 plans ran 3–5% slower than Torch-Pruning's uniform
+  cut. So each element moved costs ``mac_per_weight`` / ``mac_per_activation`` MACs' time
+  (roofline-style, added to the arithmetic): 13 and 6 on CPU, fitted to the in-graph per-Conv
+  times of ResNet-18/50 and MobileNetV2 variants (2 threads), consistent with ~75 GMAC/s
+  against ~20–40 GB/s. Checked on data it was not fitted to (the 60 variants × 2 batches of
+  ``benchmarks/results/cost_fit``, whole-model latencies of another day): the median error of
+  the predicted speedup fell on every network (ResNet-50 0.097 / 0.110 → 0.091 / 0.089 at
+  batch 1 / 8, ResNet-18 0.126 / 0.080 → 0.113 / 0.066; MobileNetV2 and EfficientNet-Lite0
+  unchanged within 0.01) and the ResNets' Spearman rose (0.88–0.93 → 0.93–0.99). The CUDA
+  profile has no traffic term: unmeasured.
 - ``MeasuredTable``: per-op latencies timed on the target machine by ``onnxprune autotune``
   and cached as JSON. Ops not in the table fall back to the analytical model, rescaled by the
   median measured/analytical ratio of the ops that are, so both sources stay on one scale.
@@ -49,13 +66,15 @@ class Profile:
     macs_per_us: float  # dense throughput
     op_overhead_us: float  # fixed cost per op (launch, layout bookkeeping)
     copy_us_per_element: float  # Gather / reorder cost per element moved
+    mac_per_weight: float = 0.0  # a Conv's weight element moved costs this many MACs' time
+    mac_per_activation: float = 0.0  # an element of its input or output map likewise
 
 
 PROFILES = {
     "cpu": Profile("cpu", align=16, min_filters_per_group=16,
                    efficiency=((16, 0.46), (32, 0.68), (64, 0.88), (128, 0.97)),
                    unaligned_grouped=0.3, unaligned_dense=0.6, macs_per_us=40e3, op_overhead_us=8.0,
-                   copy_us_per_element=2e-3),
+                   copy_us_per_element=2e-3, mac_per_weight=13.0, mac_per_activation=6.0),
     # Unmeasured (no GPU here): public reports say cuDNN grouped convs are efficient only with
     # >= 32 channels per group; tensor-core paths want channel counts that are multiples of 8.
     "cuda": Profile("cuda", align=8, min_filters_per_group=32,
@@ -88,6 +107,16 @@ class ConvOp:
     @property
     def macs(self) -> int:
         return conv_macs(self.c_out, self.c_in // self.groups, self.kernel, (self.h_out, self.w_out), self.batch)
+
+    @property
+    def weight_elements(self) -> int:
+        return self.c_out * (self.c_in // self.groups) * self.kernel[0] * self.kernel[1]
+
+    @property
+    def map_elements(self) -> int:
+        """Elements of the input and output maps (the input's size taken as output × stride)."""
+        h_in, w_in = self.h_out * self.stride[0], self.w_out * self.stride[1]
+        return self.batch * (self.c_in * h_in * w_in + self.c_out * self.h_out * self.w_out)
 
     @property
     def key(self) -> str:
@@ -153,7 +182,10 @@ class AnalyticalModel:
         return eff if fast else eff * prof.unaligned_grouped
 
     def conv_us(self, op: ConvOp) -> float:
-        return self.profile.op_overhead_us + op.macs / (self.profile.macs_per_us * self.efficiency(op))
+        prof = self.profile
+        return (prof.op_overhead_us + op.macs / (prof.macs_per_us * self.efficiency(op))
+                + (prof.mac_per_weight * op.weight_elements + prof.mac_per_activation * op.map_elements)
+                / prof.macs_per_us)
 
     def gather_us(self, op: GatherOp) -> float:
         """Copy of the gathered channels plus ORT's reorder out of and back into blocked layout."""
