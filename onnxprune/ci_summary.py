@@ -56,9 +56,9 @@ def _measured(report: dict) -> list[str]:
                     f"{'' if agreement is None else f'{agreement:.1%} top-1 agreement with fp32'} |")
     speed = report.get("speed")
     if speed:
-        rows.append(f"| latency, median ({_escape(speed['settings']['provider'])}, batch {speed['batch']}) | "
-                    f"{speed['original_median_ms']:.3f} ms | {speed['pruned_median_ms']:.3f} ms | "
-                    f"×{speed['ratio']:.3f} |")
+        rows.append(f"| latency: medians, per-round ratio ({_escape(speed['settings']['provider'])}, "
+                    f"batch {speed['batch']}) | {speed['original_median_ms']:.3f} ms | "
+                    f"{speed['pruned_median_ms']:.3f} ms | ×{speed['ratio']:.3f} |")
     return rows
 
 

@@ -14,13 +14,15 @@ from onnxprune.checks.bench import Settings, compare, interleave, paired_ratio, 
 from onnxprune.cli import main as cli_main
 
 
-def test_interleave_alternates_order_and_skips_warmup():
+def test_interleave_rotates_order_and_skips_warmup():
     calls = []
     runners = [lambda i=i: calls.append(i) for i in range(3)]
     ticks = iter(range(1000))
     samples = interleave(runners, repeat=4, warmup=2, clock=lambda: next(ticks))
     assert calls[:6] == [0, 1, 2, 0, 1, 2]  # warm-up
-    assert calls[6:] == [0, 1, 2, 2, 1, 0, 0, 1, 2, 2, 1, 0]
+    assert calls[6:] == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
+    timed = calls[6:]
+    assert all(a != b for a, b in zip(timed, timed[1:]))  # no model runs twice in a row
     assert [len(s) for s in samples] == [4, 4, 4]
     assert all(x == 1 for s in samples for x in s)  # each run timed by consecutive clock reads
 
@@ -55,7 +57,7 @@ def test_paired_ratio_interval_covers_no_difference_and_narrows_with_rounds():
             low, high = paired_ratio(b, a, resamples=500, seed=trial)["paired_ratio_ci95"]
             widths[rounds].append(high - low)
             covered += rounds == 40 and low <= 1.0 <= high
-    assert 85 <= covered <= 100
+    assert 85 <= covered <= 99
     assert np.median(widths[10]) > np.median(widths[40]) > np.median(widths[160])
     a = 10.0 * np.exp(0.05 * rng.standard_normal(20))
     assert paired_ratio(0.8 * a, a)["paired_ratio_ci95"] == [0.8, 0.8]

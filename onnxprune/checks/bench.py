@@ -2,9 +2,11 @@
 
 Why interleaved: on a shared machine the load drifts over seconds, so timing model A for a
 minute and then model B compares two different machines. Every model is loaded once, warmed
-up, and then the models take turns one run at a time, in alternating order (A B C, C B A, ...)
-so neither position in a round is favoured. Medians (and p90) over those runs are compared;
-ratios are to the first model.
+up, and then the models take turns one run at a time, the order rotating each round (A B C,
+B C A, C A B, ...): every model takes every position equally often and, with three or more
+models, none runs twice in a row (a run right after its own may find its weights still in the
+cache; with two, A B | B A gives each model one such run per two rounds). Medians (and p90)
+over those runs are compared; ratios are to the first model.
 
 Why a paired ratio too: on a shared or virtual machine the speed itself moves by tens of percent
 over minutes (this project's 2-core VM: a dense ResNet-50 at 57–83 ms in one afternoon), and a
@@ -43,7 +45,7 @@ from ..ir.shapes import fixed_batch
 from .verify import random_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-CHECK_MARGIN = 0.02  # check_speed tolerates a pruned/original median ratio up to 1.02
+CHECK_MARGIN = 0.02  # check_speed tolerates a pruned/original per-round latency ratio up to 1.02
 BOOTSTRAP_RESAMPLES = 2000  # resamples of the rounds for the paired ratio's 95% interval
 
 
@@ -151,16 +153,16 @@ def interleave(runners: Sequence[Callable[[], object]], repeat: int, warmup: int
                clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
     """Seconds per run for each runner: ``warmup`` untimed rounds, then ``repeat`` timed rounds.
 
-    Each round runs every runner once; even rounds go in order, odd rounds in reverse, so each
-    model is as often first as last in a round.
+    Each round runs every runner once, round r starting at runner r (mod n) and going on in
+    order (the module docstring says why); ``samples[i][r]`` is runner i's time in round r.
     """
-    order = list(range(len(runners)))
+    n = len(runners)
     for _ in range(warmup):
-        for i in order:
+        for i in range(n):
             runners[i]()
     samples: list[list[float]] = [[] for _ in runners]
     for r in range(repeat):
-        for i in (order if r % 2 == 0 else order[::-1]):
+        for i in ((r + k) % n for k in range(n)):
             start = clock()
             runners[i]()
             samples[i].append(clock() - start)

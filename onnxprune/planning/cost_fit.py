@@ -32,10 +32,13 @@ Gathers keep the analytical model's cost (it was set from in-graph measurements)
 coefficients are in-graph microseconds too, so both stay on one scale.
 
 Status: a measurement tool, not the planner's default. Fitted on three of ResNet-18/50,
-MobileNetV2 and EfficientNet-Lite0, it ranks the fourth's pruned variants about as well as the
-analytical model or better, but its speedup predictions are not closer than the planner's own
-ratio on ResNet-50, and plans made with it were no faster (slower on MobileNetV2);
-benchmarks/README.md, "A cost model fitted to measurements", has the numbers.
+MobileNetV2 and EfficientNet-Lite0, it ranked the fourth's pruned variants about as well as the
+analytical model of the sixth session or better, but its speedup predictions were not closer
+than the planner's own ratio on ResNet-50, and plans made with it were no faster (slower on
+MobileNetV2); benchmarks/README.md, "A cost model fitted to measurements", has the numbers.
+Since the analytical CPU model charges memory traffic (``latency.py``) it ranks ResNet-50's
+variants and ResNet-18's at batch 1 better than this fit (Spearman 0.95–0.99 against 0.93–0.94;
+ResNet-18 at batch 8 level, 0.93).
 The same fit applies to CUDA samples (``benchmarks/fit_cost_model.py measure --provider cuda``).
 """
 

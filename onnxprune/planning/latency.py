@@ -29,8 +29,10 @@ Two sources, one interface (``conv_us(ConvOp)``, ``gather_us(GatherOp)``, micros
   ``benchmarks/results/cost_fit``, whole-model latencies of another day): the median error of
   the predicted speedup fell on every network (ResNet-50 0.097 / 0.110 → 0.091 / 0.089 at
   batch 1 / 8, ResNet-18 0.126 / 0.080 → 0.113 / 0.066; MobileNetV2 and EfficientNet-Lite0
-  unchanged within 0.01) and the ResNets' Spearman rose (0.88–0.93 → 0.93–0.99). The CUDA
-  profile has no traffic term: unmeasured.
+  unchanged within 0.01) and the ResNets' Spearman rose (0.88–0.93 → 0.93–0.99). The planner
+  costs Convs at batch 1, where the weights are moved once per image; at batch 8 they are
+  amortised (``ConvOp.batch``) but plans do not use that yet. The CUDA profile has no traffic
+  term: unmeasured.
 - ``MeasuredTable``: per-op latencies timed on the target machine by ``onnxprune autotune``
   and cached as JSON. Ops not in the table fall back to the analytical model, rescaled by the
   median measured/analytical ratio of the ops that are, so both sources stay on one scale.
