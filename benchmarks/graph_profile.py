@@ -5,7 +5,8 @@ terms of the analytical CPU cost model fitted to them.
 Why in the graph: a Conv timed alone (``onnxprune autotune``) pays the session's run overhead and
 the layout reorders around it, which in a graph it shares with its neighbours or does not pay at
 all (ORT fuses Conv + Add + ReLU and keeps the blocked layout between Convs). The profiler times
-each fused node of the real model, so the per-Conv times add up to the model's time.
+each fused node of the real model, so the per-Conv times add up to the Conv part of the model's
+time (reorders, pooling and the classifier are left out).
 
     python benchmarks/graph_profile.py collect ROWS.json MODEL.onnx [MODEL.onnx ...] [--batch 1,8]
     python benchmarks/graph_profile.py fit ROWS.json [ROWS.json ...]
@@ -24,9 +25,10 @@ each fused node of the real model, so the per-Conv times add up to the model's t
   profiled one after the other, so their totals carry the drift the scales absorb; ``check``
   validates on interleaved whole-model timings instead.
 - ``check``: the analytical model as the planner uses it (ratio of summed Conv times) on the
-  recorded whole-model samples of ``fit_cost_model.py`` (other days, other variants), with the
-  traffic terms as they are and set to zero: median |speedup error| and Spearman per network
-  and batch.
+  recorded whole-model samples of ``fit_cost_model.py`` (interleaved whole-model timings of
+  another day; its seeded variants overlap the ones profiled here), with the traffic terms as
+  they are and set to zero: median |speedup error| and Spearman per network and batch. The
+  batch-8 rows cost Convs at batch 8; the planner costs them at batch 1.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def conv_rows(path: str) -> list[dict]:
             tensor = readers[tensor][0].output[0]
             names.append(tensor)
         rows.append({"conv": node.name, "c_out": w[0], "c_in": w[1] * group, "kernel": w[2:4], "group": group,
-                     "stride": stride[:2], "out_hw": out[2:4], "in_hw": inp[2:4] if inp else None, "names": names})
+                     "stride": stride[:2], "out_hw": out[2:4], "in_hw": inp[2:4] if inp else None,
+                     "names": [node.name, *names]})  # an unfused Conv keeps its node name
     return rows
 
 
@@ -116,12 +119,15 @@ def collect(args) -> int:
         convs = conv_rows(path)
         for batch in args.batch:
             times = profile(path, batch, args.runs)
-            matched = 0
+            matched, used = 0, set()
             for conv in convs:
-                found = [times[k] for name in reversed(conv["names"]) for k in (name + "_nchwc", name) if k in times]
-                if found:
+                # the Conv's own name first: a fused node carries the name of the *last* op it
+                # absorbed, and two Convs feeding one Add share that chain (only one absorbs it)
+                keys = [k for name in conv["names"] for k in (name + "_nchwc", name) if k in times]
+                if keys and keys[0] not in used:
+                    used.add(keys[0])
                     matched += 1
-                    rows.append({"network": network_of(path), "model": path, "batch": batch, "us": found[0],
+                    rows.append({"network": network_of(path), "model": path, "batch": batch, "us": times[keys[0]],
                                  **{k: v for k, v in conv.items() if k != "names"}})
             print(f"{path} batch {batch}: {matched} of {len(convs)} Convs found in the profile", file=sys.stderr)
     Path(args.rows).write_text(json.dumps(rows))

@@ -16,23 +16,23 @@ Two sources, one interface (``conv_us(ConvOp)``, ``gather_us(GatherOp)``, micros
   measured.
 
   Memory traffic (CPU): a dense Conv does not run at one speed per MAC. Timed inside the
-  whole graph (ORT's profiler, fused Conv+Add+ReLU nodes, ResNet-50 at batch 1), the 3×3 Convs
-  on 14–56² maps ran at 75–82 GMAC/s and the 1×1 Convs on 7² maps at 56–68: a Conv with few
-  MACs per element it moves (its weights, which only the batch amortises, and its input and
-  output maps) is bound by memory, not arithmetic. Ignoring that made the planner see a MAC of
-  a residual stream's 1×1 readers and writers as cheap as a MAC of a 3×3 Conv, and cut the
-  latter: at the same MACs its ResNet-50 plans ran 3–5% slower than Torch-Pruning's uniform
-  cut. So each element moved costs ``mac_per_weight`` / ``mac_per_activation`` MACs' time
-  (roofline-style, added to the arithmetic): 13 and 6 on CPU, fitted to the in-graph per-Conv
-  times of ResNet-18/50 and MobileNetV2 variants (2 threads), consistent with ~75 GMAC/s
-  against ~20–40 GB/s. Checked on data it was not fitted to (the 60 variants × 2 batches of
-  ``benchmarks/results/cost_fit``, whole-model latencies of another day): the median error of
-  the predicted speedup fell on every network (ResNet-50 0.097 / 0.110 → 0.091 / 0.089 at
-  batch 1 / 8, ResNet-18 0.126 / 0.080 → 0.113 / 0.066; MobileNetV2 and EfficientNet-Lite0
-  unchanged within 0.01) and the ResNets' Spearman rose (0.88–0.93 → 0.93–0.99). The planner
-  costs Convs at batch 1, where the weights are moved once per image; at batch 8 they are
-  amortised (``ConvOp.batch``) but plans do not use that yet. The CUDA profile has no traffic
-  term: unmeasured.
+  whole graph (ORT's profiler, fused Conv + Add + ReLU nodes; dense ResNet-50 at batch 1), the
+  Convs on 14²–56² maps ran at 69–85 GMAC/s and those on 7² maps at 58–71: there a Conv does
+  only 49 MACs per weight it loads, and moving its weights (which only the batch amortises) and
+  maps costs more than its arithmetic. Ignoring that made the planner see a MAC of the last
+  stage's stream readers and writers (1×1 Convs on 7² maps) as cheap as any other, and cut
+  Convs on larger maps instead: at equal MACs its ResNet-50 plans ran 3–5% slower than
+  Torch-Pruning's uniform cut. So each element moved costs ``mac_per_weight`` /
+  ``mac_per_activation`` MACs' time (roofline-style, added to the arithmetic): 13 and 6 on CPU,
+  fitted to the in-graph per-Conv times of ResNet-18/50 and MobileNetV2 variants (2 threads;
+  at ~75 GMAC/s and 4-byte elements that is ~23 and ~50 GB/s). Checked on other timings
+  (``benchmarks/results/cost_fit``: interleaved whole-model latencies of another day, 56
+  variants and 4 dense models × 2 batches): the median error of the predicted speedup fell on
+  the ResNets (ResNet-50 0.097 / 0.110 → 0.091 / 0.089 at batch 1 / 8, ResNet-18 0.126 / 0.080
+  → 0.113 / 0.066) and moved by at most 0.011 on MobileNetV2 and EfficientNet-Lite0, and the
+  ResNets' Spearman rose or held (0.88–0.93 → 0.93–0.99). The planner costs Convs at batch 1,
+  where the weights are moved once per image; at batch 8 they are amortised (``ConvOp.batch``)
+  but plans do not use that yet. The CUDA profile has no traffic term: unmeasured.
 - ``MeasuredTable``: per-op latencies timed on the target machine by ``onnxprune autotune``
   and cached as JSON. Ops not in the table fall back to the analytical model, rescaled by the
   median measured/analytical ratio of the ops that are, so both sources stay on one scale.
