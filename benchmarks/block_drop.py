@@ -41,10 +41,27 @@ GENERATED = ROOT / "samples" / "generated"
 
 def residual_adds(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
     """(Add node, skip input, output) for each identity-skip residual block: an Add of two computed
-    tensors where one (the skip) is an ancestor of the other (the branch). Downsampling blocks
-    (two Convs from a common input) and Adds of constants are not blocks that can be dropped."""
+    tensors where one (the skip) is an ancestor of the other (the branch), the branch runs a Conv
+    and the skip has the output's shape. Downsampling blocks (two Convs from a common input),
+    Adds of constants, broadcast Adds (an SE-style gate) and decomposed activations are not
+    blocks that can be dropped. Graphs with If/Loop subgraphs are not handled."""
     producer = {out: node for node in model.graph.node for out in node.output}
     constants = {init.name for init in model.graph.initializer}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shape = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+
+    def runs_conv(branch: str, skip: str) -> bool:
+        todo, seen = [branch], set()
+        while todo:
+            node = producer.get(todo.pop())
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type == "Conv":
+                return True
+            todo.extend(name for name in node.input if name and name != skip)
+        return False
 
     def ancestors(name: str) -> set[str]:
         seen, todo = set(), [name]
@@ -62,10 +79,9 @@ def residual_adds(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
         if node.op_type != "Add" or len(node.input) != 2 or any(n in constants for n in node.input):
             continue
         a, b = node.input
-        if a in ancestors(b):
-            found.append((node.name, a, node.output[0]))
-        elif b in ancestors(a):
-            found.append((node.name, b, node.output[0]))
+        skip, branch = (a, b) if a in ancestors(b) else (b, a) if b in ancestors(a) else (None, None)
+        if skip and shape.get(skip) == shape.get(node.output[0]) and runs_conv(branch, skip):
+            found.append((node.name, skip, node.output[0]))
     return found
 
 
@@ -95,7 +111,7 @@ def replace_block(model: onnx.ModelProto, add: str, skip: str, out: str, weight=
     result = onnx.ModelProto()
     result.CopyFrom(model)
     nodes = list(result.graph.node)
-    at = next(i for i, n in enumerate(nodes) if n.name == add)
+    at = next(i for i, n in enumerate(nodes) if n.op_type == "Add" and n.output[0] == out)  # names may repeat
     del result.graph.node[at]
     if weight is None:  # an Identity keeps ``out`` produced (it may be a graph output)
         result.graph.node.insert(at, helper.make_node("Identity", [skip], [out], name=add + "_dropped"))
@@ -103,6 +119,9 @@ def replace_block(model: onnx.ModelProto, add: str, skip: str, out: str, weight=
         w, b = weight
         result.graph.initializer.extend([numpy_helper.from_array(w, out + "_linear_w"),
                                          numpy_helper.from_array(b, out + "_linear_b")])
+        if result.ir_version < 4:  # IR < 4 lists every initializer as a graph input
+            result.graph.input.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(v.shape))
+                                      for name, v in ((out + "_linear_w", w), (out + "_linear_b", b)))
         result.graph.node.insert(at, helper.make_node("Conv", [skip, out + "_linear_w", out + "_linear_b"], [out],
                                                       name=add + "_linear"))
     return without_dead_nodes(result)
@@ -171,8 +190,9 @@ def main(argv=None) -> int:
             if saved <= 0:
                 continue
             kl = mean_kl(runner.run(candidate, calib)[0], reference["calib"])
-            if best is None or (kl - spent) / saved < best[0]:  # the KL this block adds, per MAC it saves
-                best = ((kl - spent) / saved, add, candidate, kl)
+            added = max(kl - spent, 0.0)  # the KL this block adds (a drop that helps adds none), per MAC saved
+            if best is None or (added / saved, -saved) < best[0]:
+                best = ((added / saved, -saved), add, candidate, kl)
         if best is None:
             break
         _, add, model, kl = best

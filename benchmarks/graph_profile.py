@@ -119,16 +119,29 @@ def collect(args) -> int:
         convs = conv_rows(path)
         for batch in args.batch:
             times = profile(path, batch, args.runs)
-            matched, used = 0, set()
+            # Two passes: first the keys of each Conv's own node name and output, then those of
+            # the ops fused after it (a fused node carries the name of the *last* op it absorbed,
+            # and two Convs feeding one Add share that chain, though only one absorbs it). A key
+            # is used once; a Conv left without one is named.
+            own = {c["conv"]: [k for name in c["names"][:2] for k in (name + "_nchwc", name) if k in times]
+                   for c in convs}
+            found = {name: keys[0] for name, keys in own.items() if keys}
+            used = set(found.values())
             for conv in convs:
-                # the Conv's own name first: a fused node carries the name of the *last* op it
-                # absorbed, and two Convs feeding one Add share that chain (only one absorbs it)
-                keys = [k for name in conv["names"] for k in (name + "_nchwc", name) if k in times]
-                if keys and keys[0] not in used:
-                    used.add(keys[0])
-                    matched += 1
-                    rows.append({"network": network_of(path), "model": path, "batch": batch, "us": times[keys[0]],
-                                 **{k: v for k, v in conv.items() if k != "names"}})
+                if conv["conv"] not in found:
+                    keys = [k for name in conv["names"][2:] for k in (name + "_nchwc", name)
+                            if k in times and k not in used]
+                    if keys:
+                        found[conv["conv"]] = keys[0]
+                        used.add(keys[0])
+            matched = 0
+            for conv in convs:
+                if conv["conv"] not in found:
+                    print(f"{path}: {conv['conv']} not found in the profile; left out", file=sys.stderr)
+                    continue
+                matched += 1
+                rows.append({"network": network_of(path), "model": path, "batch": batch,
+                             "us": times[found[conv["conv"]]], **{k: v for k, v in conv.items() if k != "names"}})
             print(f"{path} batch {batch}: {matched} of {len(convs)} Convs found in the profile", file=sys.stderr)
     Path(args.rows).write_text(json.dumps(rows))
     return 0
