@@ -17,6 +17,9 @@ Blocks are taken greedily by the mean KL(dense || dropped) each adds per MAC it 
 on calibration crops; each step's model is scored on the evaluation crops (disjoint photos). ::
 
     python benchmarks/block_drop.py samples/generated/mobilenet_v2.onnx [--mode identity|linear] [--blocks 5]
+        [--save DROPPED.onnx]
+
+``--save`` writes the last step's model, e.g. to prune it further with onnxprune.
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", default=str(GENERATED / "photos_calib.npz"))
     parser.add_argument("--calib-size", type=int, default=256)
     parser.add_argument("--eval", default=str(GENERATED / "photos_eval.npz"))
+    parser.add_argument("--save", default=None, help="write the model with the last step's blocks dropped here")
     args = parser.parse_args(argv)
     with np.load(args.calib) as d:
         calib = as_float(d["input"][:args.calib_size])
@@ -200,6 +204,8 @@ def main(argv=None) -> int:
         m = fidelity_metrics(runner.run(model, evaluation)[0], reference["eval"])
         print(f"| {step} | {add} | {count_macs(model)[0] / dense_macs:.3f} | {kl:.3f} | {m['agreement']:.1%} | "
               f"{m['mean_kl']:.3f} |", flush=True)
+    if args.save:
+        onnx.save(model, args.save)
     return 0
 
 
