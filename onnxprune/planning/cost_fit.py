@@ -45,6 +45,7 @@ The same fit applies to CUDA samples (``benchmarks/fit_cost_model.py measure --p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -53,10 +54,16 @@ from .latency import AnalyticalModel, ConvOp, parse_key
 FEATURES = ("macs_1x1", "macs_kxk", "macs_unaligned", "macs_depthwise", "macs_grouped", "output_elements")
 
 
+@lru_cache(maxsize=None)
+def _analytical(provider: str) -> AnalyticalModel:
+    """One analytical model per provider (the feature functions run once per Conv per sample)."""
+    return AnalyticalModel(provider)
+
+
 def conv_features(op: ConvOp, provider: str = "cpu") -> np.ndarray:
     """``op``'s row of the design matrix, in ``FEATURES`` order (its class from the analytical
     model's rules: block alignment, depthwise, grouped efficiency)."""
-    analytical = AnalyticalModel(provider)
+    analytical = _analytical(provider)
     row = np.zeros(len(FEATURES))
     macs = float(op.macs)
     if op.groups == 1:
@@ -77,7 +84,7 @@ def conv_features(op: ConvOp, provider: str = "cpu") -> np.ndarray:
 def analytical_features(op: ConvOp, provider: str = "cpu") -> np.ndarray:
     """The analytical model's estimate as the only feature: fitting it gives that model's shape
     with its scale measured the same way as the fitted model's (``validate``'s baseline)."""
-    return np.array([AnalyticalModel(provider).conv_us(op)])
+    return np.array([_analytical(provider).conv_us(op)])
 
 
 @dataclass(frozen=True)
@@ -146,22 +153,21 @@ def fit(samples: list[Sample], provider: str = "cpu", features=conv_features) ->
     return Fit(provider, coefficients, rests, features)
 
 
+def _conv_us(model, sample: Sample) -> float:
+    """The summed Conv time of ``sample`` under a cost ``model`` (``conv_us``)."""
+    return sum(model.conv_us(op) for op in sample.ops)
+
+
 def predict_family(model, samples: list[Sample], dense: Sample) -> list[float]:
     """Predicted ms of ``samples`` from a cost ``model`` (``conv_us``), the family's rest taken
     from its dense model's measured time alone."""
-    def convs(sample):
-        return sum(model.conv_us(op) for op in sample.ops)
-
-    rest = dense.median_ms * 1e3 - convs(dense)
-    return [(convs(s) + rest) / 1e3 for s in samples]
+    rest = dense.median_ms * 1e3 - _conv_us(model, dense)
+    return [(_conv_us(model, s) + rest) / 1e3 for s in samples]
 
 
 def planner_speedups(model, samples: list[Sample], dense: Sample) -> list[float]:
     """Speedups as the planner predicts them: dense Conv time over the variant's (no rest)."""
-    def convs(sample):
-        return sum(model.conv_us(op) for op in sample.ops)
-
-    return [convs(dense) / convs(s) for s in samples]
+    return [_conv_us(model, dense) / _conv_us(model, s) for s in samples]
 
 
 def validate(samples: list[Sample], provider: str = "cpu") -> dict:
