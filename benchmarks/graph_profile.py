@@ -47,9 +47,11 @@ import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fit_cost_model import batches  # noqa: E402  (onnxprune bench's --batch rule)
 from onnxprune.planning import cost_fit  # noqa: E402
-from onnxprune.planning.latency import PROFILES, AnalyticalModel  # noqa: E402
+from onnxprune.planning.latency import PROFILES, AnalyticalModel, ConvOp  # noqa: E402
 
 FUSED = ("Add", "Relu", "Clip", "Sigmoid", "Mul")  # ops ORT may fuse into the Conv before it
 CLASSES = ("mac_1x1", "mac_kxk", "mac_depthwise", "mac_grouped", "mac_unaligned")
@@ -148,22 +150,20 @@ def collect(args) -> int:
 
 
 def features(row: dict) -> np.ndarray:
-    b, g = row["batch"], row["group"]
-    kh, kw = row["kernel"]
-    macs = b * row["c_out"] * (row["c_in"] // g) * kh * kw * row["out_hw"][0] * row["out_hw"][1]
+    """The row's Conv as the cost model sees it (``latency.ConvOp``: its MACs, and the weight and
+    map elements the traffic terms charge, so the fit measures exactly what the model applies)."""
+    op = ConvOp(row["c_in"], row["c_out"], row["group"], tuple(row["kernel"]), tuple(row["stride"]),
+                row["out_hw"][0], row["out_hw"][1], row["batch"])
     f = dict.fromkeys(FEATURES, 0.0)
-    if g > 1 and g == row["c_in"] == row["c_out"]:
-        f["mac_depthwise"] = macs
-    elif g > 1:
-        f["mac_grouped"] = macs
-    elif row["c_in"] % 16 or row["c_out"] % 16:
-        f["mac_unaligned"] = macs
+    if op.groups > 1 and op.groups == op.c_in == op.c_out:
+        f["mac_depthwise"] = op.macs
+    elif op.groups > 1:
+        f["mac_grouped"] = op.macs
+    elif op.c_in % 16 or op.c_out % 16:
+        f["mac_unaligned"] = op.macs
     else:
-        f["mac_1x1" if kh * kw == 1 else "mac_kxk"] = macs
-    in_hw = row["in_hw"] or [row["out_hw"][0] * row["stride"][0], row["out_hw"][1] * row["stride"][1]]
-    f["weight_elements"] = row["c_out"] * (row["c_in"] // g) * kh * kw
-    f["map_elements"] = b * (row["c_in"] * in_hw[0] * in_hw[1] + row["c_out"] * row["out_hw"][0] * row["out_hw"][1])
-    f["overhead"] = 1.0
+        f["mac_1x1" if op.kernel == (1, 1) else "mac_kxk"] = op.macs
+    f["weight_elements"], f["map_elements"], f["overhead"] = op.weight_elements, op.map_elements, 1.0
     return np.array([f[k] for k in FEATURES])
 
 
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("collect")
     p.add_argument("rows")
     p.add_argument("models", nargs="+")
-    p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
+    p.add_argument("--batch", type=batches, default=[1, 8], help="comma-separated batch sizes")
     p.add_argument("--runs", type=int, default=20)
     p = sub.add_parser("fit")
     p.add_argument("rows", nargs="+")
