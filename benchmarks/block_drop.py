@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fidelity import as_float, fidelity_metrics  # noqa: E402
+from onnxprune.checks.runtime import create_session  # noqa: E402
 from onnxprune.ir.macs import count_macs  # noqa: E402
 
 GENERATED = ROOT / "samples" / "generated"
@@ -130,27 +131,20 @@ def replace_block(model: onnx.ModelProto, add: str, skip: str, out: str, weight=
     return without_dead_nodes(result)
 
 
-class Runner:
-    def __init__(self, threads: int = 2):
-        import onnxruntime as ort
-
-        self.ort, self.options = ort, ort.SessionOptions()
-        self.options.intra_op_num_threads, self.options.log_severity_level = threads, 3
-
-    def run(self, model: onnx.ModelProto, x: np.ndarray, names=None, batch: int = 64) -> list[np.ndarray]:
-        session = self.ort.InferenceSession(model.SerializeToString(), self.options,
-                                            providers=["CPUExecutionProvider"])
-        feed = session.get_inputs()[0].name
-        parts = [session.run(names, {feed: x[i:i + batch]}) for i in range(0, len(x), batch)]
-        return [np.concatenate(p) for p in zip(*parts)]
+def run(model: onnx.ModelProto, x: np.ndarray, names=None, batch: int = 64) -> list[np.ndarray]:
+    """``names`` (default: every graph output) of ``model`` on ``x``, in batches, 2 threads."""
+    session = create_session(model, threads=2)
+    feed = session.get_inputs()[0].name
+    parts = [session.run(names, {feed: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    return [np.concatenate(p) for p in zip(*parts)]
 
 
-def fit_linear(model: onnx.ModelProto, skip: str, out: str, x: np.ndarray, runner: Runner, ridge: float = 1e-3):
+def fit_linear(model: onnx.ModelProto, skip: str, out: str, x: np.ndarray, ridge: float = 1e-3):
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for name in (skip, out):
         probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    a, y = runner.run(probe, x, [skip, out])
+    a, y = run(probe, x, [skip, out])
     a = a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1]).astype(np.float64)
     y = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1]).astype(np.float64)
     a = np.hstack([a, np.ones((len(a), 1))])
@@ -178,22 +172,21 @@ def main(argv=None) -> int:
         calib = as_float(d["input"][:args.calib_size])
     with np.load(args.eval) as d:
         evaluation = as_float(d["input"])
-    runner = Runner()
     model = onnx.load(args.model)
     dense_macs = count_macs(model)[0]
-    reference = {"calib": runner.run(model, calib)[0], "eval": runner.run(model, evaluation)[0]}
+    reference = {"calib": run(model, calib)[0], "eval": run(model, evaluation)[0]}
     print("| blocks dropped | last block | MACs ratio | calibration KL | evaluation agreement | evaluation KL |")
     print("|---|---|---|---|---|---|")
     spent = 0.0  # calibration KL of the blocks already dropped
     for step in range(1, args.blocks + 1):
         best = None
         for add, skip, out in residual_adds(model):
-            weight = fit_linear(model, skip, out, calib, runner) if args.mode == "linear" else None
+            weight = fit_linear(model, skip, out, calib) if args.mode == "linear" else None
             candidate = replace_block(model, add, skip, out, weight)
             saved = 1 - count_macs(candidate)[0] / count_macs(model)[0]
             if saved <= 0:
                 continue
-            kl = mean_kl(runner.run(candidate, calib)[0], reference["calib"])
+            kl = mean_kl(run(candidate, calib)[0], reference["calib"])
             added = max(kl - spent, 0.0)  # the KL this block adds (a drop that helps adds none), per MAC saved
             if best is None or (added / saved, -saved) < best[0]:
                 best = ((added / saved, -saved), add, candidate, kl)
@@ -201,7 +194,7 @@ def main(argv=None) -> int:
             break
         _, add, model, kl = best
         spent = kl
-        m = fidelity_metrics(runner.run(model, evaluation)[0], reference["eval"])
+        m = fidelity_metrics(run(model, evaluation)[0], reference["eval"])
         print(f"| {step} | {add} | {count_macs(model)[0] / dense_macs:.3f} | {kl:.3f} | {m['agreement']:.1%} | "
               f"{m['mean_kl']:.3f} |", flush=True)
     if args.save:
