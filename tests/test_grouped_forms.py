@@ -153,3 +153,27 @@ def test_forms_of_a_real_g8_rewrite():
         assert np.abs(run(out) - ref).max() <= 1e-4 * np.abs(ref).max(), form
         if form in ("split", "union"):
             assert sorted(report["changed"]) == sorted(grouped_convs(model))
+
+
+def test_an_unnamed_gather_is_folded_without_touching_other_unnamed_nodes():
+    model = _grouped_model(OVERLAPPING)
+    for node in model.graph.node:
+        node.name = ""
+    model.graph.node.append(helper.make_node("Relu", ["y"], ["yr"]))
+    model.graph.output.append(helper.make_tensor_value_info("yr", TensorProto.FLOAT, ["N", 8, 6, 6]))
+    out, _ = to_form(model, "union")
+    onnx.checker.check_model(out)
+    assert [n.op_type for n in out.graph.node] == ["Gather", "Conv", "Relu"]
+    _assert_same(_run(model), _run(out))
+
+
+def test_a_grouped_conv_with_a_computed_weight_is_kept_and_said():
+    model = _grouped_model(OVERLAPPING)
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    model.graph.node.insert(0, helper.make_node("Identity", ["w"], ["w_id"], name="w_identity"))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    conv.input[1] = "w_id"
+    assert w is not None
+    out, report = to_form(model, "split")
+    assert report["kept"] == {"conv": "weight is not a constant initializer"} and report["changed"] == []
+    _assert_same(_run(model), _run(out))

@@ -17,13 +17,15 @@ Forms (``FORMS``), each exactly the function of the grouped Conv it replaces:
 - ``matmul``: a 1x1, stride-1, unpadded grouped Conv as one broadcast batched ``MatMul``:
   ``Reshape`` to [N, G, k, H*W], ``MatMul`` with the weight as [G, C_out/G, k], ``Reshape`` back
   to [N, C_out, H, W] and the bias added. Needs the output's H and W known (static); a layer
-  whose H or W is symbolic keeps its grouped form.
+  whose H or W is symbolic keeps its grouped form. (ORT's MatMul refuses an empty batch, N = 0.)
 
 Rules:
 - only Convs with ``group`` > 1 and more than one input channel per group change: a depthwise
-  Conv is already the fast form of itself;
+  Conv is already the fast form of itself; a grouped Conv whose weight is not a constant
+  initializer is left as it is and listed under ``kept``;
 - the input Gather (``union``) is folded only when its indices are a constant on axis 1; it is
-  removed when the Conv was its only reader, else left for its other readers;
+  removed when the Conv was its only reader (no other node, graph output or subgraph reads it),
+  else left for its other readers;
 - names are allocated deterministically (``NameAllocator``), so the same model and form give the
   same bytes; opsets and IR version are the input's (``Split`` takes its sizes as an input from
   opset 13, as an attribute before).
@@ -35,7 +37,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..ir.graph import GraphIndex, NameAllocator, get_attr, remove_unused_initializers, set_initializer
+from ..ir.graph import (GraphIndex, NameAllocator, _subgraph_references, get_attr, remove_unused_initializers,
+                        set_initializer)
 from ..ir.shape_facts import tensor_shapes
 
 FORMS = ("grouped", "split", "union", "matmul")
@@ -47,8 +50,12 @@ def grouped_convs(model: onnx.ModelProto) -> list[str]:
     return [node.name for node in model.graph.node if _is_grouped(index, node)]
 
 
+def _grouped_attr(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Conv" and get_attr(node, "group", 1) > 1
+
+
 def _is_grouped(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    if node.op_type != "Conv" or get_attr(node, "group", 1) <= 1:
+    if not _grouped_attr(node):
         return False
     weight = index.constant(node.input[1])
     return weight is not None and weight.ndim == 4 and weight.shape[1] > 1
@@ -73,6 +80,8 @@ def to_form(model: onnx.ModelProto, form: str) -> tuple[onnx.ModelProto, dict]:
     dropped: set[str] = set()
     for node in graph.node:
         if not _is_grouped(index, node):
+            if _grouped_attr(node) and index.constant(node.input[1]) is None:
+                report["kept"][node.name] = "weight is not a constant initializer"
             new_nodes.append(node)
             continue
         builder = _Builder(graph, index, names, node, opset, shapes)
@@ -81,7 +90,7 @@ def to_form(model: onnx.ModelProto, form: str) -> tuple[onnx.ModelProto, dict]:
         elif form == "union":
             replacement, gather = builder.union()
             if gather is not None:
-                dropped.add(gather)
+                dropped.add(gather)  # the Gather's output tensor: names of nodes may be empty or repeat
         else:
             replacement, reason = builder.matmul(shapes.get(node.output[0]))
             if replacement is None:
@@ -92,7 +101,7 @@ def to_form(model: onnx.ModelProto, form: str) -> tuple[onnx.ModelProto, dict]:
         report["changed"].append(node.name)
     # a folded Gather nothing else reads goes; the list is rebuilt in the original order
     del graph.node[:]
-    graph.node.extend(n for n in new_nodes if n.name not in dropped)
+    graph.node.extend(n for n in new_nodes if not (n.op_type == "Gather" and n.output[0] in dropped))
     remove_unused_initializers(graph)
     return out, report
 
@@ -152,8 +161,8 @@ class _Builder:
         if gather is not None and gather.op_type == "Gather" and get_attr(gather, "axis", 0) == 1:
             indices = self.index.constant(gather.input[1])
             if indices is not None and indices.ndim == 1:
-                only_reader = self.index.use_count(x) == 1
-                return gather.input[0], indices.astype(np.int64), (gather.name if only_reader else None)
+                only_reader = self.index.use_count(x) == 1 and x not in _subgraph_references(self.graph)
+                return gather.input[0], indices.astype(np.int64), (x if only_reader else None)
         return x, np.arange(self.groups * self.weight.shape[1], dtype=np.int64), None
 
     def union(self) -> tuple[list[onnx.NodeProto], str | None]:
