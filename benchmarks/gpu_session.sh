@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up onnxruntime-gpu on a lent GPU machine and run benchmarks/gpu_session.py (one call).
 #
-#   benchmarks/gpu_session.sh OUT [UNTIL_SECONDS]
+#   benchmarks/gpu_session.sh OUT [UNTIL_SECONDS]       (TRIAL=1: gpu_traffic_trial.py instead)
 #
 # Expects, in the repo's ignored .ort/ (carried to the machine):
 #   ort_slim.tar.xz   onnxruntime-gpu's cp312 wheel unpacked, without libonnxruntime.so.* (the C
@@ -47,4 +47,8 @@ print("CUDA sanity: max |gpu - cpu| =", float(np.abs(gpu - cpu).max()))
 assert np.abs(gpu - cpu).max() < 1e-2
 PY
 left=$(( until - ($(date +%s) - t0) ))
-PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py --out "$out" --until "$left"
+if [[ "${TRIAL:-0}" == "1" ]]; then  # the activation-traffic trial instead (gpu_traffic_trial.py)
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_traffic_trial.py --out "$out"
+else
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py --out "$out" --until "$left"
+fi
