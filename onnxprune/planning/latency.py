@@ -32,7 +32,8 @@ Two sources, one interface (``conv_us(ConvOp)``, ``gather_us(GatherOp)``, micros
   → 0.113 / 0.066) and moved by at most 0.011 on MobileNetV2 and EfficientNet-Lite0, and the
   ResNets' Spearman rose or held (0.88–0.93 → 0.93–0.99). The planner costs Convs at batch 1,
   where the weights are moved once per image; at batch 8 they are amortised (``ConvOp.batch``)
-  but plans do not use that yet. The CUDA profile has no traffic term: unmeasured.
+  but plans do not use that yet. The CUDA profile charges the maps only (``mac_per_activation``
+  300, measured on an H100: see the profile's comment).
 - ``MeasuredTable``: per-op latencies timed on the target machine by ``onnxprune autotune``
   and cached as JSON. Ops not in the table fall back to the analytical model, rescaled by the
   median measured/analytical ratio of the ops that are, so both sources stay on one scale.
@@ -77,12 +78,17 @@ PROFILES = {
                    efficiency=((16, 0.46), (32, 0.68), (64, 0.88), (128, 0.97)),
                    unaligned_grouped=0.3, unaligned_dense=0.6, macs_per_us=40e3, op_overhead_us=8.0,
                    copy_us_per_element=2e-3, mac_per_weight=13.0, mac_per_activation=6.0),
-    # Unmeasured (no GPU here): public reports say cuDNN grouped convs are efficient only with
-    # >= 32 channels per group; tensor-core paths want channel counts that are multiples of 8.
+    # Grouped efficiencies unmeasured per shape: public reports say cuDNN grouped convs are
+    # efficient only with >= 32 channels per group; tensor-core paths want multiples of 8.
+    # mac_per_activation: measured on an H100 (eighth session, benchmarks/README.md "CUDA in
+    # deployment settings"): at fp16 batch 128 the time follows the activation maps, not the MACs
+    # (a fit: 7.6e-6 us per output element, ~0 per MAC). Without it ResNet-50's plan ran 1.07x
+    # dense (Torch-Pruning 1.20x at equal MACs); with 30 / 300, 1.30x / 1.61x, MobileNetV2 2.23x ->
+    # 2.31x / 2.32x, and with CUDA graphs at batch 1 still 1.08x / 1.06x dense. 300 is kept.
     "cuda": Profile("cuda", align=8, min_filters_per_group=32,
                     efficiency=((32, 0.45), (64, 0.65), (128, 0.85), (256, 0.95)),
                     unaligned_grouped=0.3, unaligned_dense=0.7, macs_per_us=4e6, op_overhead_us=6.0,
-                    copy_us_per_element=2e-6),
+                    copy_us_per_element=2e-6, mac_per_activation=300.0),
 }
 
 
