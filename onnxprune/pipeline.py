@@ -31,6 +31,7 @@ from .channels.coupled import narrowing_config
 from .channels.coupled import prepare as prepare_coupled
 from .planning.agreement_budget import BUDGET_HOLDOUT_DIVISOR, resolve_min_agreement
 from .late_stages import check_distill, check_precision, distill_stage, fp16_stage
+from .rewriting.grouped_forms import grouped_convs, to_form
 from .rewriting.rewrite import apply_plan
 from .ir.shapes import check_given, resolve_input_shapes, restore_input_dims, verification_shapes, with_input_shapes
 from .ir.shapes import describe as describe_shapes
@@ -254,9 +255,17 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
     else:  # coupled groups removed first, then the single-Conv plan on the narrowed graph
         narrowed = coupled.apply(symbolic)
         pruned = apply_plan(narrowed, lower(plan, coupled, symbolic, narrowed))
+    gpu_form = None
+    if config.provider == "cuda" and grouped_convs(pruned):
+        # cuDNN's grouped Convs ran 3-10x slower than dense on an H100; of the exact forms measured
+        # the union one is fastest (benchmarks/README.md, eighth session): emitted for --provider cuda
+        progress.stage("writing grouped layers in their GPU form (a dense Conv over the union of their channels)")
+        pruned, gpu_form = to_form(pruned, "union")
     relist_initializer_inputs(pruned, original.ir_version)
     entry = pruned.metadata_props.add()
     entry.key, entry.value = "onnxprune", f"{__version__}; {len(plan.layers)} Convs grouped-kernel pruned"
+    if gpu_form is not None:
+        entry.value += f"; {len(gpu_form['changed'])} grouped Convs in union form (--provider cuda)"
     t = _lap(timings, "rewrite", t)
 
     try:

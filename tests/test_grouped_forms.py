@@ -177,3 +177,12 @@ def test_a_grouped_conv_with_a_computed_weight_is_kept_and_said():
     out, report = to_form(model, "split")
     assert report["kept"] == {"conv": "weight is not a constant initializer"} and report["changed"] == []
     _assert_same(_run(model), _run(out))
+
+
+def test_provider_cuda_emits_the_union_form_and_verifies_it():
+    """--groups 8 --provider cuda: no grouped Conv left (cuDNN's are slow), still equal to the masked model."""
+    cuda, report = prune(str(SAMPLES / "resnet20.onnx"), PruneConfig(groups=8, rate=0.4375, provider="cuda"))
+    cpu, _ = prune(str(SAMPLES / "resnet20.onnx"), PruneConfig(groups=8, rate=0.4375, verify=False))
+    assert grouped_convs(cuda) == [] and len(grouped_convs(cpu)) == 20
+    assert report.data["verify"]["passed"]
+    assert "20 grouped Convs in union form" in next(p.value for p in cuda.metadata_props if p.key == "onnxprune")

@@ -4,7 +4,8 @@ Why: the paper's layer is ``Gather`` + ``Conv(group=G)``. On ORT's CPU provider 
 (``../shared/notes/ort-cpu-grouped-conv.md``), but cuDNN's grouped convolutions at these widths
 (G = 8, 16-64 filters per group) ran 3-10x slower than the dense layer they replace on an H100
 (``../shared/notes/ort-cuda-h100.md``). The same function can be written with ops a GPU runs
-well; which one wins is measured (``benchmarks/grouped_forms.py``), not assumed.
+well; which one wins is measured (``benchmarks/gpu_session.py``), not assumed: on an H100 the
+``union`` form was fastest in every setting, so the pipeline writes it for ``--provider cuda``.
 
 Forms (``FORMS``), each exactly the function of the grouped Conv it replaces:
 - ``grouped``: unchanged (the paper's form);
