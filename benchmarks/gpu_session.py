@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ def build(work: Path) -> None:
         cmd = [sys.executable, str(ROOT / "benchmarks/speed.py"), "--models", *NETWORKS, "--peers", "torch-pruning",
                "--planners", "fidelity", "--auto-for", "cpu", "cuda", "--target-macs", target, "--build-only",
                "--out", str(work / f"m{target[2:]}")]
-        procs.append(subprocess.Popen(cmd, env={**__import__("os").environ, "OMP_NUM_THREADS": "6"}))
+        procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "6"}))
     for p in procs:
         if p.wait() != 0:
             raise SystemExit(f"build failed: {p.args}")

@@ -75,7 +75,8 @@ def to_form(model: onnx.ModelProto, form: str) -> tuple[onnx.ModelProto, dict]:
     graph = out.graph
     index = GraphIndex(graph)
     names = NameAllocator(graph)
-    shapes = tensor_shapes(out)
+    shapes = _LazyShapes(out)  # shape inference only if a form needs a tensor's shape
+    implicit = _subgraph_references(graph)  # tensors read inside If/Loop bodies, once for all Convs
     opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 13)
     new_nodes: list[onnx.NodeProto] = []
     dropped: set[str] = set()
@@ -85,7 +86,7 @@ def to_form(model: onnx.ModelProto, form: str) -> tuple[onnx.ModelProto, dict]:
                 report["kept"][node.name] = "weight is not a constant initializer"
             new_nodes.append(node)
             continue
-        builder = _Builder(graph, index, names, node, opset, shapes)
+        builder = _Builder(graph, index, names, node, opset, shapes, implicit)
         if form == "split":
             replacement = builder.split()
         elif form == "union":
@@ -107,12 +108,26 @@ def to_form(model: onnx.ModelProto, form: str) -> tuple[onnx.ModelProto, dict]:
     return out, report
 
 
+class _LazyShapes:
+    """``tensor_shapes`` of the model, inferred on the first lookup: the split form and a union
+    without an input Gather never need them, and inference walks the whole graph."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.shapes = model, None
+
+    def get(self, name: str):
+        if self.shapes is None:
+            self.shapes = tensor_shapes(self.model)
+        return self.shapes.get(name)
+
+
 class _Builder:
     """The replacement nodes for one grouped Conv ``node`` (its weight, bias and attributes)."""
 
-    def __init__(self, graph, index: GraphIndex, names: NameAllocator, node, opset: int, shapes: dict):
+    def __init__(self, graph, index: GraphIndex, names: NameAllocator, node, opset: int, shapes: _LazyShapes,
+                 implicit: set[str]):
         self.graph, self.index, self.names, self.node, self.opset = graph, index, names, node, opset
-        self.shapes = shapes
+        self.shapes, self.implicit = shapes, implicit
         self.weight = index.constant(node.input[1])
         self.bias = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         self.groups = int(get_attr(node, "group"))
@@ -162,7 +177,7 @@ class _Builder:
         if gather is not None and gather.op_type == "Gather" and get_attr(gather, "axis", 0) == 1:
             indices = self.index.constant(gather.input[1])
             if indices is not None and indices.ndim == 1:
-                only_reader = self.index.use_count(x) == 1 and x not in _subgraph_references(self.graph)
+                only_reader = self.index.use_count(x) == 1 and x not in self.implicit
                 return gather.input[0], indices.astype(np.int64), (x if only_reader else None)
         return x, np.arange(self.groups * self.weight.shape[1], dtype=np.int64), None
 
