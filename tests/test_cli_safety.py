@@ -102,6 +102,18 @@ def test_outputs_are_compared_through_links(tmp_path, model_path, link, capsys, 
 
 # -- 2. outputs that cannot be written ------------------------------------------------------
 
+@pytest.mark.parametrize("option", ["IN", "OUT", "--report", "--plan-out", "--plan-in", "--summary-md",
+                                    "--latency-table", "--calib", "--tickets", "--eval-data"])
+def test_an_empty_path_is_refused_before_any_work(tmp_path, model_path, option, capsys, monkeypatch):
+    """``onnxprune in.onnx "$OUT"`` with OUT unset ran the whole pass, wrote nothing and exited 0."""
+    _no_work(monkeypatch)
+    argv = ["" if option == "IN" else str(model_path), "" if option == "OUT" else str(tmp_path / "out.onnx")]
+    argv += [] if option in ("IN", "OUT") else [option, ""]
+    label = {"IN": "IN.onnx", "OUT": "OUT.onnx"}.get(option, option)
+    _refused(capsys, argv, f"{label} is empty")
+    assert _files(tmp_path) == ["in.onnx"]
+
+
 def test_output_that_is_a_folder(tmp_path, model_path, capsys):
     (tmp_path / "taken").mkdir()
     _refused(capsys, [str(model_path), str(tmp_path / "out.onnx"), "--report", str(tmp_path / "taken")], "folder")

@@ -91,6 +91,41 @@ def test_bench_unwritable_json_is_refused_before_work(tmp_path, model_path, targ
     _refused(capsys, ["bench", model_path, "--json", tmp_path / target], fragment, "onnxprune bench")
 
 
+@pytest.mark.parametrize("command, option", [("bench", "--json"), ("eval", "--json"), ("autotune", "--out")])
+def test_an_empty_output_path_is_refused_before_work(tmp_path, model_path, command, option, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    _refused(capsys, [command, model_path, option, ""], f"{option} is empty", f"onnxprune {command}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def _flatten_head(path):
+    """input N x 3 x H x W -> Conv 3->4 -> Flatten -> Gemm sized for 8x8 maps: runs only at 8x8."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["c"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((5, 4 * 8 * 8)).astype(np.float32), "fc")]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                            ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_bench_of_a_model_that_cannot_run_at_the_default_size_says_what_to_do(tmp_path, capsys):
+    path = _flatten_head(tmp_path / "head.onnx")
+    line = _refused(capsys, ["bench", path, "--repeat", "1", "--warmup", "0"], "cannot run it at x=1x3x224x224",
+                    "onnxprune bench")
+    assert "--input-shape" in line
+    assert main(["bench", str(path), "--repeat", "2", "--warmup", "0", "--input-shape", "1x3x8x8",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["rows"][0]["runs"] == 2
+    _refused(capsys, ["bench", path, "--input-shape", "images=1x3x8x8"], "no input 'images'", "onnxprune bench")
+
+
 @pytest.mark.parametrize("argv, fragment", [([], "required"), (["m.onnx", "--repeat", "x"], "--repeat"),
                                             (["m.onnx", "--provider", "tpu"], "--provider")])
 def test_bench_usage_errors_are_one_line(argv, fragment, capsys):

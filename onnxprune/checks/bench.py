@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 
 from ..errors import PassFailed, UserError
-from ..ir.shapes import fixed_batch
+from ..ir.shapes import check_given, fixed_batch
 from .verify import random_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -143,10 +143,28 @@ def _braces(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
-def make_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+def make_feeds(model: onnx.ModelProto, batch: int, seed: int = 0, given=None) -> dict[str, np.ndarray]:
     """Seeded random inputs, each of its input's own element type (float16 for an fp16 input,
-    zeros for integer inputs); a symbolic first dimension becomes ``batch`` (verify.random_inputs)."""
-    return random_inputs(model, seed=seed, batch=batch)
+    zeros for integer inputs); a symbolic first dimension becomes ``batch``, other symbolic ones
+    ``given`` (``check_given``'s {name: dims}) or the default size (verify.random_inputs)."""
+    return random_inputs(model, seed=seed, batch=batch, given=given)
+
+
+def reporting_failures(run_once: Callable[[], object], label: str, feeds: dict) -> Callable[[], object]:
+    """``run_once`` whose failure is a one-line ``UserError`` naming the model, the input shapes
+    and what to do: a model ONNX Runtime cannot run at these inputs (a Flatten -> Gemm head sized
+    for another resolution, a symbolic channel axis) must not end the command in a traceback.
+    The ``try`` costs nothing on the timed path."""
+    from .runtime import ort_reason
+
+    def run():
+        try:
+            return run_once()
+        except Exception as exc:  # ORT raises several unrelated types for a failed run
+            shapes = ", ".join(f"{name}={'x'.join(map(str, value.shape))}" for name, value in feeds.items())
+            raise UserError(f"{label}: ONNX Runtime cannot run it at {shapes}: {ort_reason(exc)} "
+                            f"(give the input size with --input-shape)") from None
+    return run
 
 
 def interleave(runners: Sequence[Callable[[], object]], repeat: int, warmup: int = 3,
@@ -195,9 +213,12 @@ def model_stats(model: onnx.ModelProto) -> dict:
 
 
 def compare(models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: Sequence[int],
-            settings: Settings, repeat: int = 30, warmup: int = 5, seed: int = 0) -> dict:
-    """Interleaved timing of ``models`` at each batch size; a JSON-ready report."""
+            settings: Settings, repeat: int = 30, warmup: int = 5, seed: int = 0, input_shapes=None) -> dict:
+    """Interleaved timing of ``models`` at each batch size; a JSON-ready report. ``input_shapes``:
+    ``--input-shape`` values (``[(name or None, dims)]``) for symbolic axes other than the batch,
+    checked against every model."""
     settings.validate()
+    given = [check_given(m, input_shapes) for m in models]
     stats = [model_stats(m) for m in models]
 
     def open_sessions():
@@ -211,8 +232,9 @@ def compare(models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: S
     results = []
     for batch in batches:
         sessions = shared or open_sessions()
-        feeds = [make_feeds(m, fixed[i] or batch, seed) for i, m in enumerate(models)]
-        runners = [runner(sess, feed, settings, label) for sess, feed, label in zip(sessions, feeds, labels)]
+        feeds = [make_feeds(m, fixed[i] or batch, seed, given[i]) for i, m in enumerate(models)]
+        runners = [reporting_failures(runner(sess, feed, settings, label), label, feed)
+                   for sess, feed, label in zip(sessions, feeds, labels)]
         samples = interleave(runners, repeat, warmup)
         del sessions, runners  # graph mode: the next batch's sessions do not sit beside these on the GPU
         rows = []

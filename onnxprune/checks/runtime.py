@@ -7,7 +7,9 @@ next, which on a 2-core machine slowed everything that followed), and each worde
 model differently. Rules:
 
 - thread spinning is off: onnxprune runs several sessions in turn in one process;
-- log severity 3 (errors only): ORT's warnings about the model are not the user's business;
+- log severity 4 (fatal only): ORT's warnings about the model are not the user's business, and
+  an error it logs (a kernel that failed in a run) also comes back as the exception the caller
+  words as one line, so logging it too would put ORT's coloured log line above that line;
 - a model ORT cannot load becomes a one-line ``UserError`` worded by the caller
   (``load_error``, with ``{reason}`` the first line of ORT's message), or — for models onnxprune
   built itself, where failing to load is a bug — ORT's exception as it is (``load_error=None``).
@@ -35,7 +37,7 @@ def create_session(model, *, providers=CPU, threads: int | None = None, inter_th
     selects ORT_SEQUENTIAL execution (the benchmark's fixed settings).
     """
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

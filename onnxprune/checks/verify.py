@@ -89,9 +89,10 @@ def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSessi
     return create_session(model, optimize=optimize)
 
 
-def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
+def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 2, given=None) -> dict[str, np.ndarray]:
+    """Seeded random inputs at the working shapes (``given``: ``check_given``'s {name: dims})."""
     rng = np.random.default_rng(seed)
-    shapes = resolve_input_shapes(model)
+    shapes = resolve_input_shapes(model, given)
     init_names = {t.name for t in model.graph.initializer}
     feeds = {}
     for inp in model.graph.input:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..checks import autotune
 from ..ir import model_io
 from ..checks.bench import Settings
-from ..errors import ArgumentParser, run_reporting_errors
+from ..errors import ArgumentParser, UserError, run_reporting_errors
 from ..planning.latency import MeasuredTable
 from ..ir.model_io import check_paths
 from ..ir.normalize import normalize
@@ -61,6 +61,8 @@ class AutotuneCommand:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AutotuneCommand":
+        if args.out is not None and not args.out.strip():
+            raise UserError("--out is empty: give a file name (or leave --out out for the default)")
         out = Path(args.out) if args.out else Path(args.model).with_suffix(f".latency-{args.provider}.json")
         config = PruneConfig(groups="auto", provider=args.provider, min_channels=args.min_channels,
                              exclude=tuple(args.exclude), target_macs=0.5)

@@ -15,6 +15,7 @@ from ..checks import bench
 from ..ir import model_io
 from ..errors import ArgumentParser, UserError, run_reporting_errors
 from ..ir.model_io import check_paths
+from .prune import input_shape_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "enable_cuda_graph; needs every node on the GPU and static shapes; not with --host-io)")
     p.add_argument("--nhwc", action="store_true",
                    help="cuda: the CUDA EP's channels-last kernels (ORT's prefer_nhwc)")
+    p.add_argument("--input-shape", type=input_shape_arg, action="append", metavar="NAME=1x3x640x640",
+                   help="size of an input's symbolic axes other than the batch (DIMS alone for single-input "
+                        "models; repeat for several inputs); default 224, as for pruning")
     p.add_argument("--json", metavar="out.json", help="also write the full report as JSON")
     return p
 
@@ -71,13 +75,14 @@ class BenchCommand:
     repeat: int = 30
     warmup: int = 5
     json: str | None = None
+    input_shapes: tuple = ()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchCommand":
         settings = bench.Settings(args.provider, args.threads, args.cudnn_conv_algo_search, args.host_io,
                                   cuda_graph=args.cuda_graph, prefer_nhwc=args.nhwc)
         return cls(tuple(args.models), tuple(parse_batches(args.batch)), settings, args.repeat, args.warmup,
-                   args.json)
+                   args.json, tuple(args.input_shape or ()))
 
     def validate(self) -> None:
         if self.settings.threads < 0 or self.repeat < 1 or self.warmup < 0:
@@ -90,7 +95,7 @@ def run(command: BenchCommand) -> int:
     """A validated command: load the models, time them, print (and write the JSON)."""
     models = [model_io.load_model(path) for path in command.models]
     report = bench.compare(models, [str(p) for p in command.models], list(command.batches), command.settings,
-                           command.repeat, command.warmup)
+                           command.repeat, command.warmup, input_shapes=command.input_shapes)
     print(bench.format_report(report))
     if command.json:
         model_io.write_text_atomic(command.json, json.dumps(report, indent=1) + "\n")

@@ -64,7 +64,8 @@ def _groups_arg(text: str):
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
-def _input_shape_arg(text: str):
+def input_shape_arg(text: str):
+    """argparse type of ``--input-shape`` (also ``onnxprune bench``'s)."""
     try:
         return parse_input_shape(text)
     except ValueError as exc:
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="groups G for every pruned Conv (the paper uses 8), or 'auto': G and kept channels "
                         "chosen per layer so the model runs faster on --provider, layers that cannot "
                         "get faster stay dense (default auto)")
-    p.add_argument("--input-shape", type=_input_shape_arg, action="append", metavar="NAME=1x3x640x640",
+    p.add_argument("--input-shape", type=input_shape_arg, action="append", metavar="NAME=1x3x640x640",
                    help="shape for an input with symbolic dimensions (repeat for several inputs), used for MACs, "
                         "planning, calibration and verification (the same input again: a further size to verify "
                         "at); the output keeps the symbolic dimensions "

@@ -72,10 +72,14 @@ def check_paths(inputs, outputs, folders=()) -> None:
 
     Inputs must exist; outputs must go to an existing, writable folder, not be a folder, and
     differ from every input and from each other, compared through symlinks and hard links, so
-    nothing read is ever written.
+    nothing read is ever written. An empty path is refused, not read as "not given": in a script,
+    ``onnxprune in.onnx "$OUT"`` with ``OUT`` unset must not run the whole pass and write nothing.
     """
-    inputs = [(label, path) for label, path in inputs if path]
-    outputs = [(label, path) for label, path in outputs if path]
+    inputs = [(label, path) for label, path in inputs if path is not None]
+    outputs = [(label, path) for label, path in outputs if path is not None]
+    for label, path in inputs + outputs:
+        if not str(path).strip():
+            raise UserError(f"{label} is empty: give a file name")
     for label, path in inputs:
         named = f"{label} {path}" if label.startswith("-") else path
         if not os.path.exists(path):
