@@ -262,10 +262,10 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         progress.stage("writing grouped layers in their GPU form (a dense Conv over the union of their channels)")
         pruned, gpu_form = to_form(pruned, "union")
     relist_initializer_inputs(pruned, original.ir_version)
-    entry = pruned.metadata_props.add()
-    entry.key, entry.value = "onnxprune", f"{__version__}; {len(plan.layers)} Convs grouped-kernel pruned"
+    value = f"{__version__}; {len(plan.layers)} Convs grouped-kernel pruned"
     if gpu_form is not None:
-        entry.value += f"; {len(gpu_form['changed'])} grouped Convs in union form (--provider cuda)"
+        value += f"; {len(gpu_form['changed'])} grouped Convs in union form (--provider cuda)"
+    _stamp(pruned, value)
     t = _lap(timings, "rewrite", t)
 
     try:
@@ -376,6 +376,21 @@ def _as_given(plan: Plan) -> Plan:
 def _sourced(configs: dict[str, dict], structure: str) -> dict[str, dict]:
     """The planner's per-layer configs, each carrying who decided it (``LayerPlan.provenance``)."""
     return {name: {**config, "source": structure} for name, config in configs.items()}
+
+
+def _stamp(model: onnx.ModelProto, value: str) -> None:
+    """Record this pass in the ``onnxprune`` metadata entry. An input that an earlier pass wrote
+    keeps that pass's entry under ``onnxprune.input`` (replaced, not repeated: duplicate keys fail
+    onnx.checker, so pruning an onnxprune output again must not add a second entry)."""
+    props = model.metadata_props
+    earlier = [entry.value for entry in props if entry.key == "onnxprune"]
+    kept = [(entry.key, entry.value) for entry in props if entry.key not in ("onnxprune", "onnxprune.input")]
+    del props[:]
+    for key, text in kept:
+        props.add(key=key, value=text)
+    if earlier:
+        props.add(key="onnxprune.input", value=earlier[0])
+    props.add(key="onnxprune", value=value)
 
 
 def _with_input_dims_of(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:

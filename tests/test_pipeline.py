@@ -155,6 +155,21 @@ def test_metadata_names_onnxprune_and_the_cut():
     assert meta["onnxprune"].endswith(f"; {report['convs_pruned']} Convs grouped-kernel pruned")
 
 
+def test_an_onnxprune_output_can_be_pruned_again():
+    """Pruning is a step users repeat (deeper in a second pass, or a CI job run twice): the
+    output's metadata must not carry two ``onnxprune`` keys, which onnx.checker rejects."""
+    model = vgg().model()
+    model.metadata_props.add(key="author", value="someone")
+    first, _ = prune(model, PruneConfig(groups=2))
+    second, _ = prune(first, PruneConfig(groups=2, rate=0.25))
+    third, _ = prune(second, PruneConfig(groups=2, rate=0.25))
+    onnx.checker.check_model(third, full_check=True)
+    keys = [p.key for p in third.metadata_props]
+    assert keys == ["author", "onnxprune.input", "onnxprune"]
+    meta = {p.key: p.value for p in third.metadata_props}
+    assert meta["onnxprune.input"] == next(p.value for p in second.metadata_props if p.key == "onnxprune")
+
+
 @pytest.mark.parametrize("config, fragment", [
     (PruneConfig(rate=1.0, groups=2), "--rate must be in [0, 1)"),
     (PruneConfig(groups=0), "--groups must be a positive integer"),
