@@ -2,6 +2,7 @@
 identity hold, and the fidelity budget picks the deepest plan that meets it (or says it cannot)."""
 
 import itertools
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -267,14 +268,21 @@ def test_rate_zero_and_target_one_are_the_identity(data):
 
 # -- the fidelity budget ---------------------------------------------------------------------
 
+@dataclass
 class FakePlan:
-    def __init__(self, target):
-        self.macs_ratio, self.predicted_speedup, self.configs = target, 1.0 / max(target, 0.1), {}
+    macs_ratio: float
+    configs: dict = field(default_factory=dict)
+
+    @property
+    def predicted_speedup(self):
+        return 1.0 / max(self.macs_ratio, 0.1)
 
 
 class FakePlanner:
-    def plan(self, target):
-        return FakePlan(target), None
+    def plan(self, target):  # a dense plan's layers say why, as allocate.speed_plan_of words it
+        dense = {"a": {"skip": "auto: kept dense (no narrower width is predicted to save time on cpu)"},
+                 "stem": {"skip": "too few channels (C_in=3, C_out=32 < min-channels 16)"}}
+        return FakePlan(target, dense if target >= 1.0 else {"a": {"groups": 1}}), None
 
 
 def fake_calibrate(agreement_of_target):
@@ -309,6 +317,10 @@ def test_unmeetable_budget_ends_dense_and_says_so():
     first = FakePlan(0.6)
     result = budget.search_budget(FakePlanner(), 0.6, 0.99, first, run(first), run)
     assert result.chosen_target == 1.0 and "left dense" in result.note
+    # the layers say the budget kept them dense, not the cost model; other reasons stay
+    assert result.chosen_plan.configs["a"]["skip"].startswith("auto: kept dense by the fidelity budget (no cut "
+                                                              "keeps 99.0% top-1 agreement")
+    assert result.chosen_plan.configs["stem"]["skip"].startswith("too few channels")
 
 
 def test_min_agreement_end_to_end_reports_the_curve():

@@ -21,7 +21,7 @@ was made on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 GRID_STEP = 0.05  # MACs-fraction spacing of the targets tried between the requested depth and dense
 CONFIDENCE_Z = 1.2816  # one-sided 90%: the budget is met when the Wilson lower bound of agreement reaches it
@@ -105,6 +105,8 @@ def search_budget(planner, requested: float | None, budget: float, first_plan, f
     def evaluate(i: int) -> bool:
         if i not in results:
             speed_plan, _ = planner.plan(grid[i])
+            if grid[i] >= 1.0:  # only ever the plan chosen when no cut keeps the budget
+                speed_plan = kept_dense_by_budget(speed_plan, budget)
             results[i] = (speed_plan, plan_and_calibrate(speed_plan))
         return record(i)
 
@@ -133,3 +135,15 @@ def search_budget(planner, requested: float | None, budget: float, first_plan, f
                 f"used the deepest plan that does: MACs x{speed_plan.macs_ratio:.3f}")
     trials.sort(key=lambda trial: trial["macs_target"])
     return BudgetSearch(budget, deepest, speed_plan, result, grid[hi], met, trials, note)
+
+
+def kept_dense_by_budget(speed_plan, budget: float):
+    """The dense plan with the budget as its layers' reason: the planner's own words ("no
+    narrower width is predicted to save time") would send a user looking at the cost model when
+    it was the fidelity budget that left them dense. Other reasons (too few channels, excluded)
+    stay as they are."""
+    reason = (f"auto: kept dense by the fidelity budget (no cut keeps {budget:.1%} top-1 agreement on "
+              f"held-out calibration inputs; see the report's budget)")
+    configs = {name: {"skip": reason} if config.get("skip", "").startswith("auto: kept dense") else config
+               for name, config in speed_plan.configs.items()}
+    return replace(speed_plan, configs=configs)
