@@ -66,6 +66,10 @@ def main() -> None:
     parser.add_argument("--eval", default=str(ROOT / "samples/generated/photos_eval.npz"))
     parser.add_argument("--mode", choices=("plain", "mixup", "cutmix"), default="plain")
     parser.add_argument("--budget", type=float, default=300.0)
+    parser.add_argument("--hints", choices=("none", "pool", "stream"), default="none",
+                        help="intermediate tensors the student also mimics (onnxprune.distillation.hints)")
+    parser.add_argument("--hint-weight", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=1e-5)
     args = parser.parse_args()
     if args.mode != "plain":
         distill_module.augment = mixing(args.mode)
@@ -73,8 +77,11 @@ def main() -> None:
     evaluation = np.load(args.eval)["input"]
     started = time.time()
     _, report = distill_module.distill(args.student, args.teacher, images, time_budget_s=args.budget,
-                                       eval_images=evaluation, eval_limit=384, threads=2)
-    print(json.dumps({"mode": args.mode, "steps": report["steps"], "wall_s": round(time.time() - started),
+                                       eval_images=evaluation, eval_limit=384, threads=2,
+                                       hints=args.hints, hint_weight=args.hint_weight, lr=args.lr)
+    print(json.dumps({"mode": args.mode, "hints": args.hints, "hint_weight": args.hint_weight, "lr": args.lr,
+                      "hint_tensors": len(report["hints"]), "steps": report["steps"],
+                      "wall_s": round(time.time() - started),
                       "evaluation": report["holdout"], "training": report["train"]}, indent=1))
 
 

@@ -19,7 +19,8 @@ How, and why:
   ``distill_data.py``);
 - loss: KL(teacher || student) on softmax(logits / temperature) x temperature² (``loss="kl"``),
   or mean squared logit error (``loss="mse"``), on the first graph output, class axis 1 (the loss
-  and the reported agreement measures: ``distill_metrics.py``);
+  and the reported agreement measures: ``distill_metrics.py``), plus, with ``hints``, the
+  intermediate tensors' relative squared error (``hints.py``);
 - Adam with a short linear warm-up (5% of the steps) then cosine decay to zero, fp32;
 - a fraction ``holdout`` of the images (chosen by ``seed``) is never trained on (or the separate
   ``eval_images``); KL and top-1 agreement with the teacher are measured on (at most
@@ -45,6 +46,7 @@ import numpy as np
 import onnx
 
 from .distill_data import Batches, augment, load_images
+from .hints import HINT_KINDS, candidates, hint_loss, with_outputs
 from .distill_metrics import EVAL_BATCH, agreement, distill_loss, logits, loss_curve, rel_diff
 from ..errors import InternalError
 from ..ir.shapes import fixed_batch
@@ -57,7 +59,8 @@ def distill(student, teacher, images, *, time_budget_s: float | None = None, ste
             seed: int = 0, lr: float = 1e-5, batch_size: int = 32, optimizer: str = "adam",
             loss: str = "kl", temperature: float = 1.0, zoom: tuple[float, float] = (0.8, 1.05),
             max_shift: float = 0.1, flip: bool = True, augment_prob: float = 0.5, holdout: float = 0.2,
-            eval_images=None, eval_limit: int = 512, trainable: list | None = None, threads: int | None = None,
+            hints: str = "none", hint_weight: float = 1.0, eval_images=None, eval_limit: int = 512,
+            trainable: list | None = None, threads: int | None = None,
             progress=None) -> tuple[onnx.ModelProto, dict]:
     """Fine-tune ``student``'s weights towards ``teacher``'s outputs -> ``(student', report)``.
 
@@ -73,6 +76,10 @@ def distill(student, teacher, images, *, time_budget_s: float | None = None, ste
     ``eval_images``: held-out images given separately (same forms as ``images``), e.g. crops of
     other photographs; then all of ``images`` are trained on and ``holdout`` is ignored.
     ``trainable``: initializer names to train (default: Conv/Gemm weights and biases).
+    ``hints``: ``"none"`` (default), ``"pool"`` or ``"stream"``: intermediate tensors the student
+    also mimics (``hints.py``), their mean relative squared error x ``hint_weight`` added to the
+    loss; an experiment's knob (not a CLI option: on MobileNetV2 it did not generalise better,
+    benchmarks/README.md "Distilling with feature hints").
     ``threads``: torch intra-op threads for this call (restored afterwards; default: unchanged;
     1 is much faster than 2 on a CPU that other processes keep busy).
     ``progress``: an object with ``stage(msg)`` / ``layer(done, total, name)`` (as
@@ -92,13 +99,14 @@ def distill(student, teacher, images, *, time_budget_s: float | None = None, ste
 
 
 def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_size, optimizer, loss,
-             temperature, zoom, max_shift, flip, augment_prob, holdout, eval_images, eval_limit, trainable,
-             threads, progress):
+             temperature, zoom, max_shift, flip, augment_prob, holdout, hints, hint_weight, eval_images, eval_limit,
+             trainable, threads, progress):
     import torch
 
     recorded = {"seed": seed, "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "loss": loss,
                 "temperature": temperature, "zoom": list(zoom), "max_shift": max_shift, "flip": flip,
-                "augment_prob": augment_prob, "holdout": holdout, "eval_limit": eval_limit}
+                "augment_prob": augment_prob, "holdout": holdout, "eval_limit": eval_limit, "hints": hints,
+                "hint_weight": hint_weight}
     from ..ir.model_io import load_model
 
     started = time.perf_counter()
@@ -110,6 +118,8 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     if loss not in ("kl", "mse"):
         raise ValueError(f"loss must be 'kl' or 'mse', got {loss!r}")
+    if hints not in HINT_KINDS:
+        raise ValueError(f"hints must be one of {', '.join(HINT_KINDS)}, got {hints!r}")
     if batch_size < 1 or eval_limit < 1:
         raise ValueError("batch_size and eval_limit must be >= 1")
     student = student if isinstance(student, onnx.ModelProto) else load_model(student)
@@ -159,6 +169,9 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
     bridge_diff = rel_diff((before_hold if n_hold else before_train)[:4], bridged)
     if not bridge_diff <= 1e-3:
         raise UnsupportedModel(f"the torch bridge differs from ONNX Runtime by {bridge_diff:.3g} (relative)")
+    hint_names = _matching_hints(module, teacher, student, hints, check, input_names, threads)
+    target_sess = _session(with_outputs(teacher, hint_names), threads) if hint_names else teacher_sess
+    target_names = [teacher_sess.get_outputs()[0].name, *hint_names]
 
     params = [module.parameter(name) for name in module.trainable_names]
     opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else \
@@ -169,10 +182,13 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
     def step_loss(step_rng, index):
         batch = {k: v[index] for k, v in train_t.items()}
         batch = augment(batch, step_rng, zoom, max_shift, flip, augment_prob)
-        target = torch.from_numpy(teacher_sess.run([teacher_sess.get_outputs()[0].name],
-                                                   {k: v.numpy() for k, v in batch.items()})[0])
-        output = module(*[batch[k] for k in input_names])[0]
-        return distill_loss(output, target, loss, temperature)
+        targets = [torch.from_numpy(t) for t in
+                   target_sess.run(target_names, {k: v.numpy() for k, v in batch.items()})]
+        output, *values = module(*[batch[k] for k in input_names], extra=tuple(hint_names))
+        value = distill_loss(output, targets[0], loss, temperature)
+        if hint_names:
+            value = value + hint_weight * hint_loss(values, targets[1:])
+        return value
 
     probe_s = None
     budget_started = time.perf_counter()
@@ -244,6 +260,7 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
         "wall_s": round(time.perf_counter() - started, 3),
         "torch_threads": torch.get_num_threads(),
         "images": {"train": int(len(train_idx)), "holdout": int(n_hold), "train_eval": len(t_train)},
+        "hints": hint_names,
         "trainable_tensors": len(params), "trainable_values": int(sum(p.numel() for p in params)),
         "bridge_max_rel_diff": float(bridge_diff), "export_max_rel_diff": float(export_diff),
         "loss_curve": loss_curve(losses),
@@ -306,6 +323,21 @@ class _Say:
         elif callable(self.progress):
             self.progress(done, total, value)
 
+
+
+def _matching_hints(module, teacher, student, kind, check, input_names, threads) -> list[str]:
+    """The hint candidates whose student and teacher values have the same shape on ``check``."""
+    import torch
+
+    names = candidates(student, teacher, kind)
+    if not names:
+        return []
+    sess = _session(with_outputs(teacher, names), threads)
+    wanted = [o.name for o in sess.get_outputs()][:1] + names
+    expected = sess.run(wanted, {k: v for k, v in check.items()})[1:]
+    with torch.no_grad():
+        got = module(*[torch.from_numpy(check[k]) for k in input_names], extra=tuple(names))[1:]
+    return [name for name, a, b in zip(names, expected, got) if tuple(a.shape) == tuple(b.shape)]
 
 
 def _session(model, threads=None):

@@ -187,7 +187,8 @@ class OnnxModule(torch.nn.Module if torch is not None else object):
 
     # -- evaluation ---------------------------------------------------------------------
 
-    def forward(self, *inputs):
+    def forward(self, *inputs, extra: tuple = ()):
+        """The graph outputs, then the tensors named in ``extra`` (intermediate values)."""
         if len(inputs) == 1 and isinstance(inputs[0], dict):
             feeds = inputs[0]
         else:
@@ -214,4 +215,4 @@ class OnnxModule(torch.nn.Module if torch is not None else object):
             for name, value in zip(node.output, results):
                 if name:
                     env[name] = value
-        return tuple(env[name] for name in self.output_names)
+        return tuple(env[name] for name in [*self.output_names, *extra])
