@@ -389,7 +389,7 @@ def _stamp(model: onnx.ModelProto, value: str) -> None:
     for key, text in kept:
         props.add(key=key, value=text)
     if earlier:
-        props.add(key="onnxprune.input", value=earlier[0])
+        props.add(key="onnxprune.input", value=earlier[-1])  # an older writer's duplicates: its last pass
     props.add(key="onnxprune", value=value)
 
 

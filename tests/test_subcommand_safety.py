@@ -91,6 +91,16 @@ def test_bench_unwritable_json_is_refused_before_work(tmp_path, model_path, targ
     _refused(capsys, ["bench", model_path, "--json", tmp_path / target], fragment, "onnxprune bench")
 
 
+@pytest.mark.parametrize("argv, fragment", [(["autotune", ""], "MODEL.onnx is empty"),
+                                            (["eval", ""], "MODEL.onnx is empty"),
+                                            (["eval", "{m}", "--reference", ""], "--reference is empty"),
+                                            (["eval", "{m}", "--data", ""], "--data is empty")])
+def test_an_empty_input_path_of_a_subcommand_is_refused(model_path, argv, fragment, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    argv = [str(model_path) if a == "{m}" else a for a in argv]
+    _refused(capsys, argv, fragment, f"onnxprune {argv[0]}")
+
+
 @pytest.mark.parametrize("command, option", [("bench", "--json"), ("eval", "--json"), ("autotune", "--out")])
 def test_an_empty_output_path_is_refused_before_work(tmp_path, model_path, command, option, capsys, monkeypatch):
     _no_work(monkeypatch)
@@ -124,6 +134,32 @@ def test_bench_of_a_model_that_cannot_run_at_the_default_size_says_what_to_do(tm
                  "--json", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["results"][0]["rows"][0]["runs"] == 2
     _refused(capsys, ["bench", path, "--input-shape", "images=1x3x8x8"], "no input 'images'", "onnxprune bench")
+    _refused(capsys, ["bench", path, "--input-shape", "1x3x8x8", "--input-shape", "1x3x16x16"], "one size per input",
+             "onnxprune bench")
+    # the size given, nothing left to guess: no advice to give it again
+    line = _refused(capsys, ["bench", path, "--input-shape", "1x3x9x9", "--repeat", "1", "--warmup", "0"],
+                    "cannot run it at x=1x3x9x9", "onnxprune bench")
+    assert "--input-shape" not in line
+
+
+def test_bench_of_a_model_that_fails_only_at_a_larger_batch_names_the_batch(tmp_path, capsys):
+    path = _flatten_head(tmp_path / "head.onnx")
+    model = onnx.load(path)
+    model.graph.node[1].CopyFrom(helper.make_node("Reshape", ["c", "one_row"], ["f"]))  # hard-codes batch 1
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, -1], np.int64), "one_row"))
+    onnx.save(model, path)
+    line = _refused(capsys, ["bench", path, "--input-shape", "1x3x8x8", "--batch", "1,4", "--repeat", "1",
+                             "--warmup", "0"], "x=4x3x8x8", "onnxprune bench")
+    assert line.endswith("(at batch 4; try --batch 1)")
+
+
+def test_a_failed_run_is_one_line_on_the_process_stderr(tmp_path, capfd):
+    """ORT logs a failed kernel on the process's own stderr (not sys.stderr): sessions log at
+    fatal level only, so the command's one line is all the user sees."""
+    path = _flatten_head(tmp_path / "head.onnx")
+    assert main(["bench", str(path), "--repeat", "1", "--warmup", "0"]) == 2
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and "cannot run it" in err[0], err
 
 
 @pytest.mark.parametrize("argv, fragment", [([], "required"), (["m.onnx", "--repeat", "x"], "--repeat"),

@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 
 from ..errors import PassFailed, UserError
-from ..ir.shapes import check_given, fixed_batch
+from ..ir.shapes import check_given, fixed_batch, verification_shapes
 from .verify import random_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -150,11 +150,11 @@ def make_feeds(model: onnx.ModelProto, batch: int, seed: int = 0, given=None) ->
     return random_inputs(model, seed=seed, batch=batch, given=given)
 
 
-def reporting_failures(run_once: Callable[[], object], label: str, feeds: dict) -> Callable[[], object]:
+def reporting_failures(run_once: Callable[[], object], label: str, feeds: dict, hint: str = "") -> Callable[[], object]:
     """``run_once`` whose failure is a one-line ``UserError`` naming the model, the input shapes
-    and what to do: a model ONNX Runtime cannot run at these inputs (a Flatten -> Gemm head sized
-    for another resolution, a symbolic channel axis) must not end the command in a traceback.
-    The ``try`` costs nothing on the timed path."""
+    and ``hint`` (what to do): a model ONNX Runtime cannot run at these inputs (a Flatten -> Gemm
+    head sized for another resolution, a symbolic channel axis) must not end the command in a
+    traceback. The ``try`` costs nothing on the timed path."""
     from .runtime import ort_reason
 
     def run():
@@ -162,9 +162,23 @@ def reporting_failures(run_once: Callable[[], object], label: str, feeds: dict) 
             return run_once()
         except Exception as exc:  # ORT raises several unrelated types for a failed run
             shapes = ", ".join(f"{name}={'x'.join(map(str, value.shape))}" for name, value in feeds.items())
-            raise UserError(f"{label}: ONNX Runtime cannot run it at {shapes}: {ort_reason(exc)} "
-                            f"(give the input size with --input-shape)") from None
+            raise UserError(f"{label}: ONNX Runtime cannot run it at {shapes}: {ort_reason(exc)}"
+                            + (f" ({hint})" if hint else "")) from None
     return run
+
+
+def failure_hint(model: onnx.ModelProto, given: dict, batch: int) -> str:
+    """What may make a failed run work: sizes for symbolic axes the user did not give (they were
+    guessed), else a smaller batch (a graph that hard-codes batch 1), else nothing to suggest."""
+    from ..ir.shapes import model_inputs
+
+    guessed = any(dim is None and axis > 0 and name not in given
+                  for name, dims in model_inputs(model) for axis, dim in enumerate(dims))
+    if guessed:
+        return "give the input size with --input-shape"
+    if batch > 1:
+        return f"at batch {batch}; try --batch 1"
+    return ""
 
 
 def interleave(runners: Sequence[Callable[[], object]], repeat: int, warmup: int = 3,
@@ -219,6 +233,9 @@ def compare(models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: S
     checked against every model."""
     settings.validate()
     given = [check_given(m, input_shapes) for m in models]
+    if any(verification_shapes(m, input_shapes) for m in models):
+        raise UserError("--input-shape: give one size per input (the benchmark times one shape; the batch "
+                        "comes from --batch)")
     stats = [model_stats(m) for m in models]
 
     def open_sessions():
@@ -233,8 +250,9 @@ def compare(models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: S
     for batch in batches:
         sessions = shared or open_sessions()
         feeds = [make_feeds(m, fixed[i] or batch, seed, given[i]) for i, m in enumerate(models)]
-        runners = [reporting_failures(runner(sess, feed, settings, label), label, feed)
-                   for sess, feed, label in zip(sessions, feeds, labels)]
+        runners = [reporting_failures(runner(sess, feed, settings, label), label, feed,
+                                      failure_hint(m, g, fixed_b or batch))
+                   for sess, feed, label, m, g, fixed_b in zip(sessions, feeds, labels, models, given, fixed)]
         samples = interleave(runners, repeat, warmup)
         del sessions, runners  # graph mode: the next batch's sessions do not sit beside these on the GPU
         rows = []

@@ -61,6 +61,8 @@ class AutotuneCommand:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AutotuneCommand":
+        if not args.model.strip():
+            raise UserError("MODEL.onnx is empty: give a file name")
         if args.out is not None and not args.out.strip():
             raise UserError("--out is empty: give a file name (or leave --out out for the default)")
         out = Path(args.out) if args.out else Path(args.model).with_suffix(f".latency-{args.provider}.json")

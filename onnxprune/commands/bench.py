@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nhwc", action="store_true",
                    help="cuda: the CUDA EP's channels-last kernels (ORT's prefer_nhwc)")
     p.add_argument("--input-shape", type=input_shape_arg, action="append", metavar="NAME=1x3x640x640",
-                   help="size of an input's symbolic axes other than the batch (DIMS alone for single-input "
-                        "models; repeat for several inputs); default 224, as for pruning")
+                   help="size of an input's symbolic axes other than the batch, which --batch sets (DIMS alone "
+                        "for a single-input model; once per input); default 224, as for pruning")
     p.add_argument("--json", metavar="out.json", help="also write the full report as JSON")
     return p
 

@@ -182,7 +182,8 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
     def step_loss(step_rng, index):
         batch = {k: v[index] for k, v in train_t.items()}
         batch = augment(batch, step_rng, zoom, max_shift, flip, augment_prob)
-        targets = [torch.from_numpy(t) for t in
+        # float32 targets: an fp16 teacher's mean square overflows past |x| ~ 256
+        targets = [torch.from_numpy(t.astype(np.float32, copy=False)) for t in
                    target_sess.run(target_names, {k: v.numpy() for k, v in batch.items()})]
         output, *values = module(*[batch[k] for k in input_names], extra=tuple(hint_names))
         value = distill_loss(output, targets[0], loss, temperature)
@@ -337,7 +338,9 @@ def _matching_hints(module, teacher, student, kind, check, input_names, threads)
     expected = sess.run(wanted, {k: v for k, v in check.items()})[1:]
     with torch.no_grad():
         got = module(*[torch.from_numpy(check[k]) for k in input_names], extra=tuple(names))[1:]
-    return [name for name, a, b in zip(names, expected, got) if tuple(a.shape) == tuple(b.shape)]
+    # float tensors only (an integer Add is no feature map); shapes must match channel by channel
+    return [name for name, a, b in zip(names, expected, got)
+            if np.issubdtype(a.dtype, np.floating) and tuple(a.shape) == tuple(b.shape)]
 
 
 def _session(model, threads=None):

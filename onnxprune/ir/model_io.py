@@ -77,9 +77,9 @@ def check_paths(inputs, outputs, folders=()) -> None:
     """
     inputs = [(label, path) for label, path in inputs if path is not None]
     outputs = [(label, path) for label, path in outputs if path is not None]
-    for label, path in inputs + outputs:
+    for label, path in inputs + outputs:  # paths as given (str): Path("") would already read "."
         if not str(path).strip():
-            raise UserError(f"{label} is empty: give a file name")
+            raise UserError(f"{label} is empty{' or blank' if path else ''}: give a file name")
     for label, path in inputs:
         named = f"{label} {path}" if label.startswith("-") else path
         if not os.path.exists(path):
