@@ -153,6 +153,29 @@ def test_bench_of_a_model_that_fails_only_at_a_larger_batch_names_the_batch(tmp_
     assert line.endswith("(at batch 4; try --batch 1)")
 
 
+def test_autotune_measures_at_the_given_input_shape(tmp_path, capsys, monkeypatch):
+    """The planner's ops are timed at the shapes pruning with the same --input-shape plans for
+    (was: always 224, so a model used at 8x8 got a table the planner never looks up)."""
+    measured = []
+    monkeypatch.setattr(autotune, "measure_op", lambda op, settings, repeat=10: measured.append(op.key) or 1.0)
+    wide = tmp_path / "wide.onnx"  # 16 filters: prunable, unlike _flatten_head's 4
+    model = onnx.load(_flatten_head(tmp_path / "head.onnx"))
+    rng = np.random.default_rng(1)
+    model.graph.node.insert(1, helper.make_node("Conv", ["c0", "w2"], ["c"], pads=[1, 1, 1, 1]))
+    model.graph.node[0].output[0] = "c0"
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(rng.standard_normal((32, 3, 3, 3)).astype(np.float32),
+                                                                "w"))
+    model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((4, 32, 3, 3)).astype(np.float32),
+                                                           "w2"))
+    onnx.save(model, wide)
+    assert main(["autotune", str(wide), "--input-shape", "1x3x8x8", "--out", str(tmp_path / "t.json")]) == 0
+    assert measured and all("-o8x8-" in key for key in measured if key.startswith("conv:"))
+    measured.clear()
+    assert main(["autotune", str(wide), "--out", str(tmp_path / "t224.json")]) == 0
+    assert all("-o224x224-" in key for key in measured if key.startswith("conv:"))
+    assert "symbolic dims set to 224 by default" in capsys.readouterr().err
+
+
 def test_a_failed_run_is_one_line_on_the_process_stderr(tmp_path, capfd):
     """ORT logs a failed kernel on the process's own stderr (not sys.stderr): sessions log at
     fatal level only, so the command's one line is all the user sees."""

@@ -19,6 +19,8 @@ from ..errors import ArgumentParser, UserError, run_reporting_errors
 from ..planning.latency import MeasuredTable
 from ..ir.model_io import check_paths
 from ..ir.normalize import normalize
+from ..ir.shapes import DEFAULT_DIM, check_given, resolve_input_shapes, sizes_text, with_input_shapes
+from .prune import input_shape_arg
 from ..pipeline import PruneConfig
 
 
@@ -34,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=600.0, help="measurement budget (default 600)")
     p.add_argument("--min-channels", type=int, default=16)
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE_NAME")
+    p.add_argument("--input-shape", type=input_shape_arg, action="append", metavar="NAME=1x3x640x640",
+                   help="size of an input's symbolic axes other than the batch, as for pruning (default 224): "
+                        "the ops are measured at the shapes the planner will see with the same --input-shape")
     return p
 
 
@@ -58,6 +63,7 @@ class AutotuneCommand:
     settings: Settings
     repeat: int = 10
     max_seconds: float = 600.0
+    input_shapes: tuple = ()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AutotuneCommand":
@@ -68,7 +74,8 @@ class AutotuneCommand:
         out = Path(args.out) if args.out else Path(args.model).with_suffix(f".latency-{args.provider}.json")
         config = PruneConfig(groups="auto", provider=args.provider, min_channels=args.min_channels,
                              exclude=tuple(args.exclude), target_macs=0.5)
-        return cls(args.model, out, config, Settings(args.provider, args.threads), args.repeat, args.max_seconds)
+        return cls(args.model, out, config, Settings(args.provider, args.threads), args.repeat, args.max_seconds,
+                   tuple(args.input_shape or ()))
 
     def validate(self) -> MeasuredTable | None:
         """The paths, and the existing table at ``--out`` (read now: a bad one fails before any work)."""
@@ -80,8 +87,14 @@ class AutotuneCommand:
 
 def run(command: AutotuneCommand, table: MeasuredTable | None = None) -> int:
     """A validated command: measure the planner's ops into ``table`` (new if None) and save it."""
-    model = normalize(model_io.load_model(command.model))
     log = lambda msg: print(f"onnxprune autotune: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    loaded = model_io.load_model(command.model)
+    # the planner's ops at the working shapes the pruning command would use (same rules, same option)
+    shapes = resolve_input_shapes(loaded, check_given(loaded, command.input_shapes))
+    if any(shape.source == "default" for shape in shapes.values()):
+        log(f"measuring at input shapes {sizes_text(shapes)} (symbolic dims set to {DEFAULT_DIM} by default; "
+            f"prune with the same --input-shape NAME=DIMS you give here)")
+    model = normalize(with_input_shapes(loaded, shapes))
     table = autotune.autotune(model, command.config, command.settings, command.repeat, command.max_seconds, table,
                               log)
     table.save(command.out)
