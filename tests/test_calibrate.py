@@ -326,3 +326,25 @@ def test_ridge_is_validated_on_held_out_inputs(monkeypatch):
                                                          False)
     assert fixed["ridge"] == least_squares.DEFAULT_RIDGE
     assert held_out_error(w_val, b_val) < 0.9 * held_out_error(w_fix, b_fix)
+
+
+def test_a_cached_tensor_without_one_row_per_input_is_a_clear_refusal():
+    """A later segment reads a tensor computed from weights only (an LSTM's sliced bias, say):
+    calibration caches tensors per input row and cannot carry it, so it says so (was: a numpy
+    broadcast error as an internal error)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.calibration.calib_stream import Stream
+    from onnxprune.errors import UserError
+
+    bias = numpy_helper.from_array(np.arange(4, dtype=np.float32), "b")
+    nodes = [helper.make_node("Identity", ["b"], ["computed"]),
+             helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Add", ["r", "computed"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    stream = Stream(model, {"x": np.ones((8, 4), np.float32)}, 8)
+    with pytest.raises(UserError, match="tensor 'computed' has shape \\[4\\] for a batch of 8 inputs"):
+        stream.advance(1)

@@ -156,3 +156,20 @@ def test_shared_exit_code_contract(capsys):
         assert err[-1].startswith("x: internal error: ") and "please report" in err[-1]
     assert run_reporting_errors("x", raises(MemoryError()), None) == 1  # the machine's limit, not a bug
     assert capsys.readouterr().err.startswith("x: failed: out of memory")
+
+
+def test_summary_of_a_calibrated_model_without_class_scores():
+    """A detector calibrated with --calib has no top-1 agreement: the summary gives the relative
+    error of its output instead (was: a TypeError after the model had been written, exit 1)."""
+    from onnxprune.commands.console import summary
+
+    stats = {"top1_agreement": None, "mean_kl": None}
+    report = {"macs_before": 2e6, "macs_after": 1e6, "pruned_layers_macs_before": 1e6,
+              "pruned_layers_macs_after": 5e5, "convs_pruned": 1, "convs_skipped": 0, "params_before": 1e5,
+              "params_after": 5e4, "layers": [], "verify": None,
+              "calibration": {"fit_samples": 12,
+                              "fidelity": {"samples": 4, "uncalibrated": {**stats, "rel_mse": 0.0248},
+                                           "calibrated": {**stats, "rel_mse": 0.0128}}}}
+    text = summary(report, "out.onnx")
+    assert "relative squared error of the first output against the original's on 4 held-out inputs 0.0248 -> " \
+           "0.0128" in text

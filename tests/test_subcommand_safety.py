@@ -176,6 +176,32 @@ def test_autotune_measures_at_the_given_input_shape(tmp_path, capsys, monkeypatc
     assert "symbolic dims set to 224 by default" in capsys.readouterr().err
 
 
+def test_bench_counts_macs_at_the_size_it_times(tmp_path, capsys):
+    path = _flatten_head(tmp_path / "head.onnx")
+    assert main(["bench", str(path), "--input-shape", "1x3x8x8", "--repeat", "1", "--warmup", "0",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    stats = json.loads((tmp_path / "b.json").read_text())["models"][0]
+    assert stats["input_shapes"] == "x=Nx3x8x8"
+    assert stats["macs"] == 4 * 3 * 9 * 8 * 8 + 5 * 4 * 8 * 8  # the Conv and the Gemm at 8x8, not 224x224
+    assert "| x=Nx3x8x8 |" in capsys.readouterr().out
+
+
+def test_eval_of_a_model_without_class_scores_is_refused(tmp_path, capsys):
+    """A detector's map (or a time-major sequence) has no class per image: eval used to report
+    0% agreement for identical maps, or crash."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "det", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [numpy_helper.from_array(rng.standard_normal((1, 1, 3, 3)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "det.onnx")
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 255, (4, 1, 8, 8)).astype(np.uint8), labels=np.zeros(4, int))
+    _refused(capsys, ["eval", tmp_path / "det.onnx", "--data", tmp_path / "d.npz"], "need class scores",
+             "onnxprune eval")
+
+
 def test_a_failed_run_is_one_line_on_the_process_stderr(tmp_path, capfd):
     """ORT logs a failed kernel on the process's own stderr (not sys.stderr): sessions log at
     fatal level only, so the command's one line is all the user sees."""

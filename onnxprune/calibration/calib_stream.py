@@ -119,7 +119,13 @@ class Stream:
         out: dict[str, np.ndarray] = {}
         for start in range(0, count, self.batch):
             results = sess.run(wanted, {n: self.cache[n][start:start + self.batch] for n in inputs})
+            rows = min(self.batch, count - start)
             for name, value in zip(wanted, results):
+                if value.ndim == 0 or value.shape[0] != rows:
+                    # calibration caches every tensor a later segment reads, one row per sample
+                    raise UserError(f"--calib: tensor {name!r} has shape {list(value.shape)} for a batch of {rows} "
+                                    f"inputs; calibration can carry only tensors with one row per input (not a "
+                                    f"weight computed in the graph or a time-major sequence): prune without --calib")
                 if name not in out:
                     out[name] = np.empty((count,) + value.shape[1:], dtype=value.dtype)
                 out[name][start:start + len(value)] = value

@@ -41,7 +41,8 @@ import numpy as np
 import onnx
 
 from ..errors import PassFailed, UserError
-from ..ir.shapes import check_given, fixed_batch, verification_shapes
+from ..ir.shapes import (check_given, fixed_batch, resolve_input_shapes, sizes_text, verification_shapes,
+                         with_input_shapes)
 from .verify import random_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -236,7 +237,9 @@ def compare(models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: S
     if any(verification_shapes(m, input_shapes) for m in models):
         raise UserError("--input-shape: give one size per input (the benchmark times one shape; the batch "
                         "comes from --batch)")
-    stats = [model_stats(m) for m in models]
+    shapes = [resolve_input_shapes(m, g) for m, g in zip(models, given)]
+    stats = [{**model_stats(with_input_shapes(m, shape)), "input_shapes": sizes_text(shape)}
+             for m, shape in zip(models, shapes)]  # MACs at the sizes timed
 
     def open_sessions():
         return [make_session(m, settings, label) for m, label in zip(models, labels)]
@@ -336,10 +339,11 @@ def format_report(report: dict) -> str:
                  f"cuda_graph={_on(s.get('cuda_graph'))}, prefer_nhwc={_on(s.get('prefer_nhwc'))}")
         io = [f"io: {s['io']}"]
     lines = [head, *io, f"interleaved: {report['warmup']} warm-up + {report['repeat']} timed runs per model and batch",
-             "", "| model | MACs (batch 1) | params |", "|---|---|---|"]
+             "", "| model | inputs | MACs (batch 1) | params |", "|---|---|---|---|"]
     for m in report["models"]:
         fixed = f" (fixed batch {m['fixed_batch']})" if m["fixed_batch"] else ""
-        lines.append(f"| {m['model']}{fixed} | {m['macs'] / 1e9:.3f} G | {m['params'] / 1e6:.3f} M |")
+        lines.append(f"| {m['model']}{fixed} | {m.get('input_shapes', '')} | {m['macs'] / 1e9:.3f} G | "
+                     f"{m['params'] / 1e6:.3f} M |")
     lines += ["", "| model | batch | median ms | p90 ms | ratio to first | speedup | paired ratio (95% interval) |",
               "|---|---|---|---|---|---|---|"]
     for result in report["results"]:

@@ -62,9 +62,14 @@ def summary(report: dict, output: str | None) -> str:
     calib = report.get("calibration")
     if calib and calib.get("fidelity"):
         fid = calib["fidelity"]
-        lines.append(f"  calibrated on {calib['fit_samples']} inputs: top-1 agreement with the original on "
-                     f"{fid['samples']} held-out inputs {100 * fid['uncalibrated']['top1_agreement']:.1f}% -> "
-                     f"{100 * fid['calibrated']['top1_agreement']:.1f}%")
+        before, after = fid["uncalibrated"], fid["calibrated"]
+        if before.get("top1_agreement") is not None and after.get("top1_agreement") is not None:
+            change = (f"top-1 agreement with the original on {fid['samples']} held-out inputs "
+                      f"{100 * before['top1_agreement']:.1f}% -> {100 * after['top1_agreement']:.1f}%")
+        else:  # the first output is not class scores (a detector's map): its relative squared error
+            change = (f"relative squared error of the first output against the original's on {fid['samples']} "
+                      f"held-out inputs {before['rel_mse']:.3g} -> {after['rel_mse']:.3g}")
+        lines.append(f"  calibrated on {calib['fit_samples']} inputs: {change}")
     distilled = report.get("distill")
     if distilled and "skipped" in distilled:
         lines.append(f"  distillation skipped: {distilled['skipped']}")
