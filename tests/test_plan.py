@@ -83,3 +83,23 @@ def test_plan_in_says_so_and_recomputes_the_kept_fraction():
     first = applied.plan.layers[0].provenance
     assert first["structure"] == "--plan-in (saved: --groups 4 --rate 0.5 (the paper's rule, the same for every layer))"
     assert first["kept_fraction"] == pytest.approx(layer.kept_per_group / layer.c_in, abs=1e-4)
+
+
+def test_a_calibrated_plan_replayed_gives_the_same_bytes(tmp_path):
+    """--plan-out then --plan-in, with --calib and the data choosing kept channels: the replay
+    must reproduce the model. It did not: the refit of a channel the data chose (but the plan's
+    weight rule had dropped) was pulled towards a zeroed kernel instead of its original one, and
+    the replay solved from moments over fewer channels."""
+    from pathlib import Path
+
+    from onnxprune.commands.prune import main
+
+    samples = Path(__file__).resolve().parent.parent / "samples"
+    common = [str(samples / "resnet20.onnx"), "-q", "--calib", str(samples / "fmnist_calib.npz"), "--calib-size", "128",
+              "--min-agreement", "off"]
+    first, again, plan = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "p.json"
+    assert main([common[0], str(first), *common[1:], "--plan-out", str(plan)]) == 0
+    layers = json.loads(plan.read_text())["layers"]
+    assert any("data-aware" in layer["provenance"]["channels"] for layer in layers)  # the case that broke
+    assert main([common[0], str(again), *common[1:], "--plan-in", str(plan)]) == 0
+    assert first.read_bytes() == again.read_bytes()

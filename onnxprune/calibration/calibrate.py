@@ -138,6 +138,7 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
     residual = _mode(config, "calib_target", ("residual", "output")) == "residual"
     partners = residual_partners(model, steps) if residual else {}
 
+    dense_index = GraphIndex(model.graph)  # the unmasked kernels: the refit's prior (refit_layer)
     original, pruned = Stream(model, fit, batch), Stream(work, fit, batch)
     entries = []
     decided: dict[str, LayerPlan] = {}  # planned Conv -> its layer with the channels selection chose
@@ -165,7 +166,7 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
             else:
                 entry, chosen = refit_layer(work, work.graph.node[position], layer, x, y, ridge,
                                             select and node.name not in following and node.name not in fixed
-                                            and not is_disjoint(layer))
+                                            and not is_disjoint(layer), dense_index.constant(node.input[1]))
                 entries.append(entry)
                 if chosen is not layer and node.name not in following:
                     decided[node.name] = chosen
@@ -222,7 +223,8 @@ def _mode(config, name: str, choices: tuple[str, ...]) -> str:
 
 
 def refit_layer(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x: np.ndarray,
-                y: np.ndarray, ridge: float, select: bool = False) -> tuple[dict, LayerPlan]:
+                y: np.ndarray, ridge: float, select: bool = False,
+                dense_weight: np.ndarray | None = None) -> tuple[dict, LayerPlan]:
     """Refit one planned Conv of ``work`` in place from its input ``x`` and target ``y``
     -> (report entry, the layer as decided).
 
@@ -231,9 +233,13 @@ def refit_layer(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x
     is then a new ``LayerPlan`` with those channels (``layer`` itself is never edited, and is
     returned as it is when no group changed). Without it the plan's weight-only choice is kept.
     ``work`` is edited in place: it is calibrate's own copy, built up layer by layer.
+    ``dense_weight``: the layer's kernels before masking, the prior every kept set is refit
+    towards. Without it the masked weight in ``work`` is used, whose zeroed columns would make
+    the prior of a channel the data chose but the plan's rule dropped zero instead of its
+    original kernel (and a replayed plan, which masks the data's choice, refit differently).
     """
     index = GraphIndex(work.graph)
-    weight = index.constant(node.input[1])
+    weight = index.constant(node.input[1]) if dense_weight is None else dense_weight
     bias = layer_bias(index, node, layer.c_out, weight.dtype)
     geo = ConvGeometry.of(node, weight.shape[2:], x.shape[2:])
     new_w, new_b, entry, chosen = refit_weights(layer, weight, bias, x, y, geo, ridge, select)
@@ -254,10 +260,11 @@ def refit_weights(layer: LayerPlan, weight: np.ndarray, bias: np.ndarray, x: np.
     """
     kh, kw = weight.shape[2:]
     k2 = kh * kw
-    if select:
-        channels = np.arange(layer.c_in, dtype=np.int64)
-    else:
-        channels = np.array(sorted({c for kept in layer.kept_in_channels for c in kept}), dtype=np.int64)
+    # the moments of every input channel, whether or not the data may choose: a replayed plan
+    # (--plan-in) then solves from bit-identical moments and reproduces the run that wrote it
+    # (moments over the kept channels only differ in round-off, which the ridge validation can
+    # turn into another choice)
+    channels = np.arange(layer.c_in, dtype=np.int64)
     split = len(x) - len(x) // HOLDOUT_DIVISOR
     m_train = accumulate(x[:split], y[:split], channels, geo)
     m_val = accumulate(x[split:], y[split:], channels, geo) if split < len(x) else None
