@@ -346,5 +346,26 @@ def test_a_cached_tensor_without_one_row_per_input_is_a_clear_refusal():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     stream = Stream(model, {"x": np.ones((8, 4), np.float32)}, 8)
-    with pytest.raises(UserError, match="tensor 'computed' has shape \\[4\\] for a batch of 8 inputs"):
-        stream.advance(1)
+    stream.advance(1)  # produced, not cached: only a reader makes it a problem
+    with pytest.raises(UserError, match="tensor 'computed' \\(shape \\[4\\] for a batch of 8 inputs\\) is read"):
+        stream.advance(3, keep=("y",))
+
+
+def test_a_tensor_without_rows_that_no_later_segment_reads_is_no_problem():
+    """Shape(input) read in the same segment: calibration never feeds it, so it runs as before."""
+    from onnx import TensorProto, helper
+
+    from onnxprune.calibration.calib_stream import Stream
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Reshape", ["r", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    stream = Stream(model, {"x": np.ones((8, 4), np.float32)}, 8)
+    stream.advance(1)  # "s" (shape [2]) is produced here and read by the Reshape later: refused then
+    assert "s" not in stream.cache and "s" in stream.unreadable
+    fresh = Stream(model, {"x": np.ones((8, 4), np.float32)}, 8)
+    assert fresh.advance(3, keep=("y",))["y"].shape == (8, 4)  # one segment: nothing to carry

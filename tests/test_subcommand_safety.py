@@ -174,6 +174,8 @@ def test_autotune_measures_at_the_given_input_shape(tmp_path, capsys, monkeypatc
     assert main(["autotune", str(wide), "--out", str(tmp_path / "t224.json")]) == 0
     assert all("-o224x224-" in key for key in measured if key.startswith("conv:"))
     assert "symbolic dims set to 224 by default" in capsys.readouterr().err
+    _refused(capsys, ["autotune", wide, "--input-shape", "1x3x8x8", "--input-shape", "1x3x16x16"],
+             "one size per input", "onnxprune autotune")
 
 
 def test_bench_counts_macs_at_the_size_it_times(tmp_path, capsys):
@@ -200,6 +202,16 @@ def test_eval_of_a_model_without_class_scores_is_refused(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", images=rng.integers(0, 255, (4, 1, 8, 8)).astype(np.uint8), labels=np.zeros(4, int))
     _refused(capsys, ["eval", tmp_path / "det.onnx", "--data", tmp_path / "d.npz"], "need class scores",
              "onnxprune eval")
+    from onnxprune.checks.evaluate import predict_logits
+
+    flat = helper.make_graph([helper.make_node("Flatten", ["x"], ["f"], axis=1),
+                              helper.make_node("Unsqueeze", ["f", "one"], ["y"])], "cls",
+                             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 64])],
+                             [numpy_helper.from_array(np.array([1], np.int64), "one")])
+    scores = helper.make_model(flat, opset_imports=[helper.make_opsetid("", 17)])
+    scores.ir_version = 8
+    assert predict_logits(scores, np.zeros((3, 1, 8, 8), np.float32)).shape == (3, 64)  # N x 1 x C: class scores
 
 
 def test_a_failed_run_is_one_line_on_the_process_stderr(tmp_path, capfd):

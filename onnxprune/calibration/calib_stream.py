@@ -87,6 +87,7 @@ class Stream:
             for name in node_reads(node):
                 self.last_use[name] = i
         self.types = tensor_types(model)  # once per model version, shared by copies (shape_facts)
+        self.unreadable: dict[str, str] = {}  # tensor -> why it has no row per input (not cached)
 
     def advance(self, stop: int, keep=()) -> dict[str, np.ndarray]:
         nodes = list(self.model.graph.node[self.position:stop])
@@ -101,6 +102,7 @@ class Stream:
 
     def _run(self, nodes, produced: set, wanted: list[str]) -> dict[str, np.ndarray]:
         initializers = {t.name: t for t in self.model.graph.initializer}
+        self.check_readable(n for node in nodes for n in node_reads(node) if n not in produced)
         inputs = list(dict.fromkeys(n for node in nodes for n in node_reads(node)
                                     if n not in produced and n not in initializers and n in self.cache))
         used_inits = [initializers[n] for n in dict.fromkeys(r for node in nodes for r in node_reads(node))
@@ -121,15 +123,23 @@ class Stream:
             results = sess.run(wanted, {n: self.cache[n][start:start + self.batch] for n in inputs})
             rows = min(self.batch, count - start)
             for name, value in zip(wanted, results):
-                if value.ndim == 0 or value.shape[0] != rows:
-                    # calibration caches every tensor a later segment reads, one row per sample
-                    raise UserError(f"--calib: tensor {name!r} has shape {list(value.shape)} for a batch of {rows} "
-                                    f"inputs; calibration can carry only tensors with one row per input (not a "
-                                    f"weight computed in the graph or a time-major sequence): prune without --calib")
+                if name in self.unreadable or value.ndim == 0 or value.shape[0] != rows:
+                    # no row per input: not cached; refused only if a later segment reads it
+                    self.unreadable.setdefault(name, f"shape {list(value.shape)} for a batch of {rows} inputs")
+                    continue
                 if name not in out:
                     out[name] = np.empty((count,) + value.shape[1:], dtype=value.dtype)
                 out[name][start:start + len(value)] = value
-        return out
+        return {name: value for name, value in out.items() if name not in self.unreadable}
+
+    def check_readable(self, names) -> None:
+        """Refuse to feed a tensor that has no row per input (a weight computed in the graph, a
+        shape vector, a time-major sequence): calibration caches tensors row by row."""
+        for name in names:
+            if name in self.unreadable:
+                raise UserError(f"--calib: tensor {name!r} ({self.unreadable[name]}) is read by a later layer, "
+                                f"but calibration can carry only tensors with one row per input (not a weight "
+                                f"computed in the graph or a time-major sequence): prune without --calib")
 
 
 def fidelity(original: onnx.ModelProto, uncalibrated: onnx.ModelProto, calibrated: onnx.ModelProto,

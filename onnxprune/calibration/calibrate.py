@@ -120,7 +120,8 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
     ridge = float(getattr(config, "calib_ridge", None) or DEFAULT_RIDGE)
     # data-aware kept channels unless asked otherwise or the plan was given by the user
     # (--plan-in is applied as decided; only its weights are refit)
-    select = _mode(config, "calib_selection", ("data", "weights")) == "data" and getattr(config, "plan", None) is None
+    data_mode = _mode(config, "calib_selection", ("data", "weights")) == "data"
+    select = data_mode and getattr(config, "plan", None) is None
     if feeds is None:
         notes = []
         feeds = load_calibration_inputs(config.calib, model, getattr(config, "calib_size", None), notes)
@@ -164,9 +165,12 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
             if node.op_type == "Gemm":
                 entries.append(refit_gemm(work, work.graph.node[position], layer, x, y, ridge))
             else:
+                # a layer the data could choose for (here or in the run whose plan is replayed):
+                # its moments cover every input channel, in both runs alike
+                choosable = data_mode and node.name not in following and node.name not in fixed \
+                    and not is_disjoint(layer)
                 entry, chosen = refit_layer(work, work.graph.node[position], layer, x, y, ridge,
-                                            select and node.name not in following and node.name not in fixed
-                                            and not is_disjoint(layer), dense_index.constant(node.input[1]))
+                                            select and choosable, dense_index.constant(node.input[1]), choosable)
                 entries.append(entry)
                 if chosen is not layer and node.name not in following:
                     decided[node.name] = chosen
@@ -224,7 +228,7 @@ def _mode(config, name: str, choices: tuple[str, ...]) -> str:
 
 def refit_layer(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x: np.ndarray,
                 y: np.ndarray, ridge: float, select: bool = False,
-                dense_weight: np.ndarray | None = None) -> tuple[dict, LayerPlan]:
+                dense_weight: np.ndarray | None = None, all_channels: bool | None = None) -> tuple[dict, LayerPlan]:
     """Refit one planned Conv of ``work`` in place from its input ``x`` and target ``y``
     -> (report entry, the layer as decided).
 
@@ -242,15 +246,16 @@ def refit_layer(work: onnx.ModelProto, node: onnx.NodeProto, layer: LayerPlan, x
     weight = index.constant(node.input[1]) if dense_weight is None else dense_weight
     bias = layer_bias(index, node, layer.c_out, weight.dtype)
     geo = ConvGeometry.of(node, weight.shape[2:], x.shape[2:])
-    new_w, new_b, entry, chosen = refit_weights(layer, weight, bias, x, y, geo, ridge, select)
+    new_w, new_b, entry, chosen = refit_weights(layer, weight, bias, x, y, geo, ridge, select,
+                                                select if all_channels is None else all_channels)
     set_initializer(work.graph, node.input[1], new_w)
     _write_bias(work, index, node, new_b)
     return {"name": node.name, **entry}, chosen
 
 
 def refit_weights(layer: LayerPlan, weight: np.ndarray, bias: np.ndarray, x: np.ndarray, y: np.ndarray,
-                  geo: "ConvGeometry", ridge: float,
-                  select: bool) -> tuple[np.ndarray, np.ndarray, dict, LayerPlan]:
+                  geo: "ConvGeometry", ridge: float, select: bool,
+                  all_channels: bool | None = None) -> tuple[np.ndarray, np.ndarray, dict, LayerPlan]:
     """(new weight, new bias, report entry, decided layer) for a Conv-shaped layer (weight
     [c_out, c_in, kh, kw]). The decided layer is ``layer`` when every group kept the plan's
     channels, else a new ``LayerPlan`` (``decided_layer``); ``layer`` is not edited.
@@ -260,11 +265,15 @@ def refit_weights(layer: LayerPlan, weight: np.ndarray, bias: np.ndarray, x: np.
     """
     kh, kw = weight.shape[2:]
     k2 = kh * kw
-    # the moments of every input channel, whether or not the data may choose: a replayed plan
-    # (--plan-in) then solves from bit-identical moments and reproduces the run that wrote it
-    # (moments over the kept channels only differ in round-off, which the ridge validation can
-    # turn into another choice)
-    channels = np.arange(layer.c_in, dtype=np.int64)
+    # ``all_channels`` (default: ``select``): the moments of every input channel, for a layer the
+    # data could choose for even when it does not (a replayed plan, --plan-in), so the replay
+    # solves from bit-identical moments and reproduces the run that wrote it (moments over the kept
+    # channels only differ in round-off, which the ridge validation can turn into another choice);
+    # other layers (weight selection, Gemm readers of a flattened map) only their kept channels
+    if select if all_channels is None else all_channels:
+        channels = np.arange(layer.c_in, dtype=np.int64)
+    else:
+        channels = np.array(sorted({c for kept in layer.kept_in_channels for c in kept}), dtype=np.int64)
     split = len(x) - len(x) // HOLDOUT_DIVISOR
     m_train = accumulate(x[:split], y[:split], channels, geo)
     m_val = accumulate(x[split:], y[split:], channels, geo) if split < len(x) else None

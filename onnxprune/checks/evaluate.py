@@ -93,7 +93,7 @@ def predict_logits(model: ModelLike, images: np.ndarray, batch_size: int = 256) 
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"inference failed on images of shape {tuple(xb.shape)}: {msg}") from None
         y = np.asarray(y)
-        if y.ndim < 2 or y.shape[0] != len(xb) or int(np.prod(y.shape[2:])) != 1:
+        if y.ndim < 2 or y.shape[0] != len(xb) or sum(d != 1 for d in y.shape[1:]) > 1:
             # a detector's map, a sequence model's time-major output: no class per sample to compare
             raise UserError(f"the model's first output has shape {list(y.shape)} for {len(xb)} images; "
                             f"accuracy and agreement need class scores, one row per image (N x classes)")

@@ -19,7 +19,8 @@ from ..errors import ArgumentParser, UserError, run_reporting_errors
 from ..planning.latency import MeasuredTable
 from ..ir.model_io import check_paths
 from ..ir.normalize import normalize
-from ..ir.shapes import DEFAULT_DIM, check_given, resolve_input_shapes, sizes_text, with_input_shapes
+from ..ir.shapes import (DEFAULT_DIM, check_given, resolve_input_shapes, sizes_text, verification_shapes,
+                         with_input_shapes)
 from .prune import input_shape_arg
 from ..pipeline import PruneConfig
 
@@ -90,6 +91,8 @@ def run(command: AutotuneCommand, table: MeasuredTable | None = None) -> int:
     log = lambda msg: print(f"onnxprune autotune: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     loaded = model_io.load_model(command.model)
     # the planner's ops at the working shapes the pruning command would use (same rules, same option)
+    if verification_shapes(loaded, command.input_shapes):
+        raise UserError("--input-shape: give one size per input (the table is measured at one shape)")
     shapes = resolve_input_shapes(loaded, check_given(loaded, command.input_shapes))
     if any(shape.source == "default" for shape in shapes.values()):
         log(f"measuring at input shapes {sizes_text(shapes)} (symbolic dims set to {DEFAULT_DIM} by default; "

@@ -141,6 +141,7 @@ def measure(model: onnx.ModelProto, feeds: dict, widths: dict[str, list[int]], p
             curve = refit_curve(node, weight, bias, x, y, widths[name])
         del x, y
         live = held_stream.advance(position[name])
+        held_stream.check_readable(n for node in model.graph.node[position[name]:] for n in node_reads(node))
         layers[name] = _probe(_suffix_model(model, position[name], live), node, curve, live, reference, batch,
                               model.graph.output[0].name)
     if progress is not None and order:
