@@ -41,8 +41,7 @@ import numpy as np
 import onnx
 
 from ..errors import PassFailed, UserError
-from ..ir.shapes import (check_given, fixed_batch, resolve_input_shapes, sizes_text, verification_shapes,
-                         with_input_shapes)
+from ..ir.shapes import fixed_batch, single_working_shapes, sizes_text, with_input_shapes
 from .verify import random_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -168,14 +167,11 @@ def reporting_failures(run_once: Callable[[], object], label: str, feeds: dict, 
     return run
 
 
-def failure_hint(model: onnx.ModelProto, given: dict, batch: int) -> str:
+def failure_hint(shapes: dict, batch: int) -> str:
     """What may make a failed run work: sizes for symbolic axes the user did not give (they were
-    guessed), else a smaller batch (a graph that hard-codes batch 1), else nothing to suggest."""
-    from ..ir.shapes import model_inputs
-
-    guessed = any(dim is None and axis > 0 and name not in given
-                  for name, dims in model_inputs(model) for axis, dim in enumerate(dims))
-    if guessed:
+    guessed: ``InputShape.source`` "default"), else a smaller batch (a graph that hard-codes batch
+    1), else nothing to suggest."""
+    if any(shape.source == "default" for shape in shapes.values()):
         return "give the input size with --input-shape"
     if batch > 1:
         return f"at batch {batch}; try --batch 1"
@@ -233,11 +229,9 @@ def compare(models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: S
     ``--input-shape`` values (``[(name or None, dims)]``) for symbolic axes other than the batch,
     checked against every model."""
     settings.validate()
-    given = [check_given(m, input_shapes) for m in models]
-    if any(verification_shapes(m, input_shapes) for m in models):
-        raise UserError("--input-shape: give one size per input (the benchmark times one shape; the batch "
-                        "comes from --batch)")
-    shapes = [resolve_input_shapes(m, g) for m, g in zip(models, given)]
+    shapes = [single_working_shapes(m, input_shapes, "the benchmark times one shape; the batch comes from --batch")
+              for m in models]
+    given = [{name: shape.dims for name, shape in sh.items()} for sh in shapes]  # the feeds' sizes
     stats = [{**model_stats(with_input_shapes(m, shape)), "input_shapes": sizes_text(shape)}
              for m, shape in zip(models, shapes)]  # MACs at the sizes timed
 
@@ -254,8 +248,8 @@ def compare(models: Sequence[onnx.ModelProto], labels: Sequence[str], batches: S
         sessions = shared or open_sessions()
         feeds = [make_feeds(m, fixed[i] or batch, seed, given[i]) for i, m in enumerate(models)]
         runners = [reporting_failures(runner(sess, feed, settings, label), label, feed,
-                                      failure_hint(m, g, fixed_b or batch))
-                   for sess, feed, label, m, g, fixed_b in zip(sessions, feeds, labels, models, given, fixed)]
+                                      failure_hint(shape, fixed_b or batch))
+                   for sess, feed, label, shape, fixed_b in zip(sessions, feeds, labels, shapes, fixed)]
         samples = interleave(runners, repeat, warmup)
         del sessions, runners  # graph mode: the next batch's sessions do not sit beside these on the GPU
         rows = []

@@ -15,12 +15,11 @@ from pathlib import Path
 from ..checks import autotune
 from ..ir import model_io
 from ..checks.bench import Settings
-from ..errors import ArgumentParser, UserError, run_reporting_errors
+from ..errors import ArgumentParser, run_reporting_errors
 from ..planning.latency import MeasuredTable
-from ..ir.model_io import check_paths
+from ..ir.model_io import check_paths, refuse_empty
 from ..ir.normalize import normalize
-from ..ir.shapes import (DEFAULT_DIM, check_given, resolve_input_shapes, sizes_text, verification_shapes,
-                         with_input_shapes)
+from ..ir.shapes import DEFAULT_DIM, single_working_shapes, sizes_text, with_input_shapes
 from .prune import input_shape_arg
 from ..pipeline import PruneConfig
 
@@ -68,10 +67,7 @@ class AutotuneCommand:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AutotuneCommand":
-        if not args.model.strip():
-            raise UserError("MODEL.onnx is empty: give a file name")
-        if args.out is not None and not args.out.strip():
-            raise UserError("--out is empty: give a file name (or leave --out out for the default)")
+        refuse_empty([("MODEL.onnx", args.model), ("--out", args.out)])  # before the default --out is derived
         out = Path(args.out) if args.out else Path(args.model).with_suffix(f".latency-{args.provider}.json")
         config = PruneConfig(groups="auto", provider=args.provider, min_channels=args.min_channels,
                              exclude=tuple(args.exclude), target_macs=0.5)
@@ -91,9 +87,7 @@ def run(command: AutotuneCommand, table: MeasuredTable | None = None) -> int:
     log = lambda msg: print(f"onnxprune autotune: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     loaded = model_io.load_model(command.model)
     # the planner's ops at the working shapes the pruning command would use (same rules, same option)
-    if verification_shapes(loaded, command.input_shapes):
-        raise UserError("--input-shape: give one size per input (the table is measured at one shape)")
-    shapes = resolve_input_shapes(loaded, check_given(loaded, command.input_shapes))
+    shapes = single_working_shapes(loaded, command.input_shapes, "the table is measured at one shape")
     if any(shape.source == "default" for shape in shapes.values()):
         log(f"measuring at input shapes {sizes_text(shapes)} (symbolic dims set to {DEFAULT_DIM} by default; "
             f"prune with the same --input-shape NAME=DIMS you give here)")

@@ -161,13 +161,11 @@ class EvalCommand:
     def validate(self) -> None:
         """Every refusal before any work: options, the models, the data (default or given), the
         output path (never one of the inputs)."""
-        from ..ir.model_io import check_paths
+        from ..ir.model_io import check_paths, refuse_empty
 
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
-        for label, path in (("MODEL.onnx", self.model), ("--reference", self.reference), ("--data", self.data)):
-            if path is not None and not str(path).strip():
-                raise UserError(f"{label} is empty: give a file name")
+        refuse_empty([("MODEL.onnx", self.model), ("--reference", self.reference), ("--data", self.data)])
         if not Path(self.model).is_file():
             raise UserError(f"model file not found: {Path(self.model)}")
         if self.reference is not None and not Path(self.reference).is_file():

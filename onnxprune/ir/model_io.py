@@ -65,6 +65,14 @@ def cap_ir_version(model: onnx.ModelProto) -> None:
         model.ir_version = MAX_IR_VERSION
 
 
+def refuse_empty(paths) -> None:
+    """An empty or blank path among ``(label, path)`` pairs (None: not given, skipped) is a
+    one-line refusal, not "not given". Paths as given (str): ``Path("")`` would already read "."."""
+    for label, path in paths:
+        if path is not None and not str(path).strip():
+            raise UserError(f"{label} is empty{' or blank' if path else ''}: give a file name")
+
+
 def check_paths(inputs, outputs, folders=()) -> None:
     """Refuse, before any work, what would fail or lose a file: ``inputs`` and ``outputs`` are
     ``(label, path)`` pairs, label an option (``--report``) or a positional name (``IN.onnx``); a
@@ -77,9 +85,7 @@ def check_paths(inputs, outputs, folders=()) -> None:
     """
     inputs = [(label, path) for label, path in inputs if path is not None]
     outputs = [(label, path) for label, path in outputs if path is not None]
-    for label, path in inputs + outputs:  # paths as given (str): Path("") would already read "."
-        if not str(path).strip():
-            raise UserError(f"{label} is empty{' or blank' if path else ''}: give a file name")
+    refuse_empty(inputs + outputs)
     for label, path in inputs:
         named = f"{label} {path}" if label.startswith("-") else path
         if not os.path.exists(path):

@@ -149,6 +149,15 @@ def resolve_input_shapes(model: onnx.ModelProto, given: dict[str, tuple[int, ...
     return shapes
 
 
+def single_working_shapes(model: onnx.ModelProto, given, why: str) -> dict[str, InputShape]:
+    """The working shape of every input from ``--input-shape`` values (``[(name or None, dims)]``),
+    for a command that runs one shape (``bench``, ``autotune``): a further size for the same input,
+    which pruning verifies at, is refused, saying ``why`` there is one."""
+    if verification_shapes(model, given):
+        raise UserError(f"--input-shape: give one size per input ({why})")
+    return resolve_input_shapes(model, check_given(model, given))
+
+
 def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, InputShape] | None = None,
                       batch: int | None = None) -> onnx.ModelProto:
     """A copy of ``model`` whose symbolic input dims are set to ``shapes`` (default: resolved by
