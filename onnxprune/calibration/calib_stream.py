@@ -19,6 +19,7 @@ import onnx
 from onnx import helper
 
 from ..errors import UserError
+from ..checks.class_scores import as_logits, output_kind
 from ..checks.evaluate import compare_logits
 from ..ir.model_io import MAX_IR_VERSION
 from ..ir.shape_facts import tensor_types
@@ -153,17 +154,19 @@ def fidelity(original: onnx.ModelProto, uncalibrated: onnx.ModelProto, calibrate
 
 
 def first_output(model: onnx.ModelProto, feeds: dict, batch: int) -> np.ndarray:
+    """The first output on ``feeds``, as ``class_scores.as_logits`` makes it comparable."""
     sess = session(model)
     name = sess.get_outputs()[0].name
     parts = [sess.run([name], {k: v[s:s + batch] for k, v in feeds.items()})[0]
              for s in range(0, count(feeds), batch)]
-    return np.concatenate(parts).astype(np.float64)
+    return as_logits(np.concatenate(parts), output_kind(model, name))
 
 
 def compare_first_output(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """Agreement of argmax over axis 1 and KL of softmax over axis 1 (``evaluate.compare_logits``,
-    the one definition of both) when the output looks like class scores, and the relative squared
-    error in any case."""
+    the one definition of both) when the output has class scores there, and the relative squared
+    error in any case. Both arrays as ``class_scores.as_logits`` makes them (``first_output``
+    does): the class axis moved to axis 1, or ``N × 1 × rest`` when there is none."""
     rel = float(np.sum((candidate - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
     if reference.ndim < 2 or reference.shape[1] < 2:
         return {"top1_agreement": None, "mean_kl": None, "rel_mse": rel}

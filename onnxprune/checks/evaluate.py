@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import onnx
 
 from ..errors import UserError
+from .class_scores import OutputKind, as_logits, class_axis, output_kind
 from .eval_data import Dataset, as_dataset, load_npz  # noqa: F401  (load_npz: the library's reader, here too)
 
 ModelLike = Union[str, Path, bytes, np.ndarray, "onnx.ModelProto"]  # noqa: F821
@@ -56,15 +57,34 @@ def _session(model: ModelLike):
                           + ": not a loadable ONNX model ({reason})")
 
 
+def _first_output_kind(model: ModelLike, name: str) -> OutputKind:
+    """What the graph says about the first output (a Softmax's axis); the graph is read without
+    its weights."""
+    import onnx
+
+    try:
+        if isinstance(model, (str, Path)):
+            proto = onnx.load(str(model), load_external_data=False)
+        elif isinstance(model, bytes):
+            proto = onnx.load_from_string(model)
+        else:
+            proto = model
+        return output_kind(proto, name)
+    except Exception:  # ORT loaded it; a graph onnx cannot parse just has no Softmax to report
+        return OutputKind()
+
+
 def predict_logits(model: ModelLike, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Run ``model`` (path, bytes or ModelProto) on ``images`` with onnxruntime CPU.
 
     Uses the session's first input and first output; batches of ``batch_size`` (or the model's
-    fixed batch size, if it has one). Returns the first output as float32 ``N x C``.
+    fixed batch size, if it has one). Returns the first output as float32 ``N x C`` logits
+    (``class_scores.as_logits``: the log of a Softmax's probabilities).
     """
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     sess = _session(model)
+    kind = _first_output_kind(model, sess.get_outputs()[0].name)
     inp = sess.get_inputs()[0]
     shape = list(inp.shape)
     if len(shape) != images.ndim:
@@ -93,13 +113,15 @@ def predict_logits(model: ModelLike, images: np.ndarray, batch_size: int = 256) 
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"inference failed on images of shape {tuple(xb.shape)}: {msg}") from None
         y = np.asarray(y)
-        if y.ndim < 2 or y.shape[0] != len(xb) or sum(d != 1 for d in y.shape[1:]) > 1:
-            # a detector's map, a sequence model's time-major output: no class per sample to compare
+        axis = class_axis(kind, y.shape)
+        if (y.ndim < 2 or y.shape[0] != len(xb)
+                or any(d != 1 for i, d in enumerate(y.shape[1:], start=1) if i != axis)):
+            # a detector's map, a recogniser's N x T x C, a time-major output: no class per sample
             raise UserError(f"the model's first output has shape {list(y.shape)} for {len(xb)} images; "
                             f"accuracy and agreement need class scores, one row per image (N x classes)")
         if pad:
             y = y[:len(y) - pad]
-        outs.append(y.reshape(len(y), -1).astype(np.float32))
+        outs.append(as_logits(y, kind).reshape(len(y), -1).astype(np.float32))
     if not outs:
         raise UserError("no images to evaluate")
     return np.concatenate(outs)

@@ -75,10 +75,16 @@ def summary(report: dict, output: str | None) -> str:
         lines.append(f"  distillation skipped: {distilled['skipped']}")
     elif distilled and distilled.get("holdout"):
         before, after = distilled["holdout"]["before"], distilled["holdout"]["after"]
-        lines.append(f"  distilled {distilled['steps_done']} steps ({distilled['train_s']:.0f} s): top-1 agreement on "
-                     f"{distilled['images']['holdout']} held-out inputs {100 * before['top1_agreement']:.1f}% -> "
-                     f"{100 * after['top1_agreement']:.1f}%"
-                     + ("" if distilled.get("kept", True) else " (held-out KL did not drop: refit weights kept)"))
+        if after.get("top1_agreement") is not None:
+            change = f"top-1 agreement {100 * before['top1_agreement']:.1f}% -> {100 * after['top1_agreement']:.1f}%"
+            measure = "KL"
+        else:  # no class scores: the relative squared error it trained on
+            change = f"relative squared error {before['rel_mse']:.3g} -> {after['rel_mse']:.3g}"
+            measure = "error"
+        lines.append(f"  distilled {distilled['steps_done']} steps ({distilled['train_s']:.0f} s): {change} on "
+                     f"{distilled['images']['holdout']} held-out inputs"
+                     + ("" if distilled.get("kept", True) else
+                        f" (held-out {measure} did not drop: refit weights kept)"))
     search = report.get("budget")
     if search:
         lines.append(f"  fidelity budget {100 * search['min_agreement']:.0f}% top-1 agreement: "

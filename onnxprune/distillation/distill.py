@@ -18,9 +18,10 @@ How, and why:
   reflection padding; applied to every 4-D float input alike (batches and augmentation:
   ``distill_data.py``);
 - loss: KL(teacher || student) on softmax(logits / temperature) x temperature² (``loss="kl"``),
-  or mean squared logit error (``loss="mse"``), on the first graph output, class axis 1 (the loss
-  and the reported agreement measures: ``distill_metrics.py``), plus, with ``hints``, the
-  intermediate tensors' relative squared error (``hints.py``);
+  or mean squared logit error (``loss="mse"``), on the first graph output, over its class axis
+  (the loss and the reported agreement measures: ``distill_metrics.py``; an output without class
+  scores trains on its relative squared error, ``report["loss_used"]``), plus, with ``hints``,
+  the intermediate tensors' relative squared error (``hints.py``);
 - Adam with a short linear warm-up (5% of the steps) then cosine decay to zero, fp32;
 - a fraction ``holdout`` of the images (chosen by ``seed``) is never trained on (or the separate
   ``eval_images``); KL and top-1 agreement with the teacher are measured on (at most
@@ -47,7 +48,9 @@ import onnx
 
 from .distill_data import Batches, augment, load_images
 from .hints import HINT_KINDS, candidates, hint_loss, with_outputs
-from .distill_metrics import EVAL_BATCH, agreement, distill_loss, logits, loss_curve, rel_diff
+from .distill_metrics import (EVAL_BATCH, agreement, distill_loss, logits, loss_curve, loss_used, lower_is_better,
+                              rel_diff)
+from ..checks.class_scores import output_kind
 from ..errors import InternalError
 from ..ir.shapes import fixed_batch
 from .torch_bridge import OnnxModule, UnsupportedModel, default_trainable, require_torch
@@ -172,6 +175,7 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
     hint_names = _matching_hints(module, teacher, student, hints, check, input_names, threads)
     target_sess = _session(with_outputs(teacher, hint_names), threads) if hint_names else teacher_sess
     target_names = [teacher_sess.get_outputs()[0].name, *hint_names]
+    classes = output_kind(teacher, target_names[0])
 
     params = [module.parameter(name) for name in module.trainable_names]
     opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else \
@@ -186,7 +190,7 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
         targets = [torch.from_numpy(t.astype(np.float32, copy=False)) for t in
                    target_sess.run(target_names, {k: v.numpy() for k, v in batch.items()})]
         output, *values = module(*[batch[k] for k in input_names], extra=tuple(hint_names))
-        value = distill_loss(output, targets[0], loss, temperature)
+        value = distill_loss(output, targets[0], loss, temperature, classes)
         if hint_names:
             value = value + hint_weight * hint_loss(values, targets[1:])
         return value
@@ -265,12 +269,14 @@ def _distill(student, teacher, images, *, time_budget_s, steps, seed, lr, batch_
         "trainable_tensors": len(params), "trainable_values": int(sum(p.numel() for p in params)),
         "bridge_max_rel_diff": float(bridge_diff), "export_max_rel_diff": float(export_diff),
         "loss_curve": loss_curve(losses),
-        "holdout": {"before": agreement(t_hold, before_hold, temperature),
-                    "after": agreement(t_hold, after_hold, temperature)} if n_hold else None,
-        "train": {"before": agreement(t_train, before_train, temperature),
-                  "after": agreement(t_train, after_train, temperature)},
+        "loss_used": loss_used(loss, classes, t_train.shape),
+        "holdout": {"before": agreement(t_hold, before_hold, temperature, classes),
+                    "after": agreement(t_hold, after_hold, temperature, classes)} if n_hold else None,
+        "train": {"before": agreement(t_train, before_train, temperature, classes),
+                  "after": agreement(t_train, after_train, temperature, classes)},
     }
-    report["improved"] = report["holdout"]["after"]["kl"] < report["holdout"]["before"]["kl"] if n_hold else None
+    report["improved"] = (lower_is_better(report["holdout"]["after"]) < lower_is_better(report["holdout"]["before"])
+                          if n_hold else None)
     return distilled, report
 
 

@@ -50,6 +50,7 @@ from ..calibration.least_squares import (DEFAULT_RIDGE, GREEDY_BUDGET, GREEDY_ST
 from ..calibration.refit_steps import layer_bias
 from ..ir.graph import GraphIndex
 from ..ir.model_io import MAX_IR_VERSION
+from ..checks.class_scores import as_logits, output_kind
 from ..checks.verify import session
 
 PROBES = 4  # widths per layer whose effect on the network output is measured (the narrowest + 3)
@@ -196,8 +197,8 @@ UNMEASURABLE = 1e6  # cost of a cut whose effect reaches only outputs fidelity c
 
 
 def graph_outputs(model: onnx.ModelProto, feeds: dict, batch: int, names=None) -> dict[str, np.ndarray]:
-    """The graph outputs a change is measured on, by name (float64): float data with one row per
-    input sample. Others — a scalar statistic, class labels, detections whose count depends on
+    """The graph outputs a change is measured on, by name (as ``class_scores.as_logits`` makes
+    them comparable: float64, class axis second): float data with one row per input sample. Others — a scalar statistic, class labels, detections whose count depends on
     the data — cannot be compared sample by sample. When no output qualifies, the first output
     as it is (what fidelity was measured on before outputs were told apart). ``names``: exactly
     these outputs, unfiltered (a changed model's, to compare with a reference's)."""
@@ -205,7 +206,7 @@ def graph_outputs(model: onnx.ModelProto, feeds: dict, batch: int, names=None) -
     wanted = list(names) if names is not None else [o.name for o in sess.get_outputs()]
     parts = [sess.run(wanted, {k: v[s:s + batch] for k, v in feeds.items()}) for s in range(0, count(feeds), batch)]
     if names is not None:
-        return {name: np.concatenate([np.atleast_1d(p[i]) for p in parts]).astype(np.float64)
+        return {name: as_logits(np.concatenate([np.atleast_1d(p[i]) for p in parts]), output_kind(model, name))
                 for i, name in enumerate(wanted)}
     sizes = [min(batch, count(feeds) - s) for s in range(0, count(feeds), batch)]
     measurable = {}
@@ -213,9 +214,10 @@ def graph_outputs(model: onnx.ModelProto, feeds: dict, batch: int, names=None) -
         values = [p[i] for p in parts]
         if all(np.issubdtype(v.dtype, np.floating) and v.ndim >= 1 and v.shape[0] == size
                for v, size in zip(values, sizes)):
-            measurable[name] = np.concatenate(values).astype(np.float64)
+            measurable[name] = as_logits(np.concatenate(values), output_kind(model, name))
     if not measurable:
-        measurable[wanted[0]] = np.concatenate([np.atleast_1d(p[0]) for p in parts]).astype(np.float64)
+        measurable[wanted[0]] = as_logits(np.concatenate([np.atleast_1d(p[0]) for p in parts]),
+                                          output_kind(model, wanted[0]))
     return measurable
 
 
