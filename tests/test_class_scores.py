@@ -43,10 +43,9 @@ def recogniser(softmax_axis: int | None = 2, opset: int = 17, classes: int = 10,
         inits = [i for i in inits if i.name != "h_axis"]
     nodes.append(helper.make_node("Softmax", ["scores"], ["out"], axis=softmax_axis) if softmax_axis is not None
                  else helper.make_node("Identity", ["scores"], ["out"]))
-    graph = helper.make_graph(nodes, "recogniser",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 32])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 1 if per_line else 32, classes])],
-                              inits)
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 1 if per_line else 32, classes])
+    image = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 32])
+    graph = helper.make_graph(nodes, "recogniser", [image], [out], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 

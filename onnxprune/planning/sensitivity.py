@@ -198,10 +198,11 @@ UNMEASURABLE = 1e6  # cost of a cut whose effect reaches only outputs fidelity c
 
 def graph_outputs(model: onnx.ModelProto, feeds: dict, batch: int, names=None) -> dict[str, np.ndarray]:
     """The graph outputs a change is measured on, by name (as ``class_scores.as_logits`` makes
-    them comparable: float64, class axis second): float data with one row per input sample. Others — a scalar statistic, class labels, detections whose count depends on
-    the data — cannot be compared sample by sample. When no output qualifies, the first output
-    as it is (what fidelity was measured on before outputs were told apart). ``names``: exactly
-    these outputs, unfiltered (a changed model's, to compare with a reference's)."""
+    them comparable: float64, class axis second): float data with one row per input sample.
+    Others — a scalar statistic, class labels, detections whose count depends on the data —
+    cannot be compared sample by sample. When no output qualifies, the first output as it is
+    (what fidelity was measured on before outputs were told apart). ``names``: exactly these
+    outputs, unfiltered (a changed model's, to compare with a reference's)."""
     sess = session(model)
     wanted = list(names) if names is not None else [o.name for o in sess.get_outputs()]
     parts = [sess.run(wanted, {k: v[s:s + batch] for k, v in feeds.items()}) for s in range(0, count(feeds), batch)]
