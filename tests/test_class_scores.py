@@ -180,3 +180,61 @@ def test_distillation_of_a_map_without_classes_trains_on_its_relative_error():
     assert before["top1_agreement"] is None and before["kl"] is None
     assert after["rel_mse"] < 0.8 * before["rel_mse"]
     assert report["improved"] is not None
+
+
+def test_log_softmax_casts_and_old_softmax_defaults_are_read():
+    model = recogniser(2)
+    model.graph.node[-1].op_type = "LogSoftmax"
+    assert output_kind(model, "out") == OutputKind(2, False, False)  # log-probabilities: logits already
+    model = recogniser(2)
+    model.graph.node[-1].output[0] = "probs"
+    model.graph.node.append(helper.make_node("Cast", ["probs"], ["out"], to=TensorProto.FLOAT))
+    assert output_kind(model, "out") == OutputKind(2, True, False)
+    model.graph.node[-1].attribute[0].i = TensorProto.INT64  # a Cast to integers is not the scores any more
+    assert output_kind(model, "out") == OutputKind()
+    # opset 11, default axis 1 over N x 1 x C: normalised over 1 x C as one, so C holds the classes
+    old = recogniser(2, opset=11, per_line=True)
+    old.graph.node[-1].ClearField("attribute")
+    assert class_axis(output_kind(old, "out"), (4, 1, 10)) == 2
+    logits = predict_logits(old, images(4))
+    np.testing.assert_allclose(logits, np.log(run(old, {"input": images(4)})[0].reshape(4, -1)), rtol=1e-5, atol=1e-6)
+
+
+def test_an_fp16_model_is_read_through_the_converters_casts():
+    from onnxprune.rewriting.precision import to_fp16
+
+    model = recogniser(2)
+    half, _ = to_fp16(model)
+    assert output_kind(half, "out") == output_kind(model, "out")
+    x = {"input": images(8)}
+    stats = compare_first_output(first_output(model, x, 8), first_output(half, x, 8))
+    assert stats["top1_agreement"] > 0.95 and stats["mean_kl"] < 1e-3
+
+
+@pytest.mark.parametrize("per_line", [False, True])
+def test_the_sensitivity_planner_compares_like_with_like(per_line):
+    """The measured cost of a layer at its full width is ~0, and a narrower width costs what a
+    manual cut of the same refit weights costs (the reference and the probe read alike)."""
+    from onnxprune.planning.sensitivity import measure
+
+    model = recogniser(2, per_line=per_line)
+    report = measure(model, {"input": images(256, seed=7)}, {"conv2": [8, 16, 32]})
+    layer = report.layers["conv2"]
+    assert layer.cost[-1] < 1e-6
+    assert 0 < layer.cost[0] < 5 and layer.cost[0] >= layer.cost[1]
+
+
+def test_distillation_loss_is_the_kl_over_classes_at_every_time_step():
+    torch = pytest.importorskip("torch")
+    from onnxprune.distillation.distill_metrics import distill_loss
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(10), size=(4, 32)).astype(np.float32)  # N x T x C probabilities
+    q = rng.dirichlet(np.ones(10), size=(4, 32)).astype(np.float32)
+    kind = OutputKind(2, True, False)
+    value = float(distill_loss(torch.from_numpy(q), torch.from_numpy(p), "kl", 1.0, kind))
+    expected = (p * (np.log(p) - np.log(q))).sum(2).mean()
+    assert value == pytest.approx(expected, rel=1e-4)
+    logits = OutputKind(-1, False, False)  # LogSoftmax output: log-probabilities taken as they are
+    value = float(distill_loss(torch.from_numpy(np.log(q)), torch.from_numpy(np.log(p)), "kl", 1.0, logits))
+    assert value == pytest.approx(expected, rel=1e-4)

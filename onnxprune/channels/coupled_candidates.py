@@ -37,6 +37,7 @@ from ..calibration.refit_steps import gemm_as_conv_weight
 from ..ir.graph import GraphIndex, get_attr
 from ..ir.macs import conv_macs, count_macs
 from ..planning.latency import ConvOp
+from ..checks.class_scores import output_kinds
 from ..planning.sensitivity import graph_outputs, output_change
 from ..planning.speed_plan import Layer, align_channels
 from .channel_groups import ChannelGroup
@@ -215,7 +216,8 @@ class _Probe:
             held = feeds
         keep = max(unit, min(PROBE_SAMPLES, count(held)) // unit * unit)
         self.held = {k: v[:keep] for k, v in held.items()}
-        self.reference = graph_outputs(model, self.held, self.batch)
+        self.kinds = output_kinds(model)
+        self.reference = graph_outputs(model, self.held, self.batch, kinds=self.kinds)
 
     def cost(self, group: ChannelGroup, dropped: list[int]) -> float:
         masked = onnx.ModelProto()
@@ -230,5 +232,5 @@ class _Probe:
             else:  # a Conv's [out, in, ...] or a Gemm's transposed B
                 weight[:, columns] = 0.0
             by_name[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(weight, node.input[1]))
-        got = graph_outputs(masked, self.held, self.batch, names=list(self.reference))
+        got = graph_outputs(masked, self.held, self.batch, names=list(self.reference), kinds=self.kinds)
         return output_change(self.reference, got, self.model.graph.output[0].name)["kl"]

@@ -13,10 +13,11 @@ agreement) reads them from here. Reading axis 1 of every output was wrong in two
 
 Rules, in order (one output):
 
-1. the output comes from ``Softmax`` / ``LogSoftmax`` (through ``Identity``, ``Cast``,
-   ``Dropout``): its axis holds the classes (``Softmax``: the output is probabilities). Before
-   opset 13 the op normalised over every axis from ``axis`` on, so that is a class axis only when
-   the axes after it are singletons;
+1. the output comes from ``Softmax`` / ``LogSoftmax`` (through ``Identity``, ``Dropout`` and
+   Casts to a float type, such as the fp16 converter's): its axis holds the classes (``Softmax``:
+   the output is probabilities). Before opset 13 the op normalised over every axis from ``axis``
+   on as one, so the classes are the one non-singleton axis among those (``N × 1 × C`` with the
+   default axis 1: C), and there are none when several are wider than 1;
 2. else, an output with exactly one non-singleton axis after the batch axis (``N × C``,
    ``N × C × 1 × 1``, ``N × 1 × C``): that axis;
 3. else, a 4-D ``N × C × H × W`` output with ``C ≥ 2``: axis 1, class scores per pixel (a
@@ -34,7 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-PASS_THROUGH = {"Identity", "Cast", "Dropout"}
+PASS_THROUGH = {"Identity", "Dropout"}  # and a Cast to a float type
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 PROBABILITY_FLOOR = 1e-30  # log of a probability that underflowed to 0
 
 
@@ -49,17 +51,33 @@ class OutputKind:
     coerced: bool = False
 
 
-def output_kind(model: onnx.ModelProto, name: str) -> OutputKind:
-    """Rule 1 for output ``name`` of ``model`` (the graph part of the decision)."""
+def output_kinds(model: onnx.ModelProto) -> dict[str, OutputKind]:
+    """Rule 1 for every graph output of ``model`` (the graph part of the decision), by name.
+    Measure a changed or truncated copy of a model with its original's kinds: a probe graph
+    that starts after the Softmax no longer shows it."""
     producer = {out: node for node in model.graph.node for out in node.output}
-    node = producer.get(name)
-    while node is not None and node.op_type in PASS_THROUGH and node.input:
-        node = producer.get(node.input[0])
-    if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
-        return OutputKind()
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
-    return OutputKind(axis, node.op_type == "Softmax", opset < 13)
+
+    def passes(node: onnx.NodeProto) -> bool:
+        if node.op_type == "Cast":
+            return any(a.name == "to" and a.i in FLOAT_TYPES for a in node.attribute)
+        return node.op_type in PASS_THROUGH
+
+    def kind(name: str) -> OutputKind:
+        node = producer.get(name)
+        while node is not None and node.input and passes(node):
+            node = producer.get(node.input[0])
+        if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
+            return OutputKind()
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+        return OutputKind(axis, node.op_type == "Softmax", opset < 13)
+
+    return {out.name: kind(out.name) for out in model.graph.output}
+
+
+def output_kind(model: onnx.ModelProto, name: str) -> OutputKind:
+    """Rule 1 for graph output ``name`` of ``model`` (an unknown name: no Softmax)."""
+    return output_kinds(model).get(name, OutputKind())
 
 
 def class_axis(kind: OutputKind, shape: tuple) -> int | None:
@@ -69,11 +87,12 @@ def class_axis(kind: OutputKind, shape: tuple) -> int | None:
         return None
     if kind.softmax_axis is not None:
         axis = kind.softmax_axis + rank if kind.softmax_axis < 0 else kind.softmax_axis
-        if not 1 <= axis < rank or shape[axis] < 2:
+        if not 1 <= axis < rank:
             return None
-        if kind.coerced and any(d != 1 for d in shape[axis + 1:]):
-            return None
-        return axis
+        if kind.coerced:  # normalised over the axes from `axis` on: one of them may hold the classes
+            wide = [a for a in range(axis, rank) if shape[a] != 1]
+            return wide[0] if len(wide) == 1 and shape[wide[0]] >= 2 else None
+        return axis if shape[axis] >= 2 else None
     wide = [axis for axis in range(1, rank) if shape[axis] != 1]
     if len(wide) == 1 and shape[wide[0]] >= 2:
         return wide[0]

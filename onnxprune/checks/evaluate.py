@@ -179,9 +179,11 @@ def evaluate(model, data, reference=None, batch_size: int = 256, class_names=Non
     """Top-1 accuracy of ``model`` on ``data``; with ``reference``, fidelity to it.
 
     ``model`` / ``reference``: ONNX path, bytes, ``onnx.ModelProto``, or precomputed logits
-    (``np.ndarray`` N x C). ``data``: ``Dataset``, ``(images, labels)`` or an ``.npz`` path
-    (``eval_data.as_dataset``). ``class_names``: the names of the classes in the per-class
-    summary when there are that many (default ``class<i>``).
+    (``np.ndarray`` N x C, as ``predict_logits`` returns them: the log of a Softmax model's
+    probabilities, so compare a Softmax model with ``predict_logits`` output, not its raw one).
+    ``data``: ``Dataset``, ``(images, labels)`` or an ``.npz`` path (``eval_data.as_dataset``).
+    ``class_names``: the names of the classes in the per-class summary when there are that many
+    (default ``class<i>``).
 
     Returns a JSON-serialisable dict::
 

@@ -50,7 +50,7 @@ from ..calibration.least_squares import (DEFAULT_RIDGE, GREEDY_BUDGET, GREEDY_ST
 from ..calibration.refit_steps import layer_bias
 from ..ir.graph import GraphIndex
 from ..ir.model_io import MAX_IR_VERSION
-from ..checks.class_scores import as_logits, output_kind
+from ..checks.class_scores import as_logits, output_kinds
 from ..checks.verify import session
 
 PROBES = 4  # widths per layer whose effect on the network output is measured (the narrowest + 3)
@@ -124,7 +124,8 @@ def measure(model: onnx.ModelProto, feeds: dict, widths: dict[str, list[int]], p
         held = fit
     fit = {k: v[:_whole(FIT_SAMPLES, unit)] for k, v in fit.items()}
     held = {k: v[:_whole(PROBE_SAMPLES, unit)] for k, v in held.items()}
-    reference = graph_outputs(model, held, batch)
+    kinds = output_kinds(model)
+    reference = graph_outputs(model, held, batch, kinds=kinds)
     position = {node.name: i for i, node in enumerate(model.graph.node)}
     order = sorted(widths, key=lambda name: position[name])
     index = GraphIndex(model.graph)
@@ -143,8 +144,8 @@ def measure(model: onnx.ModelProto, feeds: dict, widths: dict[str, list[int]], p
         del x, y
         live = held_stream.advance(position[name])
         held_stream.check_readable(n for node in model.graph.node[position[name]:] for n in node_reads(node))
-        layers[name] = _probe(_suffix_model(model, position[name], live), node, curve, live, reference, batch,
-                              model.graph.output[0].name)
+        layers[name] = _probe(_suffix_model(model, position[name], live), node, curve, live, reference, kinds,
+                              batch, model.graph.output[0].name)
     if progress is not None and order:
         progress(len(order), len(order), "")
     return SensitivityReport(layers, "calibration data", count(fit), count(held), time.perf_counter() - started)
@@ -196,18 +197,21 @@ def refit_curve(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray, x: n
 UNMEASURABLE = 1e6  # cost of a cut whose effect reaches only outputs fidelity cannot be measured on
 
 
-def graph_outputs(model: onnx.ModelProto, feeds: dict, batch: int, names=None) -> dict[str, np.ndarray]:
+def graph_outputs(model: onnx.ModelProto, feeds: dict, batch: int, names=None,
+                  kinds: dict | None = None) -> dict[str, np.ndarray]:
     """The graph outputs a change is measured on, by name (as ``class_scores.as_logits`` makes
     them comparable: float64, class axis second): float data with one row per input sample.
     Others — a scalar statistic, class labels, detections whose count depends on the data —
     cannot be compared sample by sample. When no output qualifies, the first output as it is
     (what fidelity was measured on before outputs were told apart). ``names``: exactly these
-    outputs, unfiltered (a changed model's, to compare with a reference's)."""
+    outputs, unfiltered (a changed model's, to compare with a reference's). ``kinds``: the
+    outputs' ``class_scores.output_kinds`` (default: ``model``'s own)."""
+    kinds = output_kinds(model) if kinds is None else kinds
     sess = session(model)
     wanted = list(names) if names is not None else [o.name for o in sess.get_outputs()]
     parts = [sess.run(wanted, {k: v[s:s + batch] for k, v in feeds.items()}) for s in range(0, count(feeds), batch)]
     if names is not None:
-        return {name: as_logits(np.concatenate([np.atleast_1d(p[i]) for p in parts]), output_kind(model, name))
+        return {name: as_logits(np.concatenate([np.atleast_1d(p[i]) for p in parts]), kinds[name])
                 for i, name in enumerate(wanted)}
     sizes = [min(batch, count(feeds) - s) for s in range(0, count(feeds), batch)]
     measurable = {}
@@ -215,10 +219,9 @@ def graph_outputs(model: onnx.ModelProto, feeds: dict, batch: int, names=None) -
         values = [p[i] for p in parts]
         if all(np.issubdtype(v.dtype, np.floating) and v.ndim >= 1 and v.shape[0] == size
                for v, size in zip(values, sizes)):
-            measurable[name] = as_logits(np.concatenate(values), output_kind(model, name))
+            measurable[name] = as_logits(np.concatenate(values), kinds[name])
     if not measurable:
-        measurable[wanted[0]] = as_logits(np.concatenate([np.atleast_1d(p[0]) for p in parts]),
-                                          output_kind(model, wanted[0]))
+        measurable[wanted[0]] = as_logits(np.concatenate([np.atleast_1d(p[0]) for p in parts]), kinds[wanted[0]])
     return measurable
 
 
@@ -243,9 +246,10 @@ def output_change(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], 
 
 
 def _probe(probe: onnx.ModelProto | None, node: onnx.NodeProto, curve: _Curve, live: dict,
-           reference: dict[str, np.ndarray], batch: int, first: str) -> LayerSensitivity:
+           reference: dict[str, np.ndarray], kinds: dict, batch: int, first: str) -> LayerSensitivity:
     """Measure the output change at ``PROBES`` widths spread over the curve; predict the rest.
-    ``probe`` None: the layer reaches no graph output (dead code), its cuts cost nothing."""
+    ``probe`` None: the layer reaches no graph output (dead code), its cuts cost nothing.
+    ``kinds``: the whole model's output kinds (the probe may start after its Softmax)."""
     if probe is None:
         return LayerSensitivity(node.name, curve.c_in, curve.widths, [float(r) for r in curve.rel_err],
                                 [0.0] * len(curve.widths), {})
@@ -266,7 +270,7 @@ def _probe(probe: onnx.ModelProto | None, node: onnx.NodeProto, curve: _Curve, l
             feed = {name: live[name][s:s + batch] for name in names}
             feed.update({_W: w, _B: b})
             parts.append(sess.run(outs, feed))
-        got = {name: np.concatenate([np.atleast_1d(p[j]) for p in parts]).astype(np.float64)
+        got = {name: as_logits(np.concatenate([np.atleast_1d(p[j]) for p in parts]), kinds[name])
                for j, name in enumerate(outs)}
         measured[curve.widths[i]] = output_change(reference, got, first)
         kl = measured[curve.widths[i]]["kl"]
