@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="float type of the output: 'fp16' converts the verified model to float16 (graph inputs "
                         "and outputs stay float32, overflow-prone ops such as Softmax/Exp/Reduce* stay float32), "
-                        "checks it against the masked fp32 model at tolerance 1e-2 and reports top-1 agreement "
+                        "checks it against the masked fp32 model with its weights rounded to fp16 at tolerance "
+                        "1e-2 (what the weight rounding alone changes is reported) and reports top-1 agreement "
                         "on the --calib inputs in the report's 'precision' section (default fp32)")
     noise = p.add_mutually_exclusive_group()
     noise.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
