@@ -99,7 +99,7 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
     rounding, so none need holding out; more inputs resolve it finer), and the fp16 model's
     fidelity to the input next to calibration's own (same held-out slice)."""
     from .calibration.calib_stream import batch_size, compare_first_output, count, first_output, split_holdout
-    from .rewriting.precision import fp16_rounded, to_fp16
+    from .rewriting.precision import FP16_MAX, fp16_rounded, to_fp16
     from .checks.verify import compare_models, masked_model
 
     progress.stage("converting to fp16 (fp32 inputs and outputs; overflow-prone ops kept in fp32)")
@@ -120,7 +120,8 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
     against = ("the distilled fp32 model" if distilled_kept else "the masked fp32 model") + " with fp16-rounded weights"
 
     def checked(reference, candidate, where: str = ""):
-        result = compare_models(fp16_rounded(reference), candidate, tolerance, config.seed, which="the fp16 model")
+        rounded, _ = fp16_rounded(reference, candidate)
+        result = compare_models(rounded, candidate, tolerance, config.seed, which="the fp16 model")
         if not result.passed:
             raise PassFailed(f"fp16 verification failed{where}: the fp16 model differs from {against} by "
                              f"{result.max_rel_diff:.3g} (relative), tolerance {tolerance:g}")
@@ -129,10 +130,15 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
     progress.stage(f"verifying the fp16 model against {against} in ONNX Runtime")
     reference = with_input_shapes(pruned32, shapes) if distilled_kept else masked_model(model, plan)
     result = checked(reference, half)
-    rounding = compare_models(reference, fp16_rounded(reference), tolerance, config.seed)
+    rounded, clamped = fp16_rounded(reference, half)
+    rounding = compare_models(reference, rounded, tolerance, config.seed)
+    if clamped and not rounding.passed:  # the weights' own rounding is not judged, their overflow is
+        raise PassFailed(f"fp16 conversion failed: {', '.join(clamped[:3])} holds values beyond float16's range "
+                         f"(+-{FP16_MAX:g}), clamped they move the output by {rounding.max_rel_diff:.3g} (relative); "
+                         f"keep fp32 (leave out --precision fp16)")
     section.update(verified=True, reference=against, max_abs_diff=result.max_abs_diff,
                    max_rel_diff=result.max_rel_diff, passed=result.passed, batch=result.batch,
-                   weight_rounding_rel_diff=rounding.max_rel_diff,
+                   weight_rounding_rel_diff=rounding.max_rel_diff, clamped_to_fp16_range=clamped,
                    note="ONNX Runtime's CPU provider computes ops lacking fp16 kernels in fp32: this measures "
                         "the conversion against fp16-rounded weights (their own effect: weight_rounding_rel_diff), "
                         "not fp16 arithmetic (see precision.py)")

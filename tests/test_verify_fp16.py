@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphs import GraphBuilder
 from onnxprune.checks.verify import compare_models, masked_model, output_floors, verify
+from onnxprune.errors import PassFailed
 from onnxprune.late_stages import FP16_TOLERANCE
 from onnxprune.pipeline import PruneConfig, prune
 from onnxprune.planning.plan import Plan
@@ -58,7 +59,10 @@ def test_a_saturated_output_is_judged_at_its_range_behind_the_converters_cast():
 
 
 def test_a_wrong_rewrite_of_an_fp16_model_still_fails():
-    half, _ = precision.to_fp16(convs("saturated"))
+    """(An unsaturated head: behind a Sigmoid saturated near 1e-6 a 5% weight error moves the
+    output by less than 1e-4 of its range, which verification does not see, fp16 or not; see
+    verify.py's rules.)"""
+    half, _ = precision.to_fp16(convs())
     captured = {}
 
     def spy(normalized, rewritten, plan, **kw):
@@ -140,7 +144,8 @@ def test_the_fp16_check_judges_the_conversion_and_reports_the_weight_rounding():
 def test_fp16_rounded_is_independent_of_the_converter_so_a_wrong_conversion_still_fails():
     model = convs("cancelling")
     half, _ = precision.to_fp16(model)
-    rounded = precision.fp16_rounded(model)
+    rounded, clamped = precision.fp16_rounded(model, half)
+    assert clamped == []
     assert {t.data_type for t in rounded.graph.initializer} == {TensorProto.FLOAT}
     assert compare_models(rounded, half, FP16_TOLERANCE).passed
     assert not compare_models(model, half, FP16_TOLERANCE).passed  # what the check judged before
@@ -149,5 +154,63 @@ def test_fp16_rounded_is_independent_of_the_converter_so_a_wrong_conversion_stil
     weight = next(t for t in wrong.graph.initializer if len(t.dims) == 4)
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float16(1.05), weight.name))
     assert not compare_models(rounded, wrong, FP16_TOLERANCE).passed
-    big = precision.fp16_rounded(masked_model(model, Plan(layers=[])))
+    big, _ = precision.fp16_rounded(masked_model(model, Plan(layers=[])), half)
     assert numpy_helper.to_array(next(t for t in big.graph.initializer if t.name == "big")).flat[0] == 1000.0
+
+
+def test_a_rewrite_of_an_fp32_model_through_fp16_is_not_widened_away():
+    """Only an fp16 *input* is compared through fp32 copies: a rewrite of an fp32 model that
+    (wrongly) rounds a tensor through fp16 keeps its rounding and fails."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), n) for n in ("w1", "w2"))
+
+    def chain(through_fp16: bool) -> onnx.ModelProto:
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"])]
+        if through_fp16:
+            nodes += [helper.make_node("Cast", ["h"], ["h16"], to=TensorProto.FLOAT16),
+                      helper.make_node("Cast", ["h16"], ["h32"], to=TensorProto.FLOAT)]
+        nodes.append(helper.make_node("MatMul", ["h32" if through_fp16 else "h", "w2"], ["y"]))
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], [w1, w2])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    assert precision.as_fp32(chain(True)) is not None  # its fp32 copy would hide the rounding
+    result = verify(chain(False), chain(True), Plan(layers=[]))
+    assert not result.passed and result.max_rel_diff > 1e-4
+
+
+def _resized(scale: float, weights: float = 1.0) -> onnx.ModelProto:
+    """Convs around a linear Resize by ``scale`` (a 10 x 10 map; the converter keeps the scales in
+    fp32); ``weights``: a Mul by it and one by its inverse in the middle (a folded scale pair)."""
+    b = GraphBuilder(size=10)
+    x = b.relu(b.conv("input", 32))
+    x = b.relu(b.conv(x, 32))
+    if weights != 1.0:
+        x = b._op("Mul", [x, b._const("up", np.full((32, 1, 1), weights, np.float32))])
+        x = b._op("Mul", [x, b._const("down", np.full((32, 1, 1), 1.0 / weights, np.float32))])
+    roi = b._const("roi", np.zeros(0, np.float32))
+    scales = b._const("scales", np.array([1, 1, scale, scale], np.float32))
+    x = b._op("Resize", [x, roi, scales], mode="linear")
+    b.shape[x] = (32, int(10 * scale), int(10 * scale))
+    b.output(b.conv(b.relu(b.conv(x, 32)), 8))
+    return b.model()
+
+
+def test_what_the_converter_keeps_in_fp32_is_not_rounded():
+    """A Resize scale of 1.1 is 1.0996 in fp16: rounded, the reference's map was 10 wide where the
+    fp16 model's is 11, and a valid conversion failed (by inf)."""
+    model = _resized(1.1)
+    half, _ = precision.to_fp16(model)
+    rounded, _ = precision.fp16_rounded(model, half)
+    assert numpy_helper.to_array(next(t for t in rounded.graph.initializer if t.name == "scales"))[2] == np.float32(1.1)
+    _, report = prune(model, PruneConfig(**CONFIG, precision="fp16"))
+    assert report["precision"]["passed"] and report["precision"]["max_rel_diff"] < 1e-2
+
+
+def test_weights_beyond_the_fp16_range_fail_the_conversion():
+    """1e5 clamps to 65504 in fp16 (both in the converter and in the rounded reference, so the
+    comparison alone could not see it): the fp16 model is a third off, and says why."""
+    with pytest.raises(PassFailed, match="up holds values beyond float16's range"):
+        prune(_resized(2.0, weights=1e5), PruneConfig(**CONFIG, precision="fp16"))
+    _, report = prune(_resized(2.0, weights=100.0), PruneConfig(**CONFIG, precision="fp16"))
+    assert report["precision"]["passed"] and report["precision"]["clamped_to_fp16_range"] == []

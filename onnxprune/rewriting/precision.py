@@ -213,29 +213,45 @@ def topological_sort(graph: onnx.GraphProto) -> None:
 FP16_MAX = 65504.0  # the largest finite float16: the converter clamps larger weights to it
 
 
-def fp16_rounded(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` (fp32) whose float32 initializers and Constant values hold the values
-    float16 gives them (round to nearest, clamped to +-``FP16_MAX``), still as float32. Rounded
-    here with numpy, not by the converter, so a converter that stored a weight wrongly still
-    differs from it; what it adds over the converter's own rounding is at most the flush of
-    values below float16's smallest subnormal (5.96e-8), which the converter raises to it."""
+def fp16_rounded(model: onnx.ModelProto, half: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` (fp32) whose float32 initializers and Constant values that ``half`` (its
+    fp16 conversion) holds as float16, matched by name, hold the values float16 gives them (round
+    to nearest, clamped to +-``FP16_MAX``), still as float32; and the names of those whose values
+    lay beyond +-``FP16_MAX`` (clamped). Rounded here with numpy, not taken from the converter, so
+    a converter that stored a weight wrongly still differs from it; what it adds over the
+    converter's own rounding is at most the flush of values below float16's smallest subnormal
+    (5.96e-8), which the converter raises to it. Only what the conversion holds as float16: a
+    tensor it keeps in fp32 (a Resize's scales, an input of an op kept in fp32) keeps its value
+    (rounding a Resize scale of 1.1 changed an output's size). Infinities stay infinite."""
+    held = set()
+    for graph in _all_graphs(half.graph):
+        held.update(t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT16)
+        held.update(node.output[0] for node in graph.node if node.op_type == "Constant" and node.output
+                    and any(a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT16
+                            for a in node.attribute))
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    clamped = []
 
-    def round_tensor(tensor: onnx.TensorProto) -> None:
-        if tensor.data_type == TensorProto.FLOAT:
-            value = numpy_helper.to_array(tensor)
-            half = np.clip(value, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
-            tensor.CopyFrom(numpy_helper.from_array(half, tensor.name))
+    def round_tensor(tensor: onnx.TensorProto, name: str) -> None:
+        if tensor.data_type != TensorProto.FLOAT or name not in held:
+            return
+        value = numpy_helper.to_array(tensor)
+        finite = np.isfinite(value)
+        if np.any(np.abs(value[finite]) > FP16_MAX):
+            clamped.append(name)
+        rounded = np.where(finite, np.clip(value, -FP16_MAX, FP16_MAX), value).astype(np.float16).astype(np.float32)
+        tensor.CopyFrom(numpy_helper.from_array(rounded, tensor.name))
 
     for graph in _all_graphs(out.graph):
         for tensor in graph.initializer:
-            round_tensor(tensor)
+            round_tensor(tensor, tensor.name)
         for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    round_tensor(attr.t)
-    return out
+            if node.op_type == "Constant" and node.output:
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.TENSOR:
+                        round_tensor(attr.t, node.output[0])
+    return out, sorted(clamped)
 
 
 DTYPE_ATTRS = ("to", "dtype")  # Cast's target; RandomNormal/RandomUniform/EyeLike/Bernoulli/Multinomial's
