@@ -39,9 +39,9 @@ weights and the input alone by 4.1e-4). The check's reference has the weights ro
 holds them (``fp16_rounded``), so it judges the conversion (Casts, kept ops, weights, the
 activations' rounding), while the weight rounding's own effect is reported beside it. Why apart:
 that effect is what ``--precision fp16`` asks for, not a conversion error, and on some networks
-it is above the tolerance (PP-OCRv4 rec with nothing pruned: its logits move by 1.15e-2 of their
-scale, and the check failed at 1.05e-2 when it judged the two together; against the rounded
-weights the fp16 model differs by 2.8e-4). On a GPU the activations are rounded more, which the
+it is large (PP-OCRv4 rec pruned without data: 0.34 of its output's range, which the check
+failed when it judged the two together; against the rounded weights 1.2e-2, the activations'
+fp16 storage, still just above the tolerance: a known limit). On a GPU the activations are rounded more, which the
 fp16 tolerance (``late_stages.FP16_TOLERANCE``) leaves room for.
 """
 
