@@ -78,11 +78,19 @@ def distill_stage(pruned, original, feeds, config, progress):
 FP16_TOLERANCE = 1e-2
 
 
-def check_precision(config) -> None:
+def check_precision(config, model=None) -> None:
+    """Option errors before any work; with ``model`` (as loaded), what fp16 cannot convert."""
     if config.precision not in ("fp32", "fp16"):
         raise UserError(f"--precision must be 'fp32' or 'fp16', got {config.precision!r}")
     if config.fp16_tolerance is not None and not config.fp16_tolerance > 0:
         raise UserError(f"the fp16 tolerance must be positive, got {config.fp16_tolerance}")
+    if model is not None and config.precision == "fp16":
+        from .rewriting.precision import quantization_ops
+
+        found = quantization_ops(model)
+        if found:
+            raise UserError(f"--precision fp16: the model is already quantized ({', '.join(found[:3])}); "
+                            f"converting a quantized model to fp16 is not supported: leave out --precision fp16")
 
 
 def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration, config, shapes, progress,

@@ -107,6 +107,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
     progress.stage("loading")
     original = load_model(model_or_path)
+    check_precision(config, original)
     cap_ir_version(original)
     given = check_given(original, config.input_shapes)  # option errors before any work
     snapshots = []

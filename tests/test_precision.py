@@ -254,3 +254,23 @@ def test_the_ci_summary_has_an_fp16_row_read_from_the_report():
     unchecked = {**base, "precision": {"precision": "fp16", "verified": False}}
     assert "| fp16 output | fp32 | not checked (--no-verify) |" in markdown(unchecked, "in.onnx", "out.onnx", None)
     assert "fp16" not in markdown(base, "in.onnx", "out.onnx", None)
+
+
+def test_a_quantized_model_is_refused_for_fp16_before_any_work():
+    """The converter turned a DequantizeLinear's scale into fp16, which ONNX forbids: the fp16
+    model failed the checker after the whole pass (internal error)."""
+    from onnx import helper
+
+    from onnxprune.errors import UserError
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 3, 3, 3)).astype(np.float32), "w")
+    inits = [w, numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.uint8(128), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
+             helper.make_node("Conv", ["dq", "w"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    with pytest.raises(UserError, match="already quantized .*DequantizeLinear, QuantizeLinear"):
+        prune(model, PruneConfig(precision="fp16"))
+    prune(model, PruneConfig())  # fp32: prunes (or leaves) it as before

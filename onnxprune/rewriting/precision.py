@@ -60,6 +60,19 @@ OVERFLOW_OPS = ("Exp", "Pow", "Softplus", "Reciprocal", "Log", "Softmax", "LogSo
 CONVERTER = "onnxruntime.transformers.float16.convert_float_to_float16"
 
 
+QUANTIZATION_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                    "ConvInteger", "MatMulInteger")
+
+
+def quantization_ops(model: onnx.ModelProto) -> list[str]:
+    """The quantization op types ``model`` holds (sorted). Why refused: the converter turns their
+    float scales into fp16, which ONNX forbids (the fp16 model failed the checker: an internal
+    error), and a quantized model gains nothing from fp16 weights."""
+    found = {node.op_type for graph in _all_graphs(model.graph) for node in graph.node
+             if node.op_type in QUANTIZATION_OPS and node.domain in ("", "ai.onnx", "com.microsoft")}
+    return sorted(found)
+
+
 def fp32_ops() -> list[str]:
     """The op types kept in fp32: the converter's default block list plus ``OVERFLOW_OPS``."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
