@@ -108,11 +108,22 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
     rounding, so none need holding out; more inputs resolve it finer), and the fp16 model's
     fidelity to the input next to calibration's own (same held-out slice)."""
     from .calibration.calib_stream import batch_size, compare_first_output, count, first_output, split_holdout
-    from .rewriting.precision import FP16_MAX, fp16_rounded, to_fp16
+    from .rewriting.precision import CRASH_FALLBACK_FP32, FP16_MAX, fp16_rounded, ort_load_failure, to_fp16
     from .checks.verify import compare_models, masked_model
 
     progress.stage("converting to fp16 (fp32 inputs and outputs; overflow-prone ops kept in fp32)")
     half, facts = to_fp16(pruned32)
+    crash = ort_load_failure(half)
+    if crash is not None:  # ONNX Runtime's own bug; one known way round it, then refuse
+        progress.stage(f"ONNX Runtime fails loading the fp16 model ({crash}): converting again with "
+                       f"{', '.join(CRASH_FALLBACK_FP32)} kept in fp32")
+        half, facts = to_fp16(pruned32, also_fp32=CRASH_FALLBACK_FP32)
+        again = ort_load_failure(half)
+        if again is not None:
+            raise PassFailed(f"fp16 conversion failed: ONNX Runtime fails loading the fp16 model ({again}, also with "
+                             f"{', '.join(CRASH_FALLBACK_FP32)} kept in fp32); keep fp32 (leave out --precision fp16)")
+        facts["ort_load_workaround"] = (f"ONNX Runtime failed loading the first fp16 conversion ({crash}); "
+                                        f"{', '.join(CRASH_FALLBACK_FP32)} kept in fp32")
     for entry in half.metadata_props:
         if entry.key == "onnxprune":
             entry.value += "; fp16"

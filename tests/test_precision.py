@@ -274,3 +274,31 @@ def test_a_quantized_model_is_refused_for_fp16_before_any_work():
     with pytest.raises(UserError, match="already quantized .*DequantizeLinear, QuantizeLinear"):
         prune(model, PruneConfig(precision="fp16"))
     prune(model, PruneConfig())  # fp32: prunes (or leaves) it as before
+
+
+def test_a_model_onnx_runtime_cannot_load_is_seen_from_a_child_process():
+    model = reduce_mean_head().model()
+    assert precision.ort_load_failure(model) is None
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    broken.graph.node[0].op_type = "NoSuchOp"
+    assert precision.ort_load_failure(broken) == "exit 1"
+
+
+def test_when_onnx_runtime_crashes_on_the_fp16_model_transpose_stays_fp32_or_the_run_is_refused(monkeypatch):
+    """ORT 1.31's optimizer segfaults loading PP-OCRv2 rec's fp16 model (exit 139, no message,
+    and the written model crashed every session); keeping Transpose in fp32 loads."""
+    from onnxprune.errors import PassFailed
+
+    calls = []
+
+    def crashes_first(model):
+        calls.append([n.op_type for n in model.graph.node])
+        return "signal 11 (SIGSEGV)" if len(calls) == 1 else None
+
+    monkeypatch.setattr(precision, "ort_load_failure", crashes_first)
+    _, report = prune(reduce_mean_head().model(), PruneConfig(precision="fp16"))
+    assert len(calls) == 2 and "Transpose" in report["precision"]["ort_load_workaround"]
+    monkeypatch.setattr(precision, "ort_load_failure", lambda model: "signal 11 (SIGSEGV)")
+    with pytest.raises(PassFailed, match="ONNX Runtime fails loading the fp16 model"):
+        prune(reduce_mean_head().model(), PruneConfig(precision="fp16"))

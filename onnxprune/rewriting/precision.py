@@ -80,13 +80,14 @@ def fp32_ops() -> list[str]:
     return sorted(set(DEFAULT_OP_BLOCK_LIST) | set(OVERFLOW_OPS))
 
 
-def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+def to_fp16(model: onnx.ModelProto, also_fp32: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict]:
     """``model`` (fp32, not modified) in fp16 with fp32 inputs/outputs -> (model, facts), facts
-    being ``kept_fp32_ops`` (the blocked op types the model has) and ``cast_round_trips_removed``."""
+    being ``kept_fp32_ops`` (the blocked op types the model has) and ``cast_round_trips_removed``;
+    ``also_fp32``: op types kept in fp32 beyond ``fp32_ops()``."""
     import onnxruntime
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    blocked = fp32_ops()
+    blocked = sorted(set(fp32_ops()) | set(also_fp32))
     source = onnx.ModelProto()
     source.CopyFrom(model)
     had_value_info = {vi.name for vi in model.graph.value_info}
@@ -104,6 +105,44 @@ def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     return converted, {"converter": f"{CONVERTER} (onnxruntime {onnxruntime.__version__})",
                        "kept_fp32_ops": [op for op in blocked if op in present],
                        "cast_round_trips_removed": removed}
+
+
+# Op types kept in fp32 when ONNX Runtime crashes loading the fp16 model: ORT 1.31's CPU graph
+# optimizer segfaults (signal 11) on PP-OCRv2 rec's fp16 Transposes (around its LSTM); keeping
+# only Transpose in fp32 loads (LSTM, Reshape, Squeeze, Unsqueeze or Tile do not help).
+CRASH_FALLBACK_FP32 = ("Transpose",)
+
+
+def ort_load_failure(model: onnx.ModelProto, timeout_s: float = 300.0) -> str | None:
+    """None if ONNX Runtime (CPU provider, default optimizations) loads ``model`` in a child
+    process, else what happened to the child (``"signal 11"``, ``"exit 1"``, a timeout). Why a
+    child: a model that crashes ONNX Runtime's optimizer takes the whole process down (exit 139,
+    no message), and a written model that crashes every user's session is worse."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    code = ("import sys, onnxruntime as ort\n"
+            "o = ort.SessionOptions(); o.log_severity_level = 4\n"
+            "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n")
+    with tempfile.TemporaryDirectory(prefix="onnxprune-") as folder:
+        path = os.path.join(folder, "fp16.onnx")
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())
+        try:
+            done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return f"no answer in {timeout_s:g} s"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        try:
+            return f"signal {-done.returncode} ({signal.Signals(-done.returncode).name})"
+        except ValueError:
+            return f"signal {-done.returncode}"
+    return f"exit {done.returncode}"
 
 
 def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
