@@ -9,6 +9,7 @@ models and the plan, and the pipeline only adds each stage's own section
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 from . import __version__
@@ -50,9 +51,7 @@ def build_report(original, normalized, pruned, plan: Plan, verified, config, sha
     layers.sort(key=lambda entry: order.get(entry["name"], len(order)))
     return {
         "onnxprune_version": __version__,
-        "options": {"rate": config.rate, "groups": config.groups, "criterion": config.criterion,
-                    "seed": config.seed, "min_channels": config.min_channels, "tickets": len(config.tickets),
-                    "plan_in": config.plan is not None},
+        "options": recorded_options(config),
         "macs_before": macs_before, "macs_after": macs_after,
         "params_before": count_params(normalized), "params_after": count_params(pruned),
         "params_before_normalization": count_params(original),
@@ -63,3 +62,45 @@ def build_report(original, normalized, pruned, plan: Plan, verified, config, sha
         "layers": layers,
         "verify": verified.as_dict() if verified else None,
     }
+
+
+INTERNAL_OPTIONS = ("g1_only", "fixed_channels")  # set by the pass itself, not by the user
+
+
+def recorded_options(config) -> dict:
+    """Every option the run was given, JSON-safe, in ``PruneConfig``'s order: data is named, not
+    copied (a path as given; in-memory arrays as ``"<arrays>"``), ``tickets`` is their count and
+    ``plan_in`` whether a plan was given. Why all of them: a report that showed ``rate 0.4375``
+    for a ``--target-macs 0.7`` run, without provider, precision or coupled rate, could not say
+    how its output was made."""
+    import dataclasses
+
+    options = {}
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if spec.name in INTERNAL_OPTIONS:
+            continue
+        if spec.name == "tickets":
+            options["tickets"] = len(value)
+        elif spec.name == "plan":
+            options["plan_in"] = value is not None
+        else:
+            options[spec.name] = _plain(value)
+    return options
+
+
+def _plain(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        if any(hasattr(v, "shape") for v in value.values()):
+            return "<arrays>"
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "shape"):
+        return "<arrays>"
+    return f"<{type(value).__name__}>"
+

@@ -87,8 +87,16 @@ def test_report_keys_and_numbers():
     model = vgg().model()
     _, report = prune(model, PruneConfig(groups=2, rate=0.5))
     assert set(report.data) == REPORT_KEYS
-    assert report["options"] == {"rate": 0.5, "groups": 2, "criterion": "tmi", "seed": 0, "min_channels": 16,
-                                 "tickets": 0, "plan_in": False}
+    options = report["options"]
+    assert {k: options[k] for k in ("rate", "groups", "criterion", "seed", "min_channels", "tickets", "plan_in")} == \
+        {"rate": 0.5, "groups": 2, "criterion": "tmi", "seed": 0, "min_channels": 16, "tickets": 0, "plan_in": False}
+    # every option the run was given (a --target-macs run showed only rate 0.4375), JSON-safe, data named
+    assert options["target_macs"] is None and options["provider"] == "cpu" and options["precision"] == "fp32"
+    assert "g1_only" not in options
+    json.dumps(options)
+    _, other = prune(model, PruneConfig(target_macs=0.7, calib={"input": np.zeros((4, 3, 16, 16), np.float32)},
+                                        planner="speed", min_agreement=None))
+    assert other["options"]["target_macs"] == 0.7 and other["options"]["calib"] == "<arrays>"
     assert report["input_shapes"] == {"input": {"dims": [None, 3, 16, 16], "source": "model"}}
     assert report["params_before"] == report["params_before_normalization"]  # vgg has nothing to fold
     assert report["params_after"] < report["params_before"]
