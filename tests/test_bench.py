@@ -100,6 +100,9 @@ def test_fixed_batch_models_run_at_their_batch():
     model = vgg(batch=3).model()
     report = compare([model], ["fixed"], [1, 8], Settings("cpu", 1), repeat=1, warmup=0)
     assert [r["rows"][0]["batch"] for r in report["results"]] == [3]
+    # its MACs are a batch of 3's, and the table says so (it read "MACs (batch 1)")
+    assert report["models"][0]["macs"] == 3 * vgg().macs()
+    assert f"| {report['models'][0]['macs'] / 1e9:.3f} G (batch 3) |" in bench.format_report(report)
 
 
 def test_main_prints_table_and_writes_json(model_files, tmp_path, capsys):

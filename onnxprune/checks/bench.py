@@ -333,11 +333,11 @@ def format_report(report: dict) -> str:
                  f"cuda_graph={_on(s.get('cuda_graph'))}, prefer_nhwc={_on(s.get('prefer_nhwc'))}")
         io = [f"io: {s['io']}"]
     lines = [head, *io, f"interleaved: {report['warmup']} warm-up + {report['repeat']} timed runs per model and batch",
-             "", "| model | inputs | MACs (batch 1) | params |", "|---|---|---|---|"]
+             "", "| model | inputs | MACs per run | params |", "|---|---|---|---|"]
     for m in report["models"]:
         fixed = f" (fixed batch {m['fixed_batch']})" if m["fixed_batch"] else ""
-        lines.append(f"| {m['model']}{fixed} | {m.get('input_shapes', '')} | {m['macs'] / 1e9:.3f} G | "
-                     f"{m['params'] / 1e6:.3f} M |")
+        per_run = f"{m['macs'] / 1e9:.3f} G" + (f" (batch {m['fixed_batch']})" if m["fixed_batch"] else " (batch 1)")
+        lines.append(f"| {m['model']}{fixed} | {m.get('input_shapes', '')} | {per_run} | {m['params'] / 1e6:.3f} M |")
     lines += ["", "| model | batch | median ms | p90 ms | ratio to first | speedup | paired ratio (95% interval) |",
               "|---|---|---|---|---|---|---|"]
     for result in report["results"]:
