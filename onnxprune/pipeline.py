@@ -178,20 +178,33 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         return (lift(made, chosen, dense) if base is not dense else made), chosen, options
 
     speed_plan = search = fidelity_planner = None
+
+    def planned(speed_plan) -> str:
+        """The planner's line; after --coupled-rate's narrowing its figures are of the narrowed
+        model, so the line says so and how much the narrowing took (the run's end counts both)."""
+        from .ir.macs import count_macs
+        from .planning.speed_plan import describe
+
+        text = describe(speed_plan)
+        if plan_base is not dense:
+            cut = 1 - count_macs(plan_base)[0] / max(count_macs(dense)[0], 1)
+            text += (f"; these figures are on top of --coupled-rate's narrowing of the coupled channel groups, "
+                     f"which removed {100 * cut:.1f}% of the MACs")
+        return text
+
     if budget is not None and config.calib_holdout_divisor is None:
         # the budget is judged on the held-out slice: a quarter of the inputs resolves ~1% steps
         config = replace(config, calib_holdout_divisor=BUDGET_HOLDOUT_DIVISOR)
     if auto and config.planner == "speed":
-        from .planning.speed_plan import describe, plan_speed
+        from .planning.speed_plan import plan_speed
 
         progress.stage(f"choosing groups and kept channels per layer for the {config.provider} provider")
         speed_plan = plan_speed(plan_base, config)
-        progress.stage(describe(speed_plan))
+        progress.stage(planned(speed_plan))
         structure = f"speed planner: fastest predicted cut ({speed_plan.cost_source}) at the MACs/speed target"
         config = replace(config, layer_configs=_sourced(speed_plan.configs, structure))
     elif auto:
         from .planning.fidelity_plan import FidelityPlanner
-        from .planning.speed_plan import describe
 
         with_groups = " (coupled channel groups included)" if auto_groups else ""
         progress.stage(f"measuring how much each candidate cut{with_groups} changes the output on the calibration "
@@ -202,7 +215,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         target = fidelity_planner.default_target()
         speed_plan, _ = fidelity_planner.plan(target, config.target_speedup)
         t = _lap(timings, "sensitivity", t)
-        progress.stage(describe(speed_plan))
+        progress.stage(planned(speed_plan))
         structure = ("fidelity planner: least total output KL measured on the calibration data" if feeds else
                      "fidelity planner: least weight-norm proxy (no --calib: fidelity unmeasured)") + \
             ", within the MACs/speed target (knapsack)"
