@@ -108,7 +108,8 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
     rounding, so none need holding out; more inputs resolve it finer), and the fp16 model's
     fidelity to the input next to calibration's own (same held-out slice)."""
     from .calibration.calib_stream import batch_size, compare_first_output, count, first_output, split_holdout
-    from .rewriting.precision import CRASH_FALLBACK_FP32, FP16_MAX, fp16_rounded, ort_load_failure, to_fp16
+    from .checks.runtime import ort_load_failure
+    from .rewriting.precision import CRASH_FALLBACK_FP32, FP16_MAX, fp16_rounded, to_fp16
     from .checks.verify import compare_models, masked_model
 
     progress.stage("converting to fp16 (fp32 inputs and outputs; overflow-prone ops kept in fp32)")

@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
+import onnxprune.checks.runtime as runtime
 import onnxprune.rewriting.precision as precision
 from graphs import reduce_mean_head
 from onnxprune.cli import main
@@ -278,11 +279,11 @@ def test_a_quantized_model_is_refused_for_fp16_before_any_work():
 
 def test_a_model_onnx_runtime_cannot_load_is_seen_from_a_child_process():
     model = reduce_mean_head().model()
-    assert precision.ort_load_failure(model) is None
+    assert runtime.ort_load_failure(model) is None
     broken = onnx.ModelProto()
     broken.CopyFrom(model)
     broken.graph.node[0].op_type = "NoSuchOp"
-    assert precision.ort_load_failure(broken) == "exit 1"
+    assert runtime.ort_load_failure(broken) == "exit 1"
 
 
 def test_when_onnx_runtime_crashes_on_the_fp16_model_transpose_stays_fp32_or_the_run_is_refused(monkeypatch):
@@ -296,9 +297,9 @@ def test_when_onnx_runtime_crashes_on_the_fp16_model_transpose_stays_fp32_or_the
         calls.append([n.op_type for n in model.graph.node])
         return "signal 11 (SIGSEGV)" if len(calls) == 1 else None
 
-    monkeypatch.setattr(precision, "ort_load_failure", crashes_first)
+    monkeypatch.setattr(runtime, "ort_load_failure", crashes_first)
     _, report = prune(reduce_mean_head().model(), PruneConfig(precision="fp16"))
     assert len(calls) == 2 and "Transpose" in report["precision"]["ort_load_workaround"]
-    monkeypatch.setattr(precision, "ort_load_failure", lambda model: "signal 11 (SIGSEGV)")
+    monkeypatch.setattr(runtime, "ort_load_failure", lambda model: "signal 11 (SIGSEGV)")
     with pytest.raises(PassFailed, match="ONNX Runtime fails loading the fp16 model"):
         prune(reduce_mean_head().model(), PruneConfig(precision="fp16"))

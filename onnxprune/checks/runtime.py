@@ -65,3 +65,35 @@ def ort_reason(exc: BaseException) -> str:
     """The first line of an ORT exception (the rest is its C++ context), or its type's name."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def ort_load_failure(model: onnx.ModelProto, timeout_s: float = 300.0) -> str | None:
+    """None if ONNX Runtime (CPU provider, default optimizations) loads ``model`` in a child
+    process, else what happened to the child (``"signal 11"``, ``"exit 1"``, a timeout). Why a
+    child: a model that crashes ONNX Runtime's optimizer takes the whole process down (exit 139,
+    no message), and a written model that crashes every user's session is worse."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    code = ("import sys, onnxruntime as ort\n"  # the session rules below, as create_session's
+            "o = ort.SessionOptions(); o.log_severity_level = 4\n"
+            "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n")
+    with tempfile.TemporaryDirectory(prefix="onnxprune-") as folder:
+        path = os.path.join(folder, "fp16.onnx")
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())
+        try:
+            done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return f"no answer in {timeout_s:g} s"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        try:
+            return f"signal {-done.returncode} ({signal.Signals(-done.returncode).name})"
+        except ValueError:
+            return f"signal {-done.returncode}"
+    return f"exit {done.returncode}"

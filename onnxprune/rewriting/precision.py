@@ -113,38 +113,6 @@ def to_fp16(model: onnx.ModelProto, also_fp32: tuple[str, ...] = ()) -> tuple[on
 CRASH_FALLBACK_FP32 = ("Transpose",)
 
 
-def ort_load_failure(model: onnx.ModelProto, timeout_s: float = 300.0) -> str | None:
-    """None if ONNX Runtime (CPU provider, default optimizations) loads ``model`` in a child
-    process, else what happened to the child (``"signal 11"``, ``"exit 1"``, a timeout). Why a
-    child: a model that crashes ONNX Runtime's optimizer takes the whole process down (exit 139,
-    no message), and a written model that crashes every user's session is worse."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-
-    code = ("import sys, onnxruntime as ort\n"
-            "o = ort.SessionOptions(); o.log_severity_level = 4\n"
-            "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n")
-    with tempfile.TemporaryDirectory(prefix="onnxprune-") as folder:
-        path = os.path.join(folder, "fp16.onnx")
-        with open(path, "wb") as f:
-            f.write(model.SerializeToString())
-        try:
-            done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return f"no answer in {timeout_s:g} s"
-    if done.returncode == 0:
-        return None
-    if done.returncode < 0:
-        try:
-            return f"signal {-done.returncode} ({signal.Signals(-done.returncode).name})"
-        except ValueError:
-            return f"signal {-done.returncode}"
-    return f"exit {done.returncode}"
-
-
 def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
     types = {t.name: t.data_type for t in graph.initializer}
     for vi in (*graph.input, *graph.value_info, *graph.output):
