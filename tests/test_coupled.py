@@ -14,9 +14,11 @@ from onnxprune.pipeline import PruneConfig, prune
 from oracle import feeds_for, rel_diff, run
 
 
-def residual_stream(head="conv"):
+def residual_stream(head="conv", classes=16):
     """stem 3->32, two basic blocks on the 32-wide stream, a stride-2 block with a 1x1 shortcut
-    onto a 48-wide stream, then a Conv head (or GAP -> Flatten -> Gemm)."""
+    onto a 48-wide stream, then a Conv head (or GAP -> Flatten -> Gemm). The Conv head has 16
+    outputs (``classes``): with fewer, --min-channels 16 leaves it dense, and so the 48-wide
+    stream it reads."""
     b = CoupledBuilder(size=8)
     x = b.relu(b.conv("input", 32, name="stem"))
     for i in range(2):
@@ -25,7 +27,7 @@ def residual_stream(head="conv"):
     y = b.relu(b.conv(x, 48, stride=2, name="b2a"))
     x = b.relu(b.add(b.conv(y, 48, name="b2b"), b.conv(x, 48, k=1, stride=2, name="b2s")))
     if head == "conv":
-        b.output(b.conv(x, 10, k=1, name="head"))
+        b.output(b.conv(x, classes, k=1, name="head"))
     elif head == "gemm":
         b.output(b.gemm(b.gap_flatten(x), 10))
     else:  # the 4x4 map flattened: channel c is 16 features of the Gemm
@@ -35,7 +37,8 @@ def residual_stream(head="conv"):
 
 
 def se_depthwise():
-    """MobileNet-style stream (32) of two expand -> depthwise -> SE -> project blocks."""
+    """MobileNet-style stream (32) of two expand -> depthwise -> SE -> project blocks; a 16-output
+    head (see ``residual_stream``)."""
     b = CoupledBuilder(size=8)
     x = b.relu(b.conv("input", 32, name="stem"))
     for i in range(2):
@@ -43,7 +46,7 @@ def se_depthwise():
         y = b.relu(b.conv(y, 64, group=64, name=f"dw{i}"))
         y = b.se_conv(y, 16)
         x = b.add(b.conv(y, 32, k=1, name=f"project{i}"), x)
-    b.output(b.conv(x, 10, k=1, name="head"))
+    b.output(b.conv(x, 16, k=1, name="head"))
     return b.model()
 
 
@@ -348,7 +351,7 @@ def test_a_one_to_one_group_through_a_concat_is_narrowed_not_called_private():
     b = CoupledBuilder(size=8)
     x = two_blocks(b)
     side = b.relu(b.conv(x, 32, name="side"))
-    b.output(b.conv(b.concat([x, side]), 10, k=1, name="head"))
+    b.output(b.conv(b.concat([x, side]), 16, k=1, name="head"))
     _, report = prune(b.model(), PruneConfig(coupled_rate=0.5, target_macs=0.6))
     assert any(g["producers"] == ["side"] for g in report["coupled"]["groups"])
     assert report["verify"]["passed"]

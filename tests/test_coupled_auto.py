@@ -151,9 +151,11 @@ def test_auto_is_the_default_where_the_fidelity_planner_plans_and_off_elsewhere(
 def test_the_fidelity_budget_is_searched_with_groups_chosen_at_each_depth():
     """--min-agreement searches depths; each depth has its own group cuts (here the deepest cuts
     the 32-wide stream, the depth chosen the 48-wide one), and the groups removed are the chosen
-    depth's (verification would fail if the rewrite removed another depth's)."""
-    model = residual_stream()
-    _, report = prune(model, PruneConfig(coupled_rate="auto", calib=calib(64), rate=0.6, min_agreement=0.7))
+    depth's (verification would fail if the rewrite removed another depth's). A 10-class head,
+    which --min-channels 10 lets the 48-wide stream's cut read."""
+    model = residual_stream(classes=10)
+    _, report = prune(model, PruneConfig(coupled_rate="auto", calib=calib(64), rate=0.6, min_agreement=0.7,
+                                         min_channels=10))
     trials = report["budget"]["trials"]
     assert not trials[0]["meets_budget"] and report["budget"]["met"]
     assert report["coupled"]["groups"] and report["verify"]["passed"]

@@ -281,7 +281,7 @@ class FakePlan:
 class FakePlanner:
     def plan(self, target):  # a dense plan's layers say why, as allocate.speed_plan_of words it
         dense = {"a": {"skip": "auto: kept dense (no narrower width is predicted to save time on cpu)"},
-                 "stem": {"skip": "too few channels (C_in=3, C_out=32 < min-channels 16)"}}
+                 "stem": {"skip": "too few channels (C_in=3 < min-channels 16)"}}
         return FakePlan(target, dense if target >= 1.0 else {"a": {"groups": 1}}), None
 
 

@@ -11,7 +11,9 @@ How, in four steps (each a plain function of plain data):
 1. ``choose``: every prunable group that the single-Conv planner cannot narrow (more than one
    producer or more than one consumer; a private chain is left to it) and whose readers are all
    plain Convs loses ``rate`` of its channels, kept count aligned to the provider's block
-   (``latency.profile(provider).align``) and at least one block. Channels are ranked by a
+   (``latency.profile(provider).align``) and at least one block; ``--min-channels`` applies to the
+   groups as to single Convs (``dense_reader``: no group is cut whose Conv reader the single-Conv
+   rules leave dense). Channels are ranked by a
    data-free importance: for every producer the squared norm of the channel's filter (+ bias),
    for every consumer the squared norm of the weights reading it, each divided by that layer's
    mean so wide and narrow layers count alike; the highest sum is kept (ties: lower index).
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from ..ir.analysis import foldable_producer
+from ..ir.analysis import find_prunable_convs, foldable_producer
 from .channel_groups import ChannelAnalysis, ChannelGroup, channel_groups
 from ..errors import InternalError, UserError
 from ..ir.graph import GraphIndex, get_attr
@@ -132,14 +134,14 @@ class CoupledPlan:
 
 
 def choose(model: onnx.ModelProto, rate: float, align: int, exclude=(), feeds: dict | None = None,
-           also_in=()) -> CoupledPlan:
+           also_in=(), min_channels: int | None = None) -> CoupledPlan:
     """Step 1 (see the module docstring) on ``model`` (normalized); ``feeds``: calibration inputs;
     ``also_in``: other versions of the model (e.g. with its own symbolic input dims) in which a
     group must be found identically to be cut — a tie can depend on a spatial size (an
-    AveragePool that makes a 1×1 map at one input size only)."""
+    AveragePool that makes a 1×1 map at one input size only); ``min_channels``: see ``eligible``."""
     if not 0.0 < rate < 1.0:
         raise UserError(f"--coupled-rate must be in (0, 1), got {rate}")
-    found = eligible(model, align, exclude, also_in)
+    found = eligible(model, align, exclude, also_in, min_channels)
     ranked = rank_channels(model, found.candidates, feeds)
     kept = {}
     for group in found.candidates:
@@ -161,16 +163,22 @@ class Eligible:
     left: list[dict]
 
 
-def eligible(model: onnx.ModelProto, align: int, exclude=(), also_in=()) -> Eligible:
-    """Every group ``choose`` may narrow (see its docstring), with the reasons for the rest."""
+def eligible(model: onnx.ModelProto, align: int, exclude=(), also_in=(), min_channels: int | None = None) -> Eligible:
+    """Every group ``choose`` may narrow (see its docstring), with the reasons for the rest.
+    ``min_channels``: ``--min-channels``, applied by ``dense_reader`` (None: not applied here —
+    a replayed plan's groups, and ``--coupled-rate auto``, whose candidates
+    ``coupled_candidates.group_candidates`` checks against the planner's own layers)."""
     analysis = channel_groups(model)
     stable = [{g.members for g in channel_groups(other).groups if g.prunable} for other in also_in]
     index = GraphIndex(model.graph)
     nodes = {n.name: n for n in model.graph.node}
     excluded = set(exclude)
+    dense = {}
+    if min_channels is not None:
+        dense = {s.name: s.reason for s in find_prunable_convs(model, lambda info: 1, min_channels, exclude)[1]}
     candidates, left = [], []
     for group in analysis.groups:
-        reason = _why_not(group, nodes, index, excluded)
+        reason = _why_not(group, nodes, index, excluded) or dense_reader(group, dense.get)
         if not reason and any(group.members not in found for found in stable):
             reason = "its channel ties depend on the input's spatial size (they differ at the model's own input dims)"
         if not reason and group.width <= align:
@@ -211,6 +219,27 @@ def plan_cuts(model: onnx.ModelProto, found: Eligible, kept: dict[tuple, list[in
     else:
         plan.notes.append("no coupled channel group could be narrowed")
     return plan
+
+
+def dense_reader(group: ChannelGroup, dense_reason) -> str:
+    """``--min-channels`` for a coupled group — the one rule both modes apply (``eligible``, and
+    ``coupled_candidates.group_candidates`` for ``--coupled-rate auto``): why the group is not
+    cut, or ''.
+
+    A group's cut prunes the input channels of every reader, as a single-Conv cut prunes its
+    Conv's, so it is made only where the single-Conv rules would prune each Conv reader
+    (``analysis.find_prunable_convs``: at least ``min_channels`` input and output channels in the
+    dense model). The writers are not checked, as a single-Conv cut's foldable producer is not
+    (an RGB stem's unread filters are dropped): a writer only loses filters no reader reads any
+    more. Like a single-Conv cut's width, the group's kept width is not bounded by
+    ``--min-channels`` (one provider block at least). Gemm readers are no Convs: not checked.
+    ``dense_reason(conv)``: why the single-Conv rules leave that Conv dense, '' or None if they
+    do not."""
+    for name in group.consumers:
+        reason = dense_reason(name)
+        if reason:
+            return f"read by Conv {name!r}, which the single-Conv rules leave dense: {reason}"
+    return ""
 
 
 def _why_not(group: ChannelGroup, nodes: dict, index: GraphIndex, excluded: set) -> str:
@@ -336,8 +365,11 @@ def lift(narrow_plan: Plan, coupled: CoupledPlan, dense: onnx.ModelProto) -> Pla
     for entry in narrow_plan.skipped:
         if entry["node"] in coupled.consumers:
             continue  # a reader's cut is the group's: it is in ``layers``
-        if entry["node"] in coupled.producers:
-            entry = {**entry, "reason": f"{entry['reason']} (after the coupled cut)"}
+        if entry["node"] in coupled.producers:  # planned narrowed: say how (the reason's counts are the narrowed ones)
+            node = next(n for n in dense.graph.node if n.name == entry["node"])
+            rows, weight = kept_out.get(node.output[0]), dense_index.constant(node.input[1])
+            change = "" if rows is None or weight is None else f": C_out {int(weight.shape[0])} -> {len(rows)}"
+            entry = {**entry, "reason": f"{entry['reason']} (after the coupled cut{change})"}
         skipped.append(entry)
     return Plan(layers, skipped, narrow_plan.options)
 
@@ -391,7 +423,8 @@ def prepare(model: onnx.ModelProto, symbolic: onnx.ModelProto, config, feeds: di
     from ..planning.latency import profile
 
     progress.stage("narrowing coupled channel groups (residual streams, Concat/Split, SE gates)")
-    coupled = choose(model, config.coupled_rate, profile(config.provider).align, config.exclude, feeds, [symbolic])
+    coupled = choose(model, config.coupled_rate, profile(config.provider).align, config.exclude, feeds, [symbolic],
+                     config.min_channels)
     if coupled.narrowed is None:
         return coupled, model, config
     kept = count_macs(coupled.narrowed)[0] / max(1, count_macs(model)[0])

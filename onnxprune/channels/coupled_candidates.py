@@ -7,8 +7,10 @@ agreement at 0.85 MACs with rate 0.25). The knapsack of ``planning.allocate`` al
 single-Conv cut by its fidelity cost; giving it the groups' cuts too lets it narrow a stream only
 where that costs less output change per MAC (or µs) saved than the single-Conv cuts it displaces.
 
-How, per group that ``coupled.eligible`` allows (and whose readers read no other eligible group,
-so a reader's input is cut either by its own single-Conv cut or by its group, never both):
+How, per group that ``coupled.eligible`` allows, whose Conv readers the single-Conv rules would
+prune (``--min-channels``: ``coupled.dense_reader``, judged by the planner's layers) and whose
+readers read no other such group (so a reader's input is cut either by its own single-Conv cut
+or by its group, never both):
 1. widths: ``FRACTIONS`` of the group's width, aligned to the provider's block, distinct, narrower
    than the group; channels kept: a prefix of ``coupled.rank_channels``' order (the same ranking
    ``--coupled-rate R`` uses), so the widths are nested;
@@ -41,7 +43,7 @@ from ..checks.class_scores import output_kinds
 from ..planning.sensitivity import graph_outputs, output_change
 from ..planning.speed_plan import Layer, align_channels
 from .channel_groups import ChannelGroup
-from .coupled import Eligible, rank_channels, reader_channel_energy
+from .coupled import Eligible, dense_reader, rank_channels, reader_channel_energy
 
 FRACTIONS = (0.75, 0.5)  # kept fractions of a group's width offered to the planner
 PROBE_SAMPLES = 64  # held-out calibration inputs a group cut's output change is measured on
@@ -77,15 +79,29 @@ def group_candidates(model: onnx.ModelProto, layers: dict[str, Layer], cost, ali
     """Every usable group's candidate cuts on ``model`` (normalized; ``layers``: its Convs as the
     planner sees them, ``cost``: the planner's cost model; ``found``: ``coupled.eligible`` of it,
     whose ``left`` gains the groups auto mode cannot use)."""
-    readers: dict[str, int] = {}
+    def dense_reason(name: str) -> str:  # the planner's layers know which Convs the single-Conv rules prune
+        layer = layers.get(name)
+        if layer is None or layer.prunable:  # a Gemm, or a Conv with no static shape (refused below)
+            return ""
+        return f"C_in={layer.c_in}, C_out={layer.c_out} (its skip reason says why)"
+
+    candidates = []
     for group in found.candidates:
+        reason = dense_reader(group, dense_reason)
+        if reason:
+            found.left.append({"members": [list(m) for m in group.members[:3]], "width": group.width,
+                               "reason": reason})
+        else:
+            candidates.append(group)
+    readers: dict[str, int] = {}
+    for group in candidates:
         for name in group.consumers:
             readers[name] = readers.get(name, 0) + 1
     index = GraphIndex(model.graph)
     nodes = {n.name: n for n in model.graph.node}
     initializers = {init.name for init in model.graph.initializer}
     usable = []
-    for group in found.candidates:
+    for group in candidates:
         if any(readers[name] > 1 for name in group.consumers):
             reason = "a reader also reads another group (auto mode cuts one group per reader)"
         elif not all(name in layers for name in group.producers) or not all(

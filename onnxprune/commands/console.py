@@ -35,8 +35,10 @@ class ConsoleProgress(Progress):
 
 
 def nothing_pruned_warning(report: dict) -> str | None:
-    """Why no Conv was pruned (None if some were): the commonest skip reason, with a hint for a
-    ``--groups`` that divides no layer's output channels."""
+    """Why no Conv was pruned (None if some were): the commonest skip rule, with a hint for a
+    ``--groups`` that divides no layer's output channels. Reasons are counted by their rule, the
+    text before the parenthesised numbers ("too few channels (C_in=3 < min-channels 16)"), and
+    the first one is the example when they differ in their numbers."""
     if report["convs_pruned"]:
         return None
     skipped = [layer for layer in report["layers"] if "skipped" in layer]
@@ -47,8 +49,15 @@ def nothing_pruned_warning(report: dict) -> str | None:
         return (f"no Conv was pruned: {len(undivided)} of {len(skipped)} Convs have C_out not divisible by "
                 f"--groups (e.g. {undivided[0]['name']}: {undivided[0]['skipped']}); "
                 "choose a --groups that divides their output channels")
-    reason, count = Counter(layer["skipped"] for layer in skipped).most_common(1)[0]
-    return f"no Conv was pruned: {count} of {len(skipped)} Convs skipped because {reason}"
+    rule, count = Counter(_rule(layer["skipped"]) for layer in skipped).most_common(1)[0]
+    reasons = [layer["skipped"] for layer in skipped if _rule(layer["skipped"]) == rule]
+    because = reasons[0] if len(set(reasons)) == 1 else f"{rule} (e.g. {reasons[0][len(rule) + 2:]}"
+    return f"no Conv was pruned: {count} of {len(skipped)} Convs skipped because {because}"
+
+
+def _rule(reason: str) -> str:
+    """A skip reason without its parenthesised numbers: the rule that left the Conv dense."""
+    return reason.split(" (", 1)[0]
 
 
 def summary(report: dict, output: str | None) -> str:

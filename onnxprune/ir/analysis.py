@@ -79,8 +79,10 @@ def _classify(index: GraphIndex, node: onnx.NodeProto, min_channels: int, exclud
     if group != 1:
         kind = "depthwise" if c_in_per_group == 1 and group == c_out else f"already grouped (group={group})"
         return kind, None
-    if c_in_per_group < min_channels or c_out < min_channels:
-        return f"too few channels (C_in={c_in_per_group}, C_out={c_out} < min-channels {min_channels})", None
+    if c_in_per_group < min_channels or c_out < min_channels:  # the reason names only the counts below it
+        below = " and ".join(f"{label}={count}" for label, count in (("C_in", c_in_per_group), ("C_out", c_out))
+                             if count < min_channels)
+        return f"too few channels ({below} < min-channels {min_channels})", None
     return "", ConvInfo(node.name, node.input[1], int(c_out), int(c_in_per_group),
                         (int(weight.shape[2]), int(weight.shape[3])))
 
