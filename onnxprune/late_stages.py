@@ -85,8 +85,11 @@ def check_precision(config, model=None) -> None:
     if config.fp16_tolerance is not None and not config.fp16_tolerance > 0:
         raise UserError(f"the fp16 tolerance must be positive, got {config.fp16_tolerance}")
     if model is not None and config.precision == "fp16":
-        from .rewriting.precision import quantization_ops
+        from .rewriting.precision import as_fp32, quantization_ops
 
+        if as_fp32(model) is not None:
+            raise UserError("--precision fp16: the model already holds float16 (an fp16 output pruned again keeps "
+                            "its fp16): leave out --precision fp16")
         found = quantization_ops(model)
         if found:
             raise UserError(f"--precision fp16: the model is already quantized ({', '.join(found[:3])}); "
@@ -115,7 +118,7 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
     progress.stage("converting to fp16 (fp32 inputs and outputs; overflow-prone ops kept in fp32)")
     half, facts = to_fp16(pruned32)
     crash = ort_load_failure(half)
-    if crash is not None:  # ONNX Runtime's own bug; one known way round it, then refuse
+    if crash is not None and crash.startswith("signal"):  # ORT's own crash; one known way round it, then refuse
         progress.stage(f"ONNX Runtime fails loading the fp16 model ({crash}): converting again with "
                        f"{', '.join(CRASH_FALLBACK_FP32)} kept in fp32")
         half, facts = to_fp16(pruned32, also_fp32=CRASH_FALLBACK_FP32)
@@ -125,6 +128,8 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
                              f"{', '.join(CRASH_FALLBACK_FP32)} kept in fp32); keep fp32 (leave out --precision fp16)")
         facts["ort_load_workaround"] = (f"ONNX Runtime failed loading the first fp16 conversion ({crash}); "
                                         f"{', '.join(CRASH_FALLBACK_FP32)} kept in fp32")
+    elif crash is not None:
+        raise InternalError(f"ONNX Runtime cannot load the fp16 model: {crash}")
     for entry in half.metadata_props:
         if entry.key == "onnxprune":
             entry.value += "; fp16"

@@ -96,6 +96,7 @@ class Progress:
 def prune(model_or_path, config: PruneConfig | None = None, progress: Progress | None = None):
     """Prune ``model_or_path`` (path or ModelProto) -> ``(pruned ModelProto, Report)``."""
     config = config or PruneConfig()
+    asked = config  # the options as given: the pass adds its own (exclusions, per-layer configs) to ``config``
     progress = progress or Progress()
     timings = {}
     started = time.perf_counter()
@@ -327,7 +328,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
     if coupled is not None and coupled.cuts and not plan.coupled:  # the plan records its groups (--plan-out)
         plan = replace(plan, coupled=[cut.record() for cut in coupled.cuts])
-    report = build_report(original, model, pruned32, plan, verified, config, shapes)
+    report = build_report(original, model, pruned32, plan, verified, asked, shapes)
     report["auto"] = None if speed_plan is None else {
         "rate": speed_plan.rate, "predicted_speedup": round(speed_plan.predicted_speedup, 3),
         "predicted_macs_ratio": round(speed_plan.macs_ratio, 4), "cost_model": speed_plan.cost_source,

@@ -32,8 +32,9 @@ class Report:
 
 
 def build_report(original, normalized, pruned, plan: Plan, verified, config, shapes=None) -> dict:
-    """The report's core: options (``config``, a ``pipeline.PruneConfig``), MACs and params before and
-    after, and one entry per Conv (pruned or skipped, in graph order) with its provenance."""
+    """The report's core: options (``config``, a ``pipeline.PruneConfig`` as the user gave it), MACs
+    and params before and after, and one entry per Conv (pruned or skipped, in graph order) with
+    its provenance."""
     macs_before, per_node_before = count_macs(normalized, shapes)
     macs_after, per_node_after = count_macs(pruned, shapes)
     layers = []
@@ -92,6 +93,8 @@ def recorded_options(config) -> dict:
 def _plain(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if hasattr(value, "shape") and getattr(value, "shape") == () and hasattr(value, "item"):
+        return value.item()  # a numpy scalar (a seed given as np.int64)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, dict):

@@ -93,11 +93,12 @@ def test_report_keys_and_numbers():
         {"rate": 0.5, "groups": 2, "criterion": "tmi", "seed": 0, "min_channels": 16, "tickets": 0, "plan_in": False}
     # every option the run was given (a --target-macs run showed only rate 0.4375), JSON-safe, data named
     assert options["target_macs"] is None and options["provider"] == "cpu" and options["precision"] == "fp32"
-    assert "g1_only" not in options
+    assert "g1_only" not in options and options["exclude"] == [] and options["layer_configs"] is None  # as given
     json.dumps(options)
     _, other = prune(model, PruneConfig(target_macs=0.7, calib={"input": np.zeros((4, 3, 16, 16), np.float32)},
                                         planner="speed", min_agreement=None))
     assert other["options"]["target_macs"] == 0.7 and other["options"]["calib"] == "<arrays>"
+    assert other["options"]["layer_configs"] is None  # the planner's per-layer configs are its own, not given
     assert report["input_shapes"] == {"input": {"dims": [None, 3, 16, 16], "source": "model"}}
     assert report["params_before"] == report["params_before_normalization"]  # vgg has nothing to fold
     assert report["params_after"] < report["params_before"]

@@ -283,7 +283,7 @@ def test_a_model_onnx_runtime_cannot_load_is_seen_from_a_child_process():
     broken = onnx.ModelProto()
     broken.CopyFrom(model)
     broken.graph.node[0].op_type = "NoSuchOp"
-    assert runtime.ort_load_failure(broken) == "exit 1"
+    assert runtime.ort_load_failure(broken).startswith("exit 1: ") and "NoSuchOp" in runtime.ort_load_failure(broken)
 
 
 def test_when_onnx_runtime_crashes_on_the_fp16_model_transpose_stays_fp32_or_the_run_is_refused(monkeypatch):
@@ -297,9 +297,43 @@ def test_when_onnx_runtime_crashes_on_the_fp16_model_transpose_stays_fp32_or_the
         calls.append([n.op_type for n in model.graph.node])
         return "signal 11 (SIGSEGV)" if len(calls) == 1 else None
 
+    from graphs import GraphBuilder
+
+    b = GraphBuilder(size=8)
+    x = b.relu(b.conv(b.relu(b.conv("input", 32)), 32))
+    t = b._op("Transpose", [x], perm=[0, 1, 3, 2])
+    b.shape[t] = b.shape[x]
+    b.output(b.conv(b.relu(b.conv(t, 32)), 8))
+    model = b.model()
     monkeypatch.setattr(runtime, "ort_load_failure", crashes_first)
-    _, report = prune(reduce_mean_head().model(), PruneConfig(precision="fp16"))
+    _, report = prune(model, PruneConfig(precision="fp16"))
     assert len(calls) == 2 and "Transpose" in report["precision"]["ort_load_workaround"]
+    assert "Transpose" in report["precision"]["kept_fp32_ops"]  # the second conversion kept it in fp32
+    monkeypatch.setattr(runtime, "ort_load_failure", lambda model: "exit 1: something else")
+    with pytest.raises(Exception, match="cannot load the fp16 model: exit 1"):  # not ORT's crash: no retry
+        prune(model, PruneConfig(precision="fp16"))
     monkeypatch.setattr(runtime, "ort_load_failure", lambda model: "signal 11 (SIGSEGV)")
     with pytest.raises(PassFailed, match="ONNX Runtime fails loading the fp16 model"):
         prune(reduce_mean_head().model(), PruneConfig(precision="fp16"))
+
+
+def test_an_fp16_model_is_not_converted_again():
+    """The converter added a second graph_input_cast0 (two nodes of one name), which ONNX Runtime
+    refused; an fp16 model pruned again keeps its fp16 without the option."""
+    from onnxprune.errors import UserError
+
+    half, _ = precision.to_fp16(reduce_mean_head().model())
+    with pytest.raises(UserError, match="already holds float16"):
+        prune(half, PruneConfig(precision="fp16"))
+
+
+def test_a_shared_weight_split_by_the_masked_reference_is_rounded_too():
+    from onnx import helper
+
+    weight = numpy_helper.from_array(np.full((2, 2), 1.1, np.float32), "w__masked_conv")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w__masked_conv"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [weight])
+    half = helper.make_graph([], "h", [], [], [numpy_helper.from_array(np.full((2, 2), 1.1, np.float16), "w")])
+    rounded, _ = precision.fp16_rounded(helper.make_model(graph), helper.make_model(half))
+    assert numpy_helper.to_array(rounded.graph.initializer[0])[0, 0] == np.float32(np.float16(1.1))

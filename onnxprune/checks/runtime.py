@@ -69,31 +69,38 @@ def ort_reason(exc: BaseException) -> str:
 
 def ort_load_failure(model: onnx.ModelProto, timeout_s: float = 300.0) -> str | None:
     """None if ONNX Runtime (CPU provider, default optimizations) loads ``model`` in a child
-    process, else what happened to the child (``"signal 11"``, ``"exit 1"``, a timeout). Why a
-    child: a model that crashes ONNX Runtime's optimizer takes the whole process down (exit 139,
-    no message), and a written model that crashes every user's session is worse."""
+    process, or if no child can be started or import ONNX Runtime (nothing to learn); else what
+    happened: ``"signal 11 (SIGSEGV)"``, ``"exit 1: <ORT's reason>"``, a timeout. Why a child: a
+    model that crashes ONNX Runtime's optimizer takes the whole process down (exit 139, no
+    message), and a written model that crashes every user's session is worse."""
     import os
     import signal
     import subprocess
     import sys
     import tempfile
 
-    code = ("import sys, onnxruntime as ort\n"  # the session rules below, as create_session's
-            "o = ort.SessionOptions(); o.log_severity_level = 4\n"
+    code = ("import sys\n"
+            "try:\n import onnxruntime as ort\nexcept ImportError:\n sys.exit(3)\n"
+            "o = ort.SessionOptions(); o.log_severity_level = 4\n"  # the session rules, as create_session's
             "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     with tempfile.TemporaryDirectory(prefix="onnxprune-") as folder:
-        path = os.path.join(folder, "fp16.onnx")
+        path = os.path.join(folder, "model.onnx")
         with open(path, "wb") as f:
             f.write(model.SerializeToString())
         try:
-            done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, timeout=timeout_s)
+            done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, timeout=timeout_s,
+                                  env=env, text=True)
         except subprocess.TimeoutExpired:
             return f"no answer in {timeout_s:g} s"
-    if done.returncode == 0:
+        except OSError:
+            return None
+    if done.returncode in (0, 3):
         return None
     if done.returncode < 0:
         try:
             return f"signal {-done.returncode} ({signal.Signals(-done.returncode).name})"
         except ValueError:
             return f"signal {-done.returncode}"
-    return f"exit {done.returncode}"
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    return f"exit {done.returncode}" + (f": {lines[-1].strip()}" if lines else "")

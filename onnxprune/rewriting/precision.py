@@ -231,6 +231,7 @@ def topological_sort(graph: onnx.GraphProto) -> None:
 
 
 FP16_MAX = 65504.0  # the largest finite float16: the converter clamps larger weights to it
+MASKED_SUFFIX = "__masked_"  # verify.masked_model's name for a shared weight's copy per reader
 
 
 def fp16_rounded(model: onnx.ModelProto, half: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -254,7 +255,8 @@ def fp16_rounded(model: onnx.ModelProto, half: onnx.ModelProto) -> tuple[onnx.Mo
     clamped = []
 
     def round_tensor(tensor: onnx.TensorProto, name: str) -> None:
-        if tensor.data_type != TensorProto.FLOAT or name not in held:
+        # a shared weight the masked reference split per reader is "<weight>__masked_<node>"
+        if tensor.data_type != TensorProto.FLOAT or name.split(MASKED_SUFFIX)[0] not in held:
             return
         value = numpy_helper.to_array(tensor)
         finite = np.isfinite(value)
