@@ -96,6 +96,23 @@ def _subgraph_references(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def subgraphs(node: onnx.NodeProto):
+    """The graphs held by ``node``'s attributes (If's branches, Loop's body, ...)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def all_graphs(graph: onnx.GraphProto):
+    """``graph`` and every graph nested in it, depth first."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from all_graphs(sub)
+
+
 def has_subgraphs(graph: onnx.GraphProto) -> bool:
     return any(attr.HasField("g") or len(attr.graphs) for node in graph.node for attr in node.attribute)
 

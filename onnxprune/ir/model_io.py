@@ -63,20 +63,17 @@ def name_negative_dims(graph: onnx.GraphProto) -> int:
     product of 0"), so the rewritten model failed the full checker after the whole pass
     ("internal error"). Read as what it means, a named dynamic size, the model prunes, and the
     output declares it so (a valid model)."""
+    from .graph import all_graphs
+
     renamed = 0
-    for info in (*graph.input, *graph.output, *graph.value_info):
-        if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
-            continue
-        for axis, dim in enumerate(info.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value < 0:
-                dim.dim_param = f"{info.name}_dim{axis}"
-                renamed += 1
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                renamed += name_negative_dims(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                renamed += sum(name_negative_dims(g) for g in attr.graphs)
+    for each in all_graphs(graph):
+        for info in (*each.input, *each.output, *each.value_info):
+            if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+                continue
+            for axis, dim in enumerate(info.type.tensor_type.shape.dim):
+                if dim.HasField("dim_value") and dim.dim_value < 0:
+                    dim.dim_param = f"{info.name}_dim{axis}"
+                    renamed += 1
     return renamed
 
 

@@ -53,6 +53,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..ir.graph import all_graphs, subgraphs
+
 OVERFLOW_OPS = ("Exp", "Pow", "Softplus", "Reciprocal", "Log", "Softmax", "LogSoftmax",
                 "ReduceSum", "ReduceMean", "ReduceProd", "ReduceSumSquare", "ReduceL1", "ReduceL2",
                 "ReduceLogSum", "ReduceLogSumExp", "LpNormalization", "LayerNormalization",
@@ -68,7 +70,7 @@ def quantization_ops(model: onnx.ModelProto) -> list[str]:
     """The quantization op types ``model`` holds (sorted). Why refused: the converter turns their
     float scales into fp16, which ONNX forbids (the fp16 model failed the checker: an internal
     error), and a quantized model gains nothing from fp16 weights."""
-    found = {node.op_type for graph in _all_graphs(model.graph) for node in graph.node
+    found = {node.op_type for graph in all_graphs(model.graph) for node in graph.node
              if node.op_type in QUANTIZATION_OPS and node.domain in ("", "ai.onnx", "com.microsoft")}
     return sorted(found)
 
@@ -171,18 +173,10 @@ def _find_round_trip(graph: onnx.GraphProto, types: dict[str, int]):
     return None
 
 
-def _subgraphs(node: onnx.NodeProto):
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
 def _all_nodes(graph: onnx.GraphProto):
     for node in graph.node:
         yield node
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             yield from _all_nodes(sub)
 
 
@@ -206,7 +200,7 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     needs = []
     for i, node in enumerate(nodes):
         reads = set(node.input)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             reads |= {name for inner in _all_nodes(sub) for name in inner.input}
         needs.append({producer[name] for name in reads if name in producer and producer[name] != i})
     waiting = [len(n) for n in needs]
@@ -245,7 +239,7 @@ def fp16_rounded(model: onnx.ModelProto, half: onnx.ModelProto) -> tuple[onnx.Mo
     tensor it keeps in fp32 (a Resize's scales, an input of an op kept in fp32) keeps its value
     (rounding a Resize scale of 1.1 changed an output's size). Infinities stay infinite."""
     held = set()
-    for graph in _all_graphs(half.graph):
+    for graph in all_graphs(half.graph):
         held.update(t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT16)
         held.update(node.output[0] for node in graph.node if node.op_type == "Constant" and node.output
                     and any(a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT16
@@ -265,7 +259,7 @@ def fp16_rounded(model: onnx.ModelProto, half: onnx.ModelProto) -> tuple[onnx.Mo
         rounded = np.where(finite, np.clip(value, -FP16_MAX, FP16_MAX), value).astype(np.float16).astype(np.float32)
         tensor.CopyFrom(numpy_helper.from_array(rounded, tensor.name))
 
-    for graph in _all_graphs(out.graph):
+    for graph in all_graphs(out.graph):
         for tensor in graph.initializer:
             round_tensor(tensor, tensor.name)
         for node in graph.node:
@@ -297,7 +291,7 @@ def as_fp32(model: onnx.ModelProto) -> onnx.ModelProto | None:
         tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
         return 1
 
-    for graph in _all_graphs(out.graph):
+    for graph in all_graphs(out.graph):
         for tensor in graph.initializer:
             widened += widen(tensor)
         for node in graph.node:
@@ -315,10 +309,3 @@ def as_fp32(model: onnx.ModelProto) -> onnx.ModelProto | None:
                 info.type.tensor_type.elem_type = TensorProto.FLOAT
                 widened += 1
     return out if widened else None
-
-
-def _all_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            yield from _all_graphs(sub)
