@@ -158,20 +158,31 @@ def mean_kl(logits: np.ndarray, reference: np.ndarray) -> float:
     return float(fidelity_metrics(logits, reference)["mean_kl"])
 
 
+def add_photo_args(parser: argparse.ArgumentParser, calib_size: int) -> None:
+    """--calib, --calib-size and --eval: the photo crops of benchmarks/photos.py."""
+    parser.add_argument("--calib", default=str(GENERATED / "photos_calib.npz"))
+    parser.add_argument("--calib-size", type=int, default=calib_size)
+    parser.add_argument("--eval", default=str(GENERATED / "photos_eval.npz"))
+
+
+def load_photos(args) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration crops, evaluation crops) as float32 in [0, 1]."""
+    with np.load(args.calib) as d:
+        calib = as_float(d["input"][:args.calib_size])
+    with np.load(args.eval) as d:
+        evaluation = as_float(d["input"])
+    return calib, evaluation
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("--mode", choices=("identity", "linear"), default="identity")
     parser.add_argument("--blocks", type=int, default=5, help="blocks to drop, one at a time (default 5)")
-    parser.add_argument("--calib", default=str(GENERATED / "photos_calib.npz"))
-    parser.add_argument("--calib-size", type=int, default=256)
-    parser.add_argument("--eval", default=str(GENERATED / "photos_eval.npz"))
+    add_photo_args(parser, calib_size=256)
     parser.add_argument("--save", default=None, help="write the model with the last step's blocks dropped here")
     args = parser.parse_args(argv)
-    with np.load(args.calib) as d:
-        calib = as_float(d["input"][:args.calib_size])
-    with np.load(args.eval) as d:
-        evaluation = as_float(d["input"])
+    calib, evaluation = load_photos(args)
     model = onnx.load(args.model)
     dense_macs = count_macs(model)[0]
     reference = {"calib": run(model, calib)[0], "eval": run(model, evaluation)[0]}

@@ -32,11 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from block_drop import mean_kl, run  # noqa: E402
-from fidelity import as_float, fidelity_metrics  # noqa: E402
+from block_drop import add_photo_args, load_photos, mean_kl, run  # noqa: E402
+from fidelity import fidelity_metrics  # noqa: E402
 from onnxprune.ir.macs import count_macs  # noqa: E402
 
-GENERATED = ROOT / "samples" / "generated"
 
 
 def pointwise_convs(model: onnx.ModelProto) -> list[dict]:
@@ -134,14 +133,9 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.85, 0.7])
     parser.add_argument("--rule", choices=("energy", "kl"), default="energy")
     parser.add_argument("--step", type=int, default=8)
-    parser.add_argument("--calib", default=str(GENERATED / "photos_calib.npz"))
-    parser.add_argument("--calib-size", type=int, default=512)
-    parser.add_argument("--eval", default=str(GENERATED / "photos_eval.npz"))
+    add_photo_args(parser, calib_size=512)
     args = parser.parse_args(argv)
-    with np.load(args.calib) as d:
-        calib = as_float(d["input"][:args.calib_size])
-    with np.load(args.eval) as d:
-        evaluation = as_float(d["input"])
+    calib, evaluation = load_photos(args)
     model = onnx.load(args.model)
     dense = count_macs(model)[0]
     layers = pointwise_convs(model)
