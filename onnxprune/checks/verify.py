@@ -112,16 +112,22 @@ def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSessi
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 2, given=None) -> dict[str, np.ndarray]:
-    """Seeded random inputs at the working shapes (``given``: ``check_given``'s {name: dims})."""
+    """Seeded random inputs at the working shapes (``given``: ``check_given``'s {name: dims}), the
+    open batch axes at ``batch``, and so is every axis declared with the name of one (a size
+    two inputs share, ``shapes.with_input_shapes`` leaves it open)."""
     rng = np.random.default_rng(seed)
     shapes = resolve_input_shapes(model, given)
     init_names = {t.name for t in model.graph.initializer}
+    inputs = [inp for inp in model.graph.input if inp.name not in init_names]
+    names = {inp.name: [d.dim_param for d in inp.type.tensor_type.shape.dim] for inp in inputs}
+    batch_names = {names[inp.name][0] for inp in inputs if names[inp.name] and names[inp.name][0]
+                   and shapes[inp.name].dims and shapes[inp.name].dims[0] is None}
     feeds = {}
-    for inp in model.graph.input:
-        if inp.name in init_names:
-            continue
+    for inp in inputs:
         ttype = inp.type.tensor_type
-        dims = [batch if d is None else d for d in shapes[inp.name].dims]
+        declared = names[inp.name]
+        dims = [batch if d is None or (axis < len(declared) and declared[axis] in batch_names) else d
+                for axis, d in enumerate(shapes[inp.name].dims)]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
         if dtype.kind == "f":
             feeds[inp.name] = rng.standard_normal(dims).astype(dtype)

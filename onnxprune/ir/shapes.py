@@ -165,13 +165,19 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, InputShape] | No
     shapes = resolve_input_shapes(model) if shapes is None else shapes
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
+    # a named size that stays open as one input's batch axis stays open wherever it is declared
+    # (silero-vad's state is 2 x batch x 128: fixed apart, the inputs disagreed at other batches)
+    open_names = set() if batch is not None else {
+        inp.type.tensor_type.shape.dim[0].dim_param for inp in fixed.graph.input
+        if inp.name in shapes and shapes[inp.name].dims and shapes[inp.name].dims[0] is None
+        and len(inp.type.tensor_type.shape.dim) and inp.type.tensor_type.shape.dim[0].dim_param}
     for inp in fixed.graph.input:
         shape = shapes.get(inp.name)
         if shape is None:
             continue
         for dim, value in zip(inp.type.tensor_type.shape.dim, shape.dims):
             value = batch if value is None else value
-            if value is not None and not is_fixed(dim):
+            if value is not None and not is_fixed(dim) and dim.dim_param not in open_names:
                 dim.dim_value = value
     return fixed
 
