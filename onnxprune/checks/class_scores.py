@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-PASS_THROUGH = {"Identity", "Dropout"}  # and a Cast to a float type
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+from ..ir.graph import is_float_cast
+
+PASS_THROUGH = {"Identity", "Dropout"}  # and a Cast to a float type (graph.is_float_cast)
 PROBABILITY_FLOOR = 1e-30  # log of a probability that underflowed to 0
 
 
@@ -58,14 +59,9 @@ def output_kinds(model: onnx.ModelProto) -> dict[str, OutputKind]:
     producer = {out: node for node in model.graph.node for out in node.output}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
 
-    def passes(node: onnx.NodeProto) -> bool:
-        if node.op_type == "Cast":
-            return any(a.name == "to" and a.i in FLOAT_TYPES for a in node.attribute)
-        return node.op_type in PASS_THROUGH
-
     def kind(name: str) -> OutputKind:
         node = producer.get(name)
-        while node is not None and node.input and passes(node):
+        while node is not None and node.input and (node.op_type in PASS_THROUGH or is_float_cast(node)):
             node = producer.get(node.input[0])
         if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
             return OutputKind()

@@ -52,7 +52,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import InternalError, UserError
-from ..ir.graph import GraphIndex, get_attr, set_initializer
+from ..ir.graph import GraphIndex, get_attr, is_float_cast, set_initializer
 from ..planning.plan import LayerPlan, Plan
 from ..rewriting.precision import MASKED_SUFFIX, as_fp32
 from .runtime import create_session
@@ -141,7 +141,6 @@ BOUNDED_ACTIVATIONS = {"Sigmoid": 1.0, "HardSigmoid": 1.0, "Softmax": 1.0, "Tanh
 # Ops that only move or select values: an output's range is its source's.
 LAYOUT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Concat", "Slice", "Gather",
               "Split", "Expand", "Tile")
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 def output_floors(model: onnx.ModelProto) -> list[float]:
@@ -160,7 +159,7 @@ def output_floors(model: onnx.ModelProto) -> list[float]:
             if len(limits) == 2 and all(v is not None and v.size == 1 for v in limits):
                 return float(max(abs(float(v.reshape(-1)[0])) for v in limits))
             return 0.0
-        if node.op_type == "Cast" and get_attr(node, "to") in FLOAT_TYPES:
+        if is_float_cast(node):
             return bound(node.input[0], depth + 1)
         if node.op_type in LAYOUT_OPS:
             data = [n for n in (node.input if node.op_type == "Concat" else node.input[:1]) if n]
@@ -279,4 +278,3 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, toler
     got = _run(create_session(candidate, load_error=None), feeds, which)
     max_abs, max_rel = compare_outputs(expected, got, output_floors(reference))
     return VerifyResult(max_abs, max_rel, tolerance, bool(max_rel <= tolerance), batch)
-

@@ -96,6 +96,16 @@ def _subgraph_references(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                         onnx.TensorProto.BFLOAT16})
+
+
+def is_float_cast(node: onnx.NodeProto) -> bool:
+    """A Cast to a float type: it changes a value's precision, not what it means (the fp16
+    converter puts one before each graph output), so what a tensor is reads through it."""
+    return node.op_type == "Cast" and get_attr(node, "to") in FLOAT_TYPES
+
+
 def subgraphs(node: onnx.NodeProto):
     """The graphs held by ``node``'s attributes (If's branches, Loop's body, ...)."""
     for attr in node.attribute:

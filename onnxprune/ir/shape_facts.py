@@ -34,13 +34,12 @@ from collections import OrderedDict
 
 import onnx
 
+from .graph import FLOAT_TYPES
 from .shapes import with_input_shapes
 
 # ops no input *value* of which changes an output's shape or type (only input shapes and types do)
 VALUE_FREE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div",
                             "BatchNormalization", "PRelu"})
-_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                          onnx.TensorProto.BFLOAT16})
 CACHE_SIZE = 16  # model versions remembered (facts are small: names to dims)
 
 _cache: OrderedDict = OrderedDict()
@@ -84,7 +83,7 @@ def _value_free_initializers(graph: onnx.GraphProto) -> set[str]:
             readers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
     return {t.name for t in graph.initializer
-            if t.data_type in _FLOAT_TYPES and t.name not in outputs and readers.get(t.name)
+            if t.data_type in FLOAT_TYPES and t.name not in outputs and readers.get(t.name)
             and all(n.op_type in VALUE_FREE_OPS and n.domain in ("", "ai.onnx") for n in readers[t.name])}
 
 
