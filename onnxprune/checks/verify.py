@@ -56,7 +56,7 @@ from ..ir.graph import GraphIndex, get_attr, is_float_cast, set_initializer
 from ..planning.plan import LayerPlan, Plan
 from ..rewriting.precision import MASKED_SUFFIX, as_fp32
 from .runtime import create_session
-from ..ir.shapes import resolve_input_shapes
+from ..ir.shapes import batch_names, resolve_input_shapes
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -118,15 +118,12 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 2, given=N
     rng = np.random.default_rng(seed)
     shapes = resolve_input_shapes(model, given)
     init_names = {t.name for t in model.graph.initializer}
-    inputs = [inp for inp in model.graph.input if inp.name not in init_names]
-    names = {inp.name: [d.dim_param for d in inp.type.tensor_type.shape.dim] for inp in inputs}
-    batch_names = {names[inp.name][0] for inp in inputs if names[inp.name] and names[inp.name][0]
-                   and shapes[inp.name].dims and shapes[inp.name].dims[0] is None}
+    open_names = batch_names(model, shapes)
     feeds = {}
-    for inp in inputs:
+    for inp in (inp for inp in model.graph.input if inp.name not in init_names):
         ttype = inp.type.tensor_type
-        declared = names[inp.name]
-        dims = [batch if d is None or (axis < len(declared) and declared[axis] in batch_names) else d
+        declared = [d.dim_param for d in ttype.shape.dim]
+        dims = [batch if d is None or (axis < len(declared) and declared[axis] in open_names) else d
                 for axis, d in enumerate(shapes[inp.name].dims)]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
         if dtype.kind == "f":

@@ -158,6 +158,19 @@ def single_working_shapes(model: onnx.ModelProto, given, why: str) -> dict[str, 
     return resolve_input_shapes(model, check_given(model, given))
 
 
+def batch_names(model: onnx.ModelProto, shapes: dict[str, InputShape]) -> set[str]:
+    """The names of the batch axes ``shapes`` leaves open. Such a name stays open wherever an
+    input declares it (``with_input_shapes``) and takes the batch there (``verify.random_inputs``):
+    silero-vad's ``state`` is ``2 x batch x 128``, and fixed apart its inputs disagreed."""
+    names = set()
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        shape = shapes.get(inp.name)
+        if shape is not None and shape.dims and shape.dims[0] is None and len(dims) and dims[0].dim_param:
+            names.add(dims[0].dim_param)
+    return names
+
+
 def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, InputShape] | None = None,
                       batch: int | None = None) -> onnx.ModelProto:
     """A copy of ``model`` whose symbolic input dims are set to ``shapes`` (default: resolved by
@@ -165,12 +178,7 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, InputShape] | No
     shapes = resolve_input_shapes(model) if shapes is None else shapes
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
-    # a named size that stays open as one input's batch axis stays open wherever it is declared
-    # (silero-vad's state is 2 x batch x 128: fixed apart, the inputs disagreed at other batches)
-    open_names = set() if batch is not None else {
-        inp.type.tensor_type.shape.dim[0].dim_param for inp in fixed.graph.input
-        if inp.name in shapes and shapes[inp.name].dims and shapes[inp.name].dims[0] is None
-        and len(inp.type.tensor_type.shape.dim) and inp.type.tensor_type.shape.dim[0].dim_param}
+    open_names = set() if batch is not None else batch_names(model, shapes)
     for inp in fixed.graph.input:
         shape = shapes.get(inp.name)
         if shape is None:
