@@ -71,10 +71,10 @@ def distill_stage(pruned, original, feeds, config, progress):
 # fp16 verification tolerance, relative to each output's scale (as verify.py's 1e-4 is), against
 # the reference with its weights rounded to fp16 (the rounding's own effect is reported, not judged:
 # see precision.py): fp16's unit roundoff is 4.9e-4; on the CPU (fp16 stored between ops) the
-# rest of the conversion moved ResNet-20 by 4e-4 and PP-OCRv4 rec's Softmax by 1.2e-2 (which fails),
-# and on a GPU the activations are rounded at every layer (a few 1e-3 after ~20 layers). 1e-2
-# (~20 roundoffs) leaves that room, while a lost
-# Cast, a wrong or corrupted weight or an overflow moves the output by 1e-1 or more.
+# rest of the conversion moved ResNet-20 by 4e-4 and PP-OCRv4 rec's Softmax by 1.2e-2 (which
+# fails), and on a GPU the activations are rounded at every layer (a few 1e-3 after ~20 layers).
+# 1e-2 (~20 roundoffs) leaves that room, while a lost Cast, a wrong or corrupted weight or an
+# overflow moves the output by 1e-1 or more.
 FP16_TOLERANCE = 1e-2
 
 
@@ -145,8 +145,7 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
     distilled_kept = distilled is not None and distilled.get("kept")
     against = ("the distilled fp32 model" if distilled_kept else "the masked fp32 model") + " with fp16-rounded weights"
 
-    def checked(reference, candidate, where: str = ""):
-        rounded, _ = fp16_rounded(reference, candidate)
+    def checked(rounded, candidate, where: str = ""):  # ``rounded``: the reference, fp16_rounded
         result = compare_models(rounded, candidate, tolerance, config.seed, which="the fp16 model")
         if not result.passed:
             raise PassFailed(f"fp16 verification failed{where}: the fp16 model differs from {against} by "
@@ -155,8 +154,8 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
 
     progress.stage(f"verifying the fp16 model against {against} in ONNX Runtime")
     reference = with_input_shapes(pruned32, shapes) if distilled_kept else masked_model(model, plan)
-    result = checked(reference, half)
     rounded, clamped = fp16_rounded(reference, half)
+    result = checked(rounded, half)
     rounding = compare_models(reference, rounded, tolerance, config.seed)
     if clamped and not rounding.passed:  # the weights' own rounding is not judged, their overflow is
         raise PassFailed(f"fp16 conversion failed: {', '.join(clamped[:3])} holds values beyond float16's range "
@@ -170,7 +169,7 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
                         "not fp16 arithmetic (see precision.py)")
     section["other_shapes"] = []
     if also_verify:  # further --input-shape sizes, as the fp32 verification does
-        base = pruned32 if distilled_kept else masked_model(symbolic, plan)  # at the input's own dims
+        base, _ = fp16_rounded(pruned32 if distilled_kept else masked_model(symbolic, plan), half)  # input's dims
         for extra in also_verify:
             sizes = sizes_text(extra)
             progress.stage(f"verifying the fp16 model again at {sizes}")

@@ -41,8 +41,8 @@ activations' rounding), while the weight rounding's own effect is reported besid
 that effect is what ``--precision fp16`` asks for, not a conversion error, and on some networks
 it is large (PP-OCRv4 rec pruned without data: 0.34 of its output's range, which the check
 failed when it judged the two together; against the rounded weights 1.2e-2, the activations'
-fp16 storage, still just above the tolerance: a known limit). On a GPU the activations are rounded more, which the
-fp16 tolerance (``late_stages.FP16_TOLERANCE``) leaves room for.
+fp16 storage, still just above the tolerance: a known limit). On a GPU the activations are
+rounded more, which the fp16 tolerance (``late_stages.FP16_TOLERANCE``) leaves room for.
 """
 
 from __future__ import annotations
