@@ -78,13 +78,18 @@ def distill_stage(pruned, original, feeds, config, progress):
 FP16_TOLERANCE = 1e-2
 
 
-def check_precision(config, model=None) -> None:
-    """Option errors before any work; with ``model`` (as loaded), what fp16 cannot convert."""
+def check_precision(config) -> None:
+    """Option errors before any work."""
     if config.precision not in ("fp32", "fp16"):
         raise UserError(f"--precision must be 'fp32' or 'fp16', got {config.precision!r}")
     if config.fp16_tolerance is not None and not config.fp16_tolerance > 0:
         raise UserError(f"the fp16 tolerance must be positive, got {config.fp16_tolerance}")
-    if model is not None and config.precision == "fp16":
+
+
+def check_convertible(config, model) -> None:
+    """With ``--precision fp16``, what the converter cannot take, refused once ``model`` is
+    loaded and before any work."""
+    if config.precision == "fp16":
         from .rewriting.precision import as_fp32, quantization_ops
 
         if as_fp32(model) is not None:

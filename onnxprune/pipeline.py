@@ -30,7 +30,7 @@ from .channels.coupled import from_records as coupled_from_records
 from .channels.coupled import narrowing_config
 from .channels.coupled import prepare as prepare_coupled
 from .planning.agreement_budget import BUDGET_HOLDOUT_DIVISOR, resolve_min_agreement
-from .late_stages import check_distill, check_precision, distill_stage, fp16_stage
+from .late_stages import check_convertible, check_distill, check_precision, distill_stage, fp16_stage
 from .rewriting.grouped_forms import grouped_convs, to_form
 from .rewriting.rewrite import apply_plan
 from .ir.shapes import check_given, resolve_input_shapes, restore_input_dims, verification_shapes, with_input_shapes
@@ -108,7 +108,7 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
 
     progress.stage("loading")
     original = load_model(model_or_path)
-    check_precision(config, original)
+    check_convertible(config, original)
     cap_ir_version(original)
     given = check_given(original, config.input_shapes)  # option errors before any work
     snapshots = []
