@@ -13,7 +13,8 @@ one short place. Rules:
   would train nothing);
 - logits for measuring come from ONNX Runtime in batches of ``EVAL_BATCH``, first graph output;
 - agreement (numpy, float64): mean KL(teacher || student) of the softmax at temperature 1 (over
-  any positions after the class axis, then samples), rounded to 6 digits, top-1 agreement
+  any positions after the class axis, then samples; ``evaluate.compare_logits``, the definition
+  calibration's fidelity uses too), rounded to 6 digits, top-1 agreement
   rounded to 4, and the relative squared error (``rel_mse``, 6 digits); KL and agreement are None
   for an output without class scores, all three with no samples (its ``temperature`` argument is
   not used: the reported KL is at T=1 whatever the training temperature);
@@ -26,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..checks.class_scores import PROBABILITY_FLOOR, OutputKind, as_logits, class_axis
+from ..checks.evaluate import compare_logits
 
 EVAL_BATCH = 32
 
@@ -68,12 +70,8 @@ def agreement(teacher: np.ndarray, student: np.ndarray, temperature: float,
     rel = round(float(np.sum((s64 - t64) ** 2) / max(float(np.sum(t64 ** 2)), 1e-30)), 6)
     if class_axis(classes, teacher.shape) is None:
         return {"kl": None, "top1_agreement": None, "rel_mse": rel, "count": int(len(teacher))}
-    t = _log_softmax(as_logits(t64, classes))
-    s = _log_softmax(as_logits(s64, classes))
-    kl = np.sum(np.exp(t) * (t - s), axis=1)
-    kl = kl.reshape(len(kl), -1).mean(axis=1)
-    agree = np.argmax(t, axis=1) == np.argmax(s, axis=1)
-    return {"kl": round(float(kl.mean()), 6), "top1_agreement": round(float(agree.mean()), 4),
+    stats = compare_logits(as_logits(s64, classes), as_logits(t64, classes))  # the one KL and agreement
+    return {"kl": round(stats["mean_kl"], 6), "top1_agreement": round(stats["agreement"], 4),
             "rel_mse": rel, "count": int(len(teacher))}
 
 
@@ -81,11 +79,6 @@ def lower_is_better(measured: dict) -> float | None:
     """The number a held-out comparison goes by: the KL, or the relative squared error of an
     output without class scores."""
     return measured["kl"] if measured["kl"] is not None else measured["rel_mse"]
-
-
-def _log_softmax(x, axis=1):
-    x = x - x.max(axis=axis, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
 
 
 def rel_diff(reference, candidate) -> float:
