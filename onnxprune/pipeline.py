@@ -15,7 +15,7 @@ import onnx
 
 from . import __version__
 from .errors import InternalError, PassFailed, UserError
-from .checks.gate import AccuracyCheck, BudgetNotMet, evaluate_gates
+from .checks.gate import AccuracyCheck, BudgetNotMet, check_measurable, evaluate_gates
 from .checks.gate import check_options as check_gate_options
 from .ir.model_io import cap_ir_version, load_model
 from .ir.normalize import normalize, relist_initializer_inputs
@@ -134,7 +134,8 @@ def prune(model_or_path, config: PruneConfig | None = None, progress: Progress |
         progress.stage(describe_shapes(shapes))
         check_runs(working, config.seed)  # a shape the model cannot run at fails now, not after planning
     if feeds is not None:
-        check_runs_on_calibration(working, feeds)  # calibration's batches too, before any planning
+        first_output = check_runs_on_calibration(working, feeds)  # calibration's batches too, before any planning
+        check_measurable(config, working, first_output)
     also_verify = []  # further --input-shape sizes; one that resolves to the working shape adds nothing
     for extra in verification_shapes(original, config.input_shapes):
         resolved = resolve_input_shapes(original, extra, feeds)

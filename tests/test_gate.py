@@ -10,6 +10,7 @@ import pytest
 
 from graphs import GraphBuilder, resnet_basic
 from onnxprune.checks import bench
+from onnxprune.checks import gate as gate_module
 from onnxprune.cli import main
 from onnxprune.checks.evaluate import predict_logits
 from onnxprune.checks.gate import BUDGET_NOT_MET, BudgetNotMet, evaluate_gates, failed_path
@@ -139,12 +140,23 @@ def _one_score_model():
     return b.model()
 
 
-def test_min_agreement_gate_fails_when_agreement_cannot_be_measured(setup, capsys):
+def test_min_agreement_is_refused_before_any_work_when_agreement_cannot_be_measured(setup, capsys):
     onnx.save(_one_score_model(), setup / "in.onnx")
     code, out = _run(setup, "--calib", setup / "calib.npz", "--min-agreement", "0.9")
-    assert code == 3 and not out.exists()
-    assert "cannot be measured" in capsys.readouterr().err.strip().splitlines()[-1]
-    assert "| --min-agreement | ≥ 90.0% | not measurable | **FAIL** |" in (setup / "s.md").read_text()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert "cannot be measured" in err[-1] and "'fc9_out' (48x1 on the calibration inputs)" in err[-1]
+    assert not any("planning" in line for line in err)  # refused from the first calibration batch
+    # without the option the same model prunes (calibration reports the relative squared error)
+    code, out = _run(setup, "--calib", setup / "calib.npz")
+    assert code == 0 and out.exists(), capsys.readouterr().err
+
+
+def test_min_agreement_gate_fails_when_agreement_was_not_measured():
+    report = {"calibration": {"fidelity": {"samples": 16, "on": "held-out samples",
+                                           "calibrated": {"top1_agreement": None}}}}
+    (gate,) = evaluate_gates(report, PruneConfig(min_agreement=0.9))
+    assert not gate["passed"] and gate["measured"] is None and "cannot be measured" in gate["detail"]
 
 
 def test_min_agreement_gate_judges_the_final_agreement():
@@ -204,7 +216,7 @@ def test_gate_options_are_checked_before_any_work(setup, capsys, extra, fragment
 
 
 @pytest.mark.parametrize("mode", [["--groups", "8"], ["--planner", "speed"]], ids=["groups8", "speed"])
-def test_min_agreement_is_a_check_only_gate_outside_the_fidelity_planner(setup, capsys, mode):
+def test_min_agreement_is_a_check_only_gate_outside_the_fidelity_planner(setup, capsys, monkeypatch, mode):
     """With a structure the fidelity planner does not choose, --min-agreement plans nothing and
     checks the result (it used to be refused with exit 2): a kept budget passes, a missed one
     fails with exit 3 and no model written."""
@@ -215,6 +227,8 @@ def test_min_agreement_is_a_check_only_gate_outside_the_fidelity_planner(setup, 
     (gate,) = report["gates"]
     assert gate["gate"] == "min_agreement" and gate["passed"]
     out.unlink()
-    onnx.save(_one_score_model(), setup / "in.onnx")  # agreement not measurable: the gate fails
+    # this small model keeps 100% on its 6 held-out inputs at any rate: the measurement is replaced
+    monkeypatch.setattr(gate_module, "final_agreement", lambda report: (0.5, 6, "held-out samples"))
     code, out = _run(setup, "--calib", setup / "calib.npz", "--min-agreement", "0.9", "--rate", "0.5", *mode)
-    assert code == 3 and not out.exists()
+    (gate,) = json.loads((setup / "r.json").read_text())["gates"]
+    assert code == 3 and not out.exists() and not gate["passed"] and gate["measured"] == 0.5

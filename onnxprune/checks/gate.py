@@ -11,8 +11,10 @@ budget it missed, not only the first):
 - ``min_agreement`` (an explicit ``--min-agreement P``): the final model's top-1 agreement with
   the input model on the held-out calibration inputs (``report["calibration"]["fidelity"]``, or
   the distillation's held-out measurement when its weights were kept) is at least P. The
-  fidelity budget search (``budget.py``) already plans for it; the gate catches what it cannot
-  (an output that is not class scores: agreement cannot be measured, the gate fails).
+  fidelity budget search (``budget.py``) already plans for it. A model whose first output holds
+  no class scores (a detector map, a sequence without a Softmax) has no agreement to measure:
+  ``check_measurable`` refuses the option before any work, from the first calibration batch;
+  should one slip through anyway, the gate fails.
 - ``max_accuracy_drop`` (``--eval-data X.npz --max-accuracy-drop PTS``): top-1 accuracy on
   labelled data (read and scored by ``evaluate.py``, as ``onnxprune eval`` does) drops by at most
   PTS percentage points from the input model's.
@@ -62,6 +64,23 @@ def check_options(config) -> None:
             raise UserError("--max-accuracy-drop needs --eval-data X.npz (labelled images: 'images' and 'labels')")
         if not (isinstance(drop, (int, float)) and math.isfinite(drop) and 0 <= drop <= 100):
             raise UserError(f"--max-accuracy-drop is in percentage points, 0 to 100, got {drop}")
+
+
+def check_measurable(config, model, first_output: np.ndarray) -> None:
+    """Refuse an explicit ``--min-agreement`` on a model whose first output has no class axis
+    (``class_scores``' rules, on ``first_output``, that output on the first calibration batch):
+    the gate could only fail, after minutes of planning, so it is a bad command line (exit 2)."""
+    from .class_scores import class_axis, output_kind
+
+    budget = explicit_min_agreement(config)
+    if budget is None:
+        return
+    name = model.graph.output[0].name
+    if class_axis(output_kind(model, name), np.shape(first_output)) is None:
+        shape = "x".join(str(d) for d in np.shape(first_output))
+        raise UserError(f"--min-agreement {budget:g} cannot be measured: the first output {name!r} ({shape} on the "
+                        f"calibration inputs) holds no class scores (no Softmax and no single class axis); drop "
+                        f"--min-agreement (calibration still reports the output's relative squared error)")
 
 
 def explicit_min_agreement(config) -> float | None:

@@ -216,10 +216,11 @@ def check_runs(model: onnx.ModelProto, seed: int = 0) -> None:
     _run(sess, random_inputs(model, seed, batch=1), "the input model")
 
 
-def check_runs_on_calibration(model: onnx.ModelProto, feeds: dict) -> None:
+def check_runs_on_calibration(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
     """Run ``model`` once on the first calibration batch, as calibration will run it: a model
     that cannot (a size hard-coded in a Reshape or Resize that holds at one batch size only) is
-    refused before minutes of planning, with ORT's reason, not as an internal error later."""
+    refused before minutes of planning, with ORT's reason, not as an internal error later.
+    Returns the first output on that batch (what the fidelity numbers are measured on)."""
     from ..calibration.calib_stream import batch_size
     from .runtime import ort_reason
 
@@ -227,7 +228,7 @@ def check_runs_on_calibration(model: onnx.ModelProto, feeds: dict) -> None:
     first = {name: value[:batch] for name, value in usable.items()}
     try:
         sess = session(model)
-        sess.run(None, first)
+        return sess.run(None, first)[0]
     except UserError:
         raise
     except Exception as exc:  # ORT raises several unrelated types for a failed run
