@@ -186,6 +186,7 @@ def test_every_budget_trial_calibrates_the_cuts_its_own_allocation_chose(monkeyp
     """A trial's options start from those before any group's narrowing: a reader of the first
     plan's groups that a shallower depth cuts on its own is planned, not silently excluded."""
     import onnxprune.calibration.calibrate as calibrate_module
+    import onnxprune.planning.budget as budget_module
 
     real, missing = calibrate_module.calibrate, []
 
@@ -195,7 +196,9 @@ def test_every_budget_trial_calibrates_the_cuts_its_own_allocation_chose(monkeyp
         return real(model, plan, config, progress, feeds, notes)
 
     monkeypatch.setattr(calibrate_module, "calibrate", spy)
+    monkeypatch.setattr(budget_module, "meets", lambda *a: (False, "refused"))  # every depth is tried
     data = {"input": np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32)}
     _, report = prune(_wide_stream(), PruneConfig(coupled_rate="auto", target_macs=target, calib=data,
                                                   min_agreement=0.999))
+    assert len(report["budget"]["trials"]) > 2
     assert len(missing) == len(report["budget"]["trials"]) and not any(missing), missing

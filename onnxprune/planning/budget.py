@@ -13,7 +13,12 @@ budget), then about log2(grid) more.
 A trial meets the budget when the one-sided 90% Wilson lower bound of its held-out agreement
 does (``lower_bound``): the held-out slice is small (with a budget the pipeline holds out a
 quarter of the calibration inputs instead of an eighth), and the point estimate alone let a
-plan through that lost 1.5 points on the full test set. When no cut meets the budget the result
+plan through that lost 1.5 points on the full test set. A slice too small for the bound ever to
+reach the budget (even with every input agreeing: fewer than ~54 held-out inputs, ~216
+calibration inputs, for 0.97; any slice for a budget of 1) would make every cut fail, and the
+default budget turned a 128-image ``--calib`` into a dense model after a futile search; there a
+trial meets the budget when every held-out input agrees (``meets``), the strictest result such a
+slice can show, and the trial says which test judged it. When no cut meets the budget the result
 is the dense model (nothing pruned), and the report says so. Every trial is reported: target,
 predicted MACs and speedup, measured agreement, its lower bound and KL — the curve the choice
 was made on.
@@ -73,6 +78,17 @@ def lower_bound(agreement: float, samples: int, z: float = CONFIDENCE_Z) -> floa
     return max(0.0, (centre - spread) / (1 + z * z / samples))
 
 
+def meets(agreement: float | None, samples: int, budget: float) -> tuple[bool, str]:
+    """(whether a trial's held-out ``agreement`` on ``samples`` inputs meets ``budget``, the test
+    used): the Wilson lower bound where a perfect score could reach the budget, else every held-out
+    input agreeing (the module docstring)."""
+    if agreement is None:
+        return False, "unmeasurable"
+    if lower_bound(1.0, samples) >= budget:
+        return lower_bound(agreement, samples) >= budget, "90% lower bound"
+    return agreement >= 1.0, f"all {samples} agree"
+
+
 def search_budget(planner, requested: float | None, budget: float, first_plan, first_result: tuple,
                   plan_and_calibrate, progress=None) -> BudgetSearch:
     """Bisection over ``target_grid``; ``plan_and_calibrate(speed_plan) -> (plan, model, calibration)``.
@@ -89,16 +105,20 @@ def search_budget(planner, requested: float | None, budget: float, first_plan, f
         calibration = result[2]
         agreement = agreement_of(calibration)
         fid = (calibration or {}).get("fidelity", {})
-        bound = None if agreement is None else lower_bound(agreement, int(fid.get("samples", 0)))
+        samples = int(fid.get("samples", 0))
+        bound = None if agreement is None else lower_bound(agreement, samples)
+        met, test = meets(agreement, samples, budget)
         trials.append({"macs_target": grid[i], "predicted_macs_ratio": round(speed_plan.macs_ratio, 4),
                        "predicted_speedup": round(speed_plan.predicted_speedup, 3),
                        "top1_agreement": agreement, "agreement_lower_bound": bound,
                        "held_out_samples": fid.get("samples"),
                        "mean_kl": fid.get("calibrated", {}).get("mean_kl"),
-                       "meets_budget": grid[i] >= 1.0 or (bound is not None and bound >= budget)})
+                       "budget_test": test, "meets_budget": grid[i] >= 1.0 or met})
         if progress is not None:
-            progress.stage(f"fidelity budget: MACs x{speed_plan.macs_ratio:.3f} -> top-1 agreement "
-                           f"{'n/a' if agreement is None else f'{agreement:.1%} (90% lower bound {bound:.1%})'}"
+            shown = 'n/a' if agreement is None else f'{agreement:.1%} (90% lower bound {bound:.1%})'
+            if test.startswith("all"):  # the bound cannot reach the budget on this slice
+                shown = f"{agreement:.1%} (test: {test}; too few for a 90% bound)"
+            progress.stage(f"fidelity budget: MACs x{speed_plan.macs_ratio:.3f} -> top-1 agreement {shown}"
                            f" vs budget {budget:.1%}")
         return trials[-1]["meets_budget"]
 
@@ -131,8 +151,8 @@ def search_budget(planner, requested: float | None, budget: float, first_plan, f
         note = (f"no cut down to MACs x{SHALLOWEST} keeps {budget:.1%} top-1 agreement; the model is left dense "
                 f"(lower --min-agreement or give more calibration data)")
     else:
-        note = (f"the requested depth (MACs x{deepest:.3f}) does not keep {budget:.1%} agreement (lower bound); "
-                f"used the deepest plan that does: MACs x{speed_plan.macs_ratio:.3f}")
+        note = (f"the requested depth (MACs x{deepest:.3f}) does not keep {budget:.1%} agreement "
+                f"(judged by: {trials[-1]['budget_test']}); used the deepest plan that does: MACs x{speed_plan.macs_ratio:.3f}")
     trials.sort(key=lambda trial: trial["macs_target"])
     return BudgetSearch(budget, deepest, speed_plan, result, grid[hi], met, trials, note)
 
