@@ -363,7 +363,8 @@ def _verified(reference, rewritten, plan: Plan, config: PruneConfig, original, w
                          f"{', '.join(map(repr, result.new_required_inputs))} that the input model does not")
     if not result.passed:
         raise PassFailed(f"verification failed{where}: rewritten model differs from the masked original by "
-                         f"{result.max_rel_diff:.3g} (relative), tolerance {result.tolerance:g}")
+                         f"{result.max_rel_diff:.3g} (relative), tolerance {result.tolerance:g}"
+                         + (f"; {result.note}" if result.note else ""))
     return result
 
 

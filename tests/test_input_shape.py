@@ -243,3 +243,40 @@ def test_a_batch_size_two_inputs_share_at_other_axes_stays_shared():
     assert report["verify"]["passed"] and report["convs_pruned"] == 1
     _, report = prune(model, PruneConfig(rate=0.5, groups=1, min_channels=8))
     assert report["verify"]["passed"]
+
+
+def test_a_batch_pinned_to_one_by_a_fixed_state_input_is_verified_at_batch_one(tmp_path, capsys):
+    """AECMOS (speechmos): ``input`` is ``batch_size x 3 x frames x 160`` but its GRU state ``h0``
+    is fixed at ``4 x 1 x 96``, so the model runs at batch 1 only. Planning ran (at batch 1), then
+    verification fed batch 2 and failed with exit 2, telling the user to give --input-shape, which
+    cannot change it. A model that runs at batch 1 and not at the verification batch is verified at
+    batch 1 (as a model with a fixed batch is), and the report says so."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+             [("w1", (32, 3, 3, 3)), ("w2", (32, 32, 3, 3)), ("fc", (48, 10))]]
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("ReduceSum", ["state", "axis0"], ["s"], keepdims=0),
+             helper.make_node("Concat", ["f", "s"], ["joined"], axis=1),  # batch of x == 1 (state's)
+             helper.make_node("MatMul", ["joined", "fc"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "pinned", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "frames", 8]),
+                          helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(model, path)
+    code = main([str(path), str(out), "--groups", "1", "--rate", "0.5", "--min-channels", "8",
+                 "--input-shape", "x=1x3x8x8", "--report", str(report), "--precision", "fp16"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["verify"]["passed"] and data["verify"]["batch"] == 1 and data["convs_pruned"] == 1
+    assert "batch 1" in err

@@ -70,6 +70,7 @@ class VerifyResult:
     batch: int
     new_required_inputs: list[str] = field(default_factory=list)  # inputs only the rewritten model needs
     other_shapes: list[dict] = field(default_factory=list)  # verified again at further --input-shape sizes
+    note: str = ""  # why ``batch`` is not the one asked for (a model that runs at batch 1 only)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -254,11 +255,15 @@ def verify(normalized: onnx.ModelProto, rewritten: onnx.ModelProto, plan: Plan,
         return VerifyResult(float("inf"), float("inf"), tolerance, False, batch, extra)
     reference = masked_model(normalized, plan)
     wide = as_fp32(reference)
-    if wide is not None:  # an fp16 input: compared through fp32 copies of both graphs (module rules)
-        _run(create_session(rewritten, load_error=None), random_inputs(reference, seed, batch), "the rewritten model")
-        narrow = as_fp32(rewritten)
-        reference, rewritten = wide, (rewritten if narrow is None else narrow)
-    return compare_models(reference, rewritten, tolerance, seed, batch)
+    if wide is None:
+        return compare_models(reference, rewritten, tolerance, seed, batch)
+    # an fp16 input: compared through fp32 copies of both graphs (module rules), and the rewritten
+    # model run once as it is, at the batch the comparison could run at
+    narrow = as_fp32(rewritten)
+    result = compare_models(wide, rewritten if narrow is None else narrow, tolerance, seed, batch)
+    _run(create_session(rewritten, load_error=None), random_inputs(reference, seed, result.batch),
+         "the rewritten model")
+    return result
 
 
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, tolerance: float, seed: int = 0,
@@ -266,13 +271,96 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, toler
     """Run ``reference`` and ``candidate`` on the same seeded random inputs (made for
     ``reference``) and judge them as the module rules say. Also how the ``--precision fp16``
     model is checked against its fp32 reference (``which`` names it)."""
-    feeds = random_inputs(reference, seed, batch)
     try:
         reference_session = session(reference)
     except UserError as exc:
         raise UserError(f"{exc}{SHAPE_HINT}") from None
-    expected = _run(reference_session, feeds, "the input model")
+    feeds, expected, ran_at = _reference_run(reference_session, reference, seed, batch)
     # a candidate ORT cannot load is our bug, not the user's input: no UserError wording
     got = _run(create_session(candidate, load_error=None), feeds, which)
     max_abs, max_rel = compare_outputs(expected, got, output_floors(reference))
-    return VerifyResult(max_abs, max_rel, tolerance, bool(max_rel <= tolerance), batch)
+    notes = [] if ran_at == batch else [f"the input model does not run at batch {batch}: verified at batch {ran_at}"]
+    passed = bool(max_rel <= tolerance)
+    if not passed:
+        notes.append(_selection_note(reference, candidate, feeds, tolerance))
+    return VerifyResult(max_abs, max_rel, tolerance, passed, ran_at, note="; ".join(n for n in notes if n))
+
+
+# Ops whose output is a choice among their inputs' values (an index, a ranking): a difference of
+# one float rounding step in their input can change it whole.
+SELECTION_OPS = {"TopK": 1, "ArgMax": 1, "ArgMin": 1, "NonMaxSuppression": 2}  # op -> data inputs judged
+
+
+def _selection_note(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                    tolerance: float) -> str:
+    """Why a failed comparison failed, when the cause is a selection op: the values the model's
+    TopK/ArgMax/NonMaxSuppression choose among agree within ``tolerance`` (the rewrite is exact
+    up to float rounding there) and the choice amplified that rounding (end-to-end YOLO exports
+    rank thousands of near-tied random-input scores with TopK). The check is not relaxed: the
+    outputs still fail; this only says where the difference comes from. "" when it does not apply."""
+    names, chosen = [], set()  # the first selections' inputs; what any selection's output reaches
+    for node in reference.graph.node:  # topological order
+        if node.domain in ("", "ai.onnx") and node.op_type in SELECTION_OPS:
+            names += [n for n in node.input[:SELECTION_OPS[node.op_type]] if n and n not in names and n not in chosen]
+        if node.op_type in SELECTION_OPS or any(n in chosen for n in node.input):
+            chosen.update(node.output)
+    # judged where the values are made: back through maxima and layout ops to each source (a
+    # Concat of boxes and Sigmoid scores: each part at its own scale or range, as outputs are)
+    producer, sources, todo, seen = GraphIndex(reference.graph).producer, [], list(names), set()
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is not None and node.op_type in ("ReduceMax", "ReduceMin", *LAYOUT_OPS):
+            todo += [n for n in (node.input if node.op_type == "Concat" else node.input[:1]) if n]
+        else:
+            sources.append(name)
+    names = sources
+    produced = {out for node in candidate.graph.node for out in node.output}
+    if not names or not all(name in produced for name in names):
+        return ""
+
+    def exposed(model: onnx.ModelProto) -> onnx.ModelProto:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        del copy.graph.output[:]
+        copy.graph.output.extend([onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names)])
+        return copy
+
+    try:
+        wide = exposed(reference)
+        _, rel = compare_outputs(create_session(wide, load_error=None).run(None, feeds),
+                                 create_session(exposed(candidate), load_error=None).run(None, feeds),
+                                 output_floors(wide))
+    except Exception:  # a diagnosis only: whatever stops it leaves the failure as it was
+        return ""
+    if rel > tolerance:
+        return ""
+    ops = sorted({n.op_type for n in reference.graph.node if n.op_type in SELECTION_OPS})
+    return (f"the values its {'/'.join(ops)} selects among agree (max relative diff {rel:.2e}): the selection "
+            f"turns float rounding into different picks; prune the model without its post-processing "
+            f"(cut it before the {'/'.join(ops)}, e.g. with onnx.utils.extract_model)")
+
+
+def _reference_run(sess: ort.InferenceSession, reference: onnx.ModelProto, seed: int, batch: int):
+    """(feeds, outputs, batch) of the reference on random inputs at ``batch``, else at batch 1.
+
+    Why batch 1: a symbolic batch axis can be pinned by another input's fixed size (AECMOS: GRU
+    state ``h0`` is ``4 x 1 x 96``, so ``input``'s ``batch_size`` can only be 1); no --input-shape
+    can change that, and the model ran at batch 1 before planning (``check_runs``). It is then
+    verified at batch 1, as a model with a fixed batch is. Any other failure is the batch
+    ``batch`` error, the input's problem."""
+    feeds = random_inputs(reference, seed, batch)
+    try:
+        return feeds, _run(sess, feeds, "the input model"), batch
+    except UserError as exc:
+        if batch == 1:
+            raise
+        failure = exc
+    single = random_inputs(reference, seed, 1)
+    try:
+        return single, sess.run(None, single), 1
+    except Exception:  # ORT raises several unrelated types for a failed run
+        raise failure from None

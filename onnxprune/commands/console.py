@@ -104,7 +104,7 @@ def summary(report: dict, output: str | None) -> str:
     if report["verify"]:
         v = report["verify"]
         lines.append(f"  verify: max relative diff {v['max_rel_diff']:.2e} vs masked original "
-                     f"(tolerance {v['tolerance']:g})")
+                     f"(tolerance {v['tolerance']:g})" + (f"; {v['note']}" if v.get("note") else ""))
     fp16 = report.get("precision")
     if fp16:
         kept = ", ".join(fp16["kept_fp32_ops"]) or "none"
