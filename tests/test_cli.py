@@ -121,6 +121,8 @@ def test_console_script_exit_codes(tmp_path, model_path):
     assert version.returncode == 0 and "onnxprune" in version.stdout
     missing = subprocess.run(cmd + ["missing.onnx", str(tmp_path / "o.onnx")], capture_output=True, text=True, env=env)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    package = subprocess.run([sys.executable, "-m", "onnxprune", "--version"], capture_output=True, text=True, env=env)
+    assert package.returncode == 0 and package.stdout == version.stdout  # python -m onnxprune
 
 
 def test_model_with_external_data(tmp_path):

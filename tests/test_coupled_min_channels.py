@@ -136,3 +136,14 @@ def test_the_warning_counts_skip_reasons_by_their_rule_not_their_numbers():
     assert nothing_pruned_warning(after_cut) == (
         "no Conv was pruned: 2 of 2 Convs skipped because too few channels (e.g. C_in=3 < min-channels 16) "
         "(after the coupled cut: C_out 32 -> 16)")
+
+
+def test_rate_zero_asks_for_nothing_and_gets_no_warning():
+    """``--rate 0`` (the input reproduced) left every layer dense as asked: the planner's own reason
+    ("no narrower width is predicted to save time") is not why, so no warning is given."""
+    report = _report("auto: kept dense (no narrower width is predicted to save time on cpu)")
+    report["options"] = {"rate": 0.0, "target_macs": None, "target_speedup": None, "plan_in": False,
+                         "coupled_rate": "auto"}
+    assert nothing_pruned_warning(report) is None
+    report["options"]["target_macs"] = 0.7  # a target overrides the rate: nothing pruned is news
+    assert nothing_pruned_warning(report).startswith("no Conv was pruned: 1 of 1")

@@ -41,6 +41,10 @@ def nothing_pruned_warning(report: dict) -> str | None:
     the first one is the example when they differ in their numbers."""
     if report["convs_pruned"]:
         return None
+    options = report.get("options") or {}
+    if options.get("rate") == 0 and options.get("target_macs") is None and options.get("target_speedup") is None \
+            and not options.get("plan_in") and options.get("coupled_rate") in (None, "auto"):
+        return None  # --rate 0 asks for nothing to be pruned (the reason each layer gives is the planner's)
     skipped = [layer for layer in report["layers"] if "skipped" in layer]
     if not skipped:
         return "no Conv was pruned: the model has no Conv"
