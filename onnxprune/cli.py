@@ -1,4 +1,4 @@
-"""The ``onnxprune`` console script (``onnxprune.cli:main``), ``python -m onnxprune`` and ``python -m onnxprune.cli``.
+"""The ``onnxprune`` console script (``onnxprune.cli:main``), ``python -m onnxprune`` and ``-m onnxprune.cli``.
 
 The commands themselves live in ``onnxprune.commands`` (one module each); this module stays the
 entry point scripts, benchmarks and packaging name. ``build_parser`` is the default command's
