@@ -152,7 +152,8 @@ def search_budget(planner, requested: float | None, budget: float, first_plan, f
                 f"(lower --min-agreement or give more calibration data)")
     else:
         note = (f"the requested depth (MACs x{deepest:.3f}) does not keep {budget:.1%} agreement "
-                f"(judged by: {trials[-1]['budget_test']}); used the deepest plan that does: MACs x{speed_plan.macs_ratio:.3f}")
+                f"(judged by: {trials[-1]['budget_test']}); used the deepest plan that does: "
+                f"MACs x{speed_plan.macs_ratio:.3f}")
     trials.sort(key=lambda trial: trial["macs_target"])
     return BudgetSearch(budget, deepest, speed_plan, result, grid[hi], met, trials, note)
 
