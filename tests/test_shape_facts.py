@@ -96,3 +96,73 @@ def test_facts_are_copies(monkeypatch):
     shape_facts.tensor_shapes(model)["y"][0] = 99
     assert shape_facts.static_shapes_at_batch_one(model)["z"] == [1, 2, 2]
     assert shape_facts.tensor_shapes(model)["y"] == ["N", 4]
+
+
+def _computed_pads_model():
+    """``torch.nn.functional.pad`` as PyTorch exports it before opset 18: the pads are built from
+    constants in the graph (``ConstantOfShape`` → ``Concat`` → ``Reshape`` → reversing ``Slice`` →
+    ``Transpose`` → ``Reshape`` → ``Cast``), then a 3x3 Conv, a ReLU and a 1x1 Conv
+    (yahoo-open-nsfw==1.0.0's pattern before each of its Convs)."""
+    def const(name, values):
+        return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+    nodes = [
+        helper.make_node("ConstantOfShape", ["four"], ["zeros"], value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
+        helper.make_node("Concat", ["spatial_pads", "zeros"], ["flat"], axis=0),
+        helper.make_node("Reshape", ["flat", "pairs"], ["paired"]),
+        helper.make_node("Slice", ["paired", "start", "stop", "axis0", "back"], ["reversed"]),
+        helper.make_node("Transpose", ["reversed"], ["by_side"], perm=[1, 0]),
+        helper.make_node("Reshape", ["by_side", "flat_shape"], ["pads64"]),
+        helper.make_node("Cast", ["pads64"], ["pads"], to=TensorProto.INT64),
+        helper.make_node("Pad", ["x", "pads"], ["padded"]),
+        helper.make_node("Conv", ["padded", "w1"], ["c1"], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["y"]),
+    ]
+    rng = np.random.default_rng(0)
+    inits = [const("four", [4]), const("spatial_pads", [1, 1, 1, 1]), const("pairs", [-1, 2]),
+             const("start", [-1]), const("stop", [-(2 ** 63)]), const("axis0", [0]), const("back", [-1]),
+             const("flat_shape", [-1]),
+             numpy_helper.from_array(rng.standard_normal((32, 16, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((32, 32, 1, 1)).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "computed_pads",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32, "h", "w"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_shapes_computed_in_the_graph_come_from_ort_symbolic_inference():
+    """onnx's inference cannot follow the computed pads, so the Convs had no shapes and the
+    planner skipped them ("spatial shape unknown"); ORT's symbolic inference fills them in."""
+    shape_facts.clear_cache()
+    model = _computed_pads_model()
+    onnx_only = shape_facts.static_shapes(onnx.shape_inference.infer_shapes(
+        shape_facts._fixed_at_batch_one(model), data_prop=True))
+    assert "c1" not in onnx_only  # what onnx alone knows (the premise of the fallback)
+    static = shape_facts.static_shapes_at_batch_one(model, None)
+    assert static["padded"][1] == 16 and static["c1"][:2] == [1, 32] and static["y"][:2] == [1, 32]
+    declared = shape_facts.tensor_shapes(model)
+    assert declared["c1"][1] == 32 and declared["r1"][1] == 32 and declared["y"][1] == 32
+    _, report = prune(model, PruneConfig(input_shapes=[("x", [1, 16, 32, 32])]))
+    assert report["convs_pruned"] >= 1 and report["verify"]["passed"]
+    assert not any("spatial shape unknown" in layer.get("skipped", "") for layer in report["layers"])
+
+
+def test_a_model_onnx_can_infer_never_asks_ort():
+    """ORT's tool runs only where onnx leaves a Conv without a shape: every other model's facts
+    (and so its output bytes) are onnx's alone."""
+    shape_facts.clear_cache()
+    calls = []
+    real = shape_facts._symbolic
+    shape_facts._symbolic = lambda model: calls.append(1) or real(model)
+    try:
+        model = onnx.load(SAMPLES / "resnet20.onnx")
+        shape_facts.static_shapes_at_batch_one(model)
+        shape_facts.tensor_shapes(model)
+        assert calls == []
+        shape_facts.static_shapes_at_batch_one(_computed_pads_model(), None)
+        assert calls == [1]
+    finally:
+        shape_facts._symbolic = real

@@ -24,6 +24,13 @@ The two facts in use:
   names (or None) — what the rewriter and the channel tracer decide on, so no decision rests on a
   size that holds only at the working shape.
 
+Where onnx's inference leaves a Conv's input or output without a shape, ORT's symbolic shape
+inference fills the gaps (``_filled``): onnx cannot follow a size computed in the graph (``Shape``
+→ ``Gather`` → arithmetic → ``Cast`` → ``Pad``, as tf2onnx writes "SAME" padding for dynamic
+sizes: yahoo-open-nsfw's ResNet-50), so every Conv after the first such Pad had no shape and the
+planner skipped 52 of its 53 Convs. ORT's tool evaluates those shape computations. It runs only
+for such a model, so every other model's facts are onnx's alone.
+
 Results are copies: a caller may change what it gets.
 """
 
@@ -125,6 +132,48 @@ def _fixed_at_batch_one(model: onnx.ModelProto, shapes=None) -> onnx.ModelProto:
     return fixed
 
 
+SHAPED_OPS = ("Conv", "ConvTranspose")  # whose input and output shapes the planners and channel rules need
+
+
+def _unshaped(model: onnx.ModelProto, known: dict) -> bool:
+    """Whether a Conv's data input or output is missing from ``known`` (name -> dims)."""
+    return any(name and name not in known for node in model.graph.node if node.op_type in SHAPED_OPS
+               for name in (node.input[0] if node.input else "", node.output[0] if node.output else ""))
+
+
+def _symbolic(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """ORT's symbolic shape inference of a copy of ``model``, or None where it fails (best effort:
+    onnx's facts stand)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return SymbolicShapeInference.infer_shapes(copy, auto_merge=True, guess_output_rank=False)
+    except Exception:  # its own assertions, unsupported ops, custom domains
+        return None
+
+
+def _filled(model: onnx.ModelProto, shapes: dict, types: dict, static: bool) -> None:
+    """Add to ``shapes`` / ``types`` what ORT's symbolic inference knows and onnx's did not, when a
+    Conv lacks a shape (the module docstring). ``static``: only fully static shapes (the batch-1
+    facts); else symbolic dims as their names."""
+    if not _unshaped(model, shapes):
+        return
+    inferred = _symbolic(model)
+    if inferred is None:
+        return
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.elem_type:
+            types.setdefault(vi.name, t.elem_type)
+        if vi.name in shapes or not t.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+        if not static or all(isinstance(d, int) for d in dims):
+            shapes[vi.name] = dims
+
+
 def _at_batch_one(model: onnx.ModelProto, shapes=None) -> tuple[dict, dict]:
     fixed = _fixed_at_batch_one(model, shapes)
 
@@ -133,7 +182,9 @@ def _at_batch_one(model: onnx.ModelProto, shapes=None) -> tuple[dict, dict]:
         types = {vi.name: vi.type.tensor_type.elem_type
                  for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
                  if vi.type.tensor_type.elem_type}
-        return static_shapes(inferred), types
+        found = static_shapes(inferred)
+        _filled(fixed, found, types, static=True)
+        return found, types
 
     return _cached(("batch_one", version_key(fixed, with_value_info=False)), infer)
 
@@ -184,6 +235,7 @@ def _declared(model: onnx.ModelProto) -> tuple[dict, dict]:
                                   for d in t.shape.dim]
         for init in model.graph.initializer:
             found[init.name] = list(init.dims)
+        _filled(model, found, types, static=False)
         return found, types
 
     return _cached(("declared", version_key(model)), infer)
