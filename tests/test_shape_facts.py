@@ -107,7 +107,8 @@ def _computed_pads_model():
         return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
 
     nodes = [
-        helper.make_node("ConstantOfShape", ["four"], ["zeros"], value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
+        helper.make_node("ConstantOfShape", ["four"], ["zeros"],
+                         value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
         helper.make_node("Concat", ["spatial_pads", "zeros"], ["flat"], axis=0),
         helper.make_node("Reshape", ["flat", "pairs"], ["paired"]),
         helper.make_node("Slice", ["paired", "start", "stop", "axis0", "back"], ["reversed"]),
