@@ -2,7 +2,8 @@
 # Set up onnxruntime-gpu on a lent GPU machine and run benchmarks/gpu_session.py (one call).
 #
 #   benchmarks/gpu_session.sh OUT [UNTIL_SECONDS]       (TRIAL=1: gpu_traffic_trial.py instead;
-#                                                         MODELS=DIR: gpu_time_models.py time DIR)
+#                                                         MODELS=DIR: gpu_time_models.py time DIR;
+#                                                         RUN=SCRIPT: python3 SCRIPT OUT, e.g. a probe)
 #
 # Expects, in the repo's ignored .ort/ (carried to the machine):
 #   ort_slim.tar.xz   onnxruntime-gpu's cp312 wheel unpacked, without libonnxruntime.so.* (the C
@@ -48,7 +49,9 @@ print("CUDA sanity: max |gpu - cpu| =", float(np.abs(gpu - cpu).max()))
 assert np.abs(gpu - cpu).max() < 1e-2
 PY
 left=$(( until - ($(date +%s) - t0) ))
-if [[ -n "${MODELS:-}" ]]; then  # skeletons built on another machine (gpu_time_models.py)
+if [[ -n "${RUN:-}" ]]; then  # any other prepared script, after the same setup
+    PYTHONUNBUFFERED=1 python3 "$RUN" "$out"
+elif [[ -n "${MODELS:-}" ]]; then  # skeletons built on another machine (gpu_time_models.py)
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_time_models.py time "$MODELS" --out "$out" --until "$left"
 elif [[ "${TRIAL:-0}" == "1" ]]; then  # the activation-traffic trial instead (gpu_traffic_trial.py)
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_traffic_trial.py --out "$out"
