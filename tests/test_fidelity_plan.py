@@ -496,6 +496,34 @@ def test_unreachable_target_gives_the_deepest_plan_not_an_empty_one():
     assert result.notes == ["target not reachable with the candidate cuts; deepest plan used"]
 
 
+def test_a_target_met_only_by_a_much_deeper_cut_says_so():
+    """One layer holds the MACs and its cuts come in steps (64 -> 48 -> 32): a target of x0.70 is
+    met first at x0.585 (a DNSMOS audio CNN); the plan is right, and the notes say it overshot."""
+    from onnxprune.planning.speed_plan import Outcome, MACS_TOLERANCE
+
+    table = {"big": [Candidate(n, Option(1, n), saving, 0.0, cost)
+                     for n, saving, cost in ((48, 207_000, 0.1), (32, 415_000, 0.3))]}
+
+    class Planner:
+        def evaluate(self, rate, state):
+            return Outcome(rate, dict(state), 0.0, 1_000_000 - sum(self._saved(n, state) for n in state))
+
+        def local_macs(self, name, state):  # the layer alone: 800k MACs dense
+            return 800_000 - self._saved(name, state)
+
+        @staticmethod
+        def _saved(name, state):
+            return next((c.saving_macs for c in table[name] if c.option == state.get(name)), 0)
+
+    dense = Outcome(0.0, {}, 0.0, 1_000_000)
+    result = allocate.allocate(Planner(), table, dense, macs_limit=(0.70 + MACS_TOLERANCE) * 1_000_000)
+    assert result.state["big"].n_keep == 32 and result.outcome.macs == 585_000
+    assert result.notes == ["the nearest plan that meets the target cuts deeper than asked (MACs x0.585 for a "
+                            "target of x0.700): the candidate cuts come in steps of the provider's channel alignment"]
+    near = allocate.allocate(Planner(), table, dense, macs_limit=(0.79 + MACS_TOLERANCE) * 1_000_000)
+    assert near.state["big"].n_keep == 48 and near.notes == []  # x0.793 for x0.79: no note
+
+
 def _two_heads():
     """A class-score head (graph output 0, computed first in graph order) and a second head whose
     Convs come after it: the second head's layers reach only output 1."""

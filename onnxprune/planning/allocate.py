@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .sensitivity import SensitivityReport
-from .speed_plan import Option, Outcome, SpeedPlan, _Planner, ratios
+from .speed_plan import MACS_TOLERANCE, Option, Outcome, SpeedPlan, _Planner, ratios
 
 MAX_WIDTHS = 12  # candidate widths per layer
 # Speed weight (``speed_weight``): at a MACs target the knapsack minimises fidelity cost; a cut that
@@ -178,9 +178,31 @@ def allocate(planner: _Planner, table: dict[str, list[Candidate]], dense: Outcom
             notes.append("target missed by layer interactions after tightening; closest plan used")
     if feasible_state(outcome, limit, by_time) and not capped:
         state, outcome = _relax(narrowed, table, state, outcome, limit, by_time)
+        overshoot = _overshoot_note(outcome, dense, limit, total, by_time)
+        if overshoot:
+            notes.append(overshoot)
     cost_of = _costs(table)
     cost = sum(cost_of[name][option] for name, option in state.items()) + sum(cut.cost for _, cut in chosen)
     return Allocation(state, outcome, cost, notes, considered, chosen)
+
+
+OVERSHOOT = 0.05  # a plan this far (fraction of dense) below the target is named in the notes
+
+
+def _overshoot_note(outcome: Outcome, dense: Outcome, limit: float, total: float, by_time: bool) -> str:
+    """A note when the cheapest plan that meets the target cuts much deeper than asked: the cuts
+    come in aligned steps, and a model whose MACs sit in one or two large layers has few of them
+    (a DNSMOS audio CNN asked for MACs x0.70 got x0.585: its one prunable layer goes 64 -> 48 ->
+    32 channels); the user should hear that the target was overshot, not find it in the count."""
+    asked, got = limit / total, _value(outcome, by_time) / total
+    if asked - got < OVERSHOOT:
+        return ""
+    if by_time:
+        return (f"the nearest plan that meets the target cuts deeper than asked (predicted time x{got:.3f}, "
+                f"{total / max(_value(outcome, by_time), 1e-9):.2f}x, for a target of {total / limit:.2f}x): "
+                f"the candidate cuts come in steps of the provider's channel alignment")
+    return (f"the nearest plan that meets the target cuts deeper than asked (MACs x{got:.3f} for a target of "
+            f"x{asked - MACS_TOLERANCE:.3f}): the candidate cuts come in steps of the provider's channel alignment")
 
 
 def feasible_state(outcome: Outcome, limit: float, by_time: bool) -> bool:
