@@ -154,7 +154,8 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
         result = compare_models(rounded, candidate, tolerance, config.seed, which="the fp16 model")
         if not result.passed:
             raise PassFailed(f"fp16 verification failed{where}: the fp16 model differs from {against} by "
-                             f"{result.max_rel_diff:.3g} (relative), tolerance {tolerance:g}")
+                             f"{result.max_rel_diff:.3g} (relative), tolerance {tolerance:g}"
+                             + (f"; {result.note}" if result.note else ""))
         return result
 
     progress.stage(f"verifying the fp16 model against {against} in ONNX Runtime")

@@ -196,7 +196,7 @@ def test_every_budget_trial_calibrates_the_cuts_its_own_allocation_chose(monkeyp
         return real(model, plan, config, progress, feeds, notes)
 
     monkeypatch.setattr(calibrate_module, "calibrate", spy)
-    monkeypatch.setattr(budget_module, "meets", lambda *a: (False, "refused"))  # every depth is tried
+    monkeypatch.setattr(budget_module, "meets", lambda *a, **k: (False, "refused"))  # every depth is tried
     data = {"input": np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32)}
     _, report = prune(_wide_stream(), PruneConfig(coupled_rate="auto", target_macs=target, calib=data,
                                                   min_agreement=0.999))

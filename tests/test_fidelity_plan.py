@@ -438,24 +438,29 @@ def test_a_slice_too_small_for_the_bound_is_judged_by_every_input_agreeing():
     """32 held-out inputs (128 calibration inputs): even 32/32 has a 90% lower bound of 95.1%, so
     the bound alone could never meet a 97% budget and every cut was refused."""
     assert budget.lower_bound(1.0, 32) < 0.97 <= budget.lower_bound(1.0, 54)
-    assert budget.meets(1.0, 32, 0.97) == (True, "all 32 agree")
-    assert budget.meets(31 / 32, 32, 0.97) == (False, "all 32 agree")
+    assert budget.meets(1.0, 32, 0.97) == (True, "needs all 32 to agree")
+    assert budget.meets(31 / 32, 32, 0.97) == (False, "needs all 32 to agree")
     assert budget.meets(1.0, 54, 0.97) == (True, "90% lower bound")
     assert budget.meets(53 / 54, 54, 0.97) == (False, "90% lower bound")  # no weaker than the small slice
-    assert budget.meets(1.0, 10**6, 1.0) == (True, "all 1000000 agree")  # a budget of 1 is reachable
+    assert budget.meets(1.0, 10**6, 1.0) == (True, "needs all 1000000 to agree")  # a budget of 1 is reachable
     assert budget.meets(None, 32, 0.97) == (False, "unmeasurable")
+    # too small to show anything: under 15 held-out inputs, or agreement on the inputs the refit was fitted to
+    assert budget.meets(1.0, 14, 0.97) == (False, "too few held-out inputs (14)")
+    assert budget.meets(1.0, 15, 0.97) == (True, "needs all 15 to agree")
+    assert budget.meets(1.0, 12, 0.97, held_out=False) == (False, "too few held-out inputs (0)")
 
 
 def test_budget_search_on_a_small_slice_cuts_where_every_held_out_input_agrees():
     def run(speed_plan):
         a = 1.0 if speed_plan.macs_ratio >= 0.8 else 31 / 32
-        return ("plan", "model", {"fidelity": {"samples": 32, "calibrated": {"top1_agreement": a, "mean_kl": 0.0}}})
+        return ("plan", "model", {"fidelity": {"samples": 32, "on": "held-out samples",
+                                               "calibrated": {"top1_agreement": a, "mean_kl": 0.0}}})
 
     first = FakePlan(0.5)
     result = budget.search_budget(FakePlanner(), 0.5, 0.97, first, run(first), run)
     assert result.met and result.chosen_target == pytest.approx(min(t for t in budget.target_grid(0.5) if t >= 0.8))
-    assert {t["budget_test"] for t in result.trials} == {"all 32 agree"}
-    assert "judged by: all 32 agree" in result.note
+    assert {t["budget_test"] for t in result.trials} == {"needs all 32 to agree"}
+    assert "judged by: needs all 32 to agree" in result.note
 
 
 def test_calibration_data_is_read_once_per_run(tmp_path, monkeypatch):
@@ -468,7 +473,7 @@ def test_calibration_data_is_read_once_per_run(tmp_path, monkeypatch):
     reads = []
     original_read = calib_data._read_source
     monkeypatch.setattr(calib_data, "_read_source", lambda *a, **k: reads.append(1) or original_read(*a, **k))
-    monkeypatch.setattr(budget, "meets", lambda *a: (False, "refused"))  # every cut fails: several trials
+    monkeypatch.setattr(budget, "meets", lambda *a, **k: (False, "refused"))  # every cut fails: several trials
     _, report = prune(wide_resnet(), PruneConfig(calib=str(path), min_agreement=0.999, rate=0.6))
     assert len(report["budget"]["trials"]) > 1 and reads == [1]
     assert report["calibration"]["source"] == str(path)

@@ -167,3 +167,20 @@ def test_a_model_onnx_can_infer_never_asks_ort():
         assert calls == [1]
     finally:
         shape_facts._symbolic = real
+
+
+def test_ort_inference_that_cannot_finish_leaves_no_files_and_keeps_what_it_found(tmp_path, monkeypatch):
+    """ORT's public ``infer_shapes`` saved the whole model (weights in a uuid-named data file) into
+    the working directory whenever one op defeated it, on every run; the gaps before that op are
+    kept now and nothing is written."""
+    shape_facts.clear_cache()
+    model = _computed_pads_model()
+    custom = helper.make_node("Mystery", ["y"], ["z"], domain="example.custom")
+    model.graph.node.append(custom)
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    model.opset_import.append(helper.make_opsetid("example.custom", 1))
+    monkeypatch.chdir(tmp_path)
+    static = shape_facts.static_shapes_at_batch_one(model, None)
+    assert list(tmp_path.iterdir()) == []
+    assert static["c1"][:2] == [1, 32]  # found before the op ORT does not know

@@ -28,6 +28,7 @@ from ..checks.verify import session
 
 BATCH = 64  # samples per ONNX Runtime call
 HOLDOUT_DIVISOR = 8  # the last 1/8 of the samples is held out for fidelity
+HELD_OUT = "held-out samples"  # fidelity["on"] when inputs were held out (the budget trusts only those)
 MIN_SAMPLES_FOR_HOLDOUT = 16
 
 

@@ -78,7 +78,7 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from .calib_data import load_calibration_inputs
-from .calib_stream import HOLDOUT_DIVISOR, Stream, batch_size, count, fidelity, split_holdout
+from .calib_stream import HELD_OUT, HOLDOUT_DIVISOR, Stream, batch_size, count, fidelity, split_holdout
 from ..errors import UserError
 from ..ir.graph import GraphIndex, NameAllocator, get_attr, set_initializer
 from .least_squares import (DEFAULT_RIDGE, GREEDY_BUDGET, GREEDY_STEPS, ConvGeometry, accumulate, fit_group,
@@ -189,7 +189,7 @@ def calibrate(model: onnx.ModelProto, plan: Plan, config, progress=None, feeds: 
         "layers": entries,
         "fidelity": fidelity(model, uncalibrated, work, held if count(held) else fit, batch),
     }
-    report["fidelity"]["on"] = "held-out samples" if count(held) else "fit samples (too few to hold out)"
+    report["fidelity"]["on"] = HELD_OUT if count(held) else "fit samples (too few to hold out)"
     report["wall_s"] = round(time.perf_counter() - started, 3)
     if decided:
         plan = replace(plan, layers=[decided.get(layer.node, layer) for layer in plan.layers])

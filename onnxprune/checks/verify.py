@@ -425,8 +425,10 @@ def _reference_run(sess: ort.InferenceSession, reference: onnx.ModelProto, seed:
     Why batch 1: a symbolic batch axis can be pinned by another input's fixed size (AECMOS: GRU
     state ``h0`` is ``4 x 1 x 96``, so ``input``'s ``batch_size`` can only be 1); no --input-shape
     can change that, and the model ran at batch 1 before planning (``check_runs``). It is then
-    verified at batch 1, as a model with a fixed batch is. Any other failure is the batch
-    ``batch`` error, the input's problem."""
+    verified at batch 1, as a model with a fixed batch is. So is any other model that runs at batch
+    1 only (a Reshape hard-coding it): batch 1 is the only batch it can be compared at, and the
+    result's note says so. A model that fails at batch 1 too gets the batch ``batch`` error, the
+    input's problem."""
     feeds = random_inputs(reference, seed, batch)
     try:
         return feeds, _run(sess, feeds, "the input model"), batch

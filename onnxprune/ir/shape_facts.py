@@ -142,15 +142,27 @@ def _unshaped(model: onnx.ModelProto, known: dict) -> bool:
 
 
 def _symbolic(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """ORT's symbolic shape inference of a copy of ``model``, or None where it fails (best effort:
-    onnx's facts stand)."""
+    """ORT's symbolic shape inference of a copy of ``model`` (what it found, also where it could
+    not finish), or None where it fails (best effort: onnx's facts stand).
+
+    Its public ``infer_shapes`` is the same loop, but on a model it cannot finish (one custom op
+    anywhere) it saves the model with all its weights as ``sym_shape_infer_temp.onnx`` plus a
+    uuid-named data file in the working directory, then raises: each such run left a copy of the
+    user's model behind, and the gaps it had filled were lost. So the loop is run here."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+        if not any(o.domain in ("", "ai.onnx") and o.version >= 7 for o in model.opset_import):
+            return None
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        return SymbolicShapeInference.infer_shapes(copy, auto_merge=True, guess_output_rank=False)
-    except Exception:  # its own assertions, unsupported ops, custom domains
+        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
+        inference._preprocess(copy)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        return inference.out_mp_
+    except Exception:  # its own assertions, unsupported ops, custom domains, another ORT's internals
         return None
 
 
@@ -169,7 +181,9 @@ def _filled(model: onnx.ModelProto, shapes: dict, types: dict, static: bool) -> 
             types.setdefault(vi.name, t.elem_type)
         if vi.name in shapes or not t.HasField("shape"):
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+        # ORT names a size it could not find unk__N, a name tf2onnx also uses for its own sizes: unknown
+        dims = [d.dim_value if d.HasField("dim_value") else
+                (None if not d.dim_param or d.dim_param.startswith("unk__") else d.dim_param) for d in t.shape.dim]
         if not static or all(isinstance(d, int) for d in dims):
             shapes[vi.name] = dims
 
