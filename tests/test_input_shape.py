@@ -212,14 +212,11 @@ def test_further_shapes_of_an_input_are_verified_too(tmp_path, detector, capsys)
     assert other["input_shapes"] == "input=Nx3x40x56" and other["passed"] and other["max_rel_diff"] <= 1e-4
 
 
-def test_a_batch_size_two_inputs_share_at_other_axes_stays_shared():
-    """silero-vad's inputs: ``input`` is ``batch x 512`` and ``state`` ``2 x batch x 128``.
-    Verification fed batch 2 to one and the given size to the other, and no --input-shape could
-    make them agree; a named size that is a batch axis now stays open wherever it is declared."""
+def _conv_head_with_state(name, x_dims, state_dims):
+    """Two Convs on ``x``, pooled, concatenated with the sum of ``state`` over its first axis, then
+    a MatMul head: ``x``'s batch and ``state``'s second axis must agree (a recurrent state's shape)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-
-    from onnxprune.pipeline import PruneConfig, prune
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
@@ -234,10 +231,19 @@ def test_a_batch_size_two_inputs_share_at_other_axes_stays_shared():
              helper.make_node("Concat", ["f", "s"], ["joined"], axis=1),
              helper.make_node("MatMul", ["joined", "fc"], ["y"])]
     graph = helper.make_graph(
-        nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8]),
-                          helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 16])],
+        nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims),
+                      helper.make_tensor_value_info("state", TensorProto.FLOAT, state_dims)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_batch_size_two_inputs_share_at_other_axes_stays_shared():
+    """silero-vad's inputs: ``input`` is ``batch x 512`` and ``state`` ``2 x batch x 128``.
+    Verification fed batch 2 to one and the given size to the other, and no --input-shape could
+    make them agree; a named size that is a batch axis now stays open wherever it is declared."""
+    from onnxprune.pipeline import PruneConfig, prune
+
+    model = _conv_head_with_state("shared", ["batch", 3, 8, 8], [2, "batch", 16])
     _, report = prune(model, PruneConfig(rate=0.5, groups=1, min_channels=8,
                                          input_shapes={"state": (2, 1, 16)}))
     assert report["verify"]["passed"] and report["convs_pruned"] == 1
@@ -251,26 +257,7 @@ def test_a_batch_pinned_to_one_by_a_fixed_state_input_is_verified_at_batch_one(t
     verification fed batch 2 and failed with exit 2, telling the user to give --input-shape, which
     cannot change it. A model that runs at batch 1 and not at the verification batch is verified at
     batch 1 (as a model with a fixed batch is), and the report says so."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
-             [("w1", (32, 3, 3, 3)), ("w2", (32, 32, 3, 3)), ("fc", (48, 10))]]
-    inits.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
-             helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("ReduceSum", ["state", "axis0"], ["s"], keepdims=0),
-             helper.make_node("Concat", ["f", "s"], ["joined"], axis=1),  # batch of x == 1 (state's)
-             helper.make_node("MatMul", ["joined", "fc"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "pinned", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "frames", 8]),
-                          helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _conv_head_with_state("pinned", ["batch", 3, "frames", 8], [2, 1, 16])  # batch of x == 1 (state's)
     path, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
     onnx.save(model, path)
     code = main([str(path), str(out), "--groups", "1", "--rate", "0.5", "--min-channels", "8",
