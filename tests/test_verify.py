@@ -303,8 +303,7 @@ def test_an_end_to_end_detector_is_judged_before_its_topk():
     from onnxprune.checks.verify import compare_models, selection_region
 
     reference = _detector(_tie_break(1))
-    region, frontier = selection_region(reference)
-    assert sorted(frontier) == ["boxes", "scores"]  # the Reshape and Slice before the TopK are in the region
+    assert sorted(selection_region(reference).frontier) == ["boxes", "scores"]  # Reshape, Slice: in the region
     flipped = compare_models(reference, _detector(_tie_break(2)), 1e-4)
     assert flipped.passed and flipped.max_rel_diff < 1e-5 and "judged at the 2 tensor(s)" in flipped.note
     assert "'picked', 'top_scores'" in flipped.note
@@ -316,3 +315,62 @@ def test_an_end_to_end_detector_is_judged_before_its_topk():
     assert not outside.passed
     same = compare_models(reference, _detector(_tie_break(1)), 1e-4)
     assert same.passed and same.max_rel_diff == 0.0 and same.note == ""  # judged as always when outputs agree
+
+
+def _topk_tail(extra_nodes=(), outputs=("vals", "idx"), k_from_node=None, score_op="Relu", opset=17, width=64):
+    """``x`` [N, width] -> ``score_op`` -> TopK(k=3, or a Constant node's k) -> ``vals``, ``idx``, then
+    ``extra_nodes``."""
+    nodes = [helper.make_node(score_op, ["x"], ["s"])]
+    inits = []
+    if k_from_node is None:
+        inits.append(numpy_helper.from_array(np.array([3], np.int64), "k"))
+    else:
+        nodes.append(helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(
+            np.array([k_from_node], np.int64), "kv")))
+    nodes += [helper.make_node("TopK", ["s", "k"], ["vals", "idx"], axis=1), *extra_nodes]
+    graph = helper.make_graph(nodes, "tail", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [onnx.ValueInfoProto(name=name) for name in outputs], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def test_the_selection_fallback_cannot_be_fooled():
+    """Found by an adversarial review of the fallback: each candidate is wrong and must fail."""
+    from onnxprune.checks.verify import compare_models, selection_region
+
+    reference = _topk_tail()
+    # other tensors at the outputs' positions (the region and its inputs are the same)
+    renamed = _topk_tail([helper.make_node("Neg", ["vals"], ["bad"]), helper.make_node("Mul", ["idx", "idx"], ["bi"])],
+                         outputs=("bad", "bi"))
+    assert not compare_models(reference, renamed, 1e-4).passed
+    fewer = compare_models(reference, _topk_tail(outputs=("vals",)), 1e-4)  # one output dropped: no crash
+    assert not fewer.passed
+    # an integer the region reads (k made by a node outside it) off by one is not rounding, though
+    # relatively (1e-4) it is as small
+    assert not compare_models(_topk_tail(k_from_node=10_000, width=20_000),
+                              _topk_tail(k_from_node=10_001, width=20_000), 1e-4).passed
+    # float arithmetic after the pick: no fallback, judged at the outputs as always
+    after = _topk_tail([helper.make_node("Sub", ["vals", "vals"], ["zero"])], outputs=("zero", "idx"))
+    assert selection_region(after) is None
+    # another opset: the same nodes may compute another function
+    assert not compare_models(_topk_tail(opset=17), _topk_tail(opset=13, score_op="Abs"), 1e-4).passed
+
+
+def test_a_frontier_judged_at_its_own_scale_and_finite():
+    """A Sigmoid of logits near -20 has values near 2e-9: at its range (1) any ranking agrees; at
+    its own scale a wrong one fails. A NaN in the reference's frontier cannot be judged."""
+    from onnxprune.checks.verify import compare_models
+
+    def sigmoid_tail(sign, log=False):
+        w = numpy_helper.from_array(np.array(sign, np.float32), "sign")
+        b = numpy_helper.from_array(np.array(-20.0, np.float32), "bias")
+        k = numpy_helper.from_array(np.array([3], np.int64), "k")
+        first = helper.make_node("Log", ["x"], ["lx"]) if log else helper.make_node("Identity", ["x"], ["lx"])
+        nodes = [first, helper.make_node("Mul", ["lx", "sign"], ["m"]), helper.make_node("Add", ["m", "bias"], ["z"]),
+                 helper.make_node("Sigmoid", ["z"], ["s"]),
+                 helper.make_node("TopK", ["s", "k"], ["vals", "idx"], axis=1)]
+        graph = helper.make_graph(nodes, "sig", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                                  [onnx.ValueInfoProto(name="idx")], [w, b, k])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    assert not compare_models(sigmoid_tail(1.0), sigmoid_tail(-1.0), 1e-4).passed
+    assert not compare_models(sigmoid_tail(1.0, log=True), sigmoid_tail(-1.0, log=True), 1e-4).passed

@@ -179,6 +179,8 @@ def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray],
     """(max absolute, max relative difference) over all outputs; ``floors`` (per output, see
     ``output_floors``) raise the scale a difference is relative to."""
     floors = floors or [0.0] * len(reference)
+    if len(reference) != len(candidate):
+        return float("inf"), float("inf")
     max_abs = max_rel = 0.0
     for ref, got, floor in zip(reference, candidate, floors):
         ref64, got64 = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
@@ -287,6 +289,10 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, toler
     got = _run(create_session(candidate, load_error=None), feeds, which)
     max_abs, max_rel = compare_outputs(expected, got, output_floors(reference))
     notes = [] if ran_at == batch else [f"the input model does not run at batch {batch}: verified at batch {ran_at}"]
+    names = [[out.name for out in m.graph.output] for m in (reference, candidate)]
+    if names[0] != names[1]:  # outputs are compared by position: they must be the same ones
+        return VerifyResult(float("inf"), float("inf"), tolerance, False, ran_at,
+                            note=f"{which} has outputs {names[1]}, the input model {names[0]}")
     passed = bool(max_rel <= tolerance)
     if not passed:
         before = judged_before_selection(reference, candidate, feeds, expected, got, tolerance)
@@ -301,52 +307,87 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, toler
 # one float rounding step in their input can change it whole.
 SELECTION_OPS = {"TopK": 1, "ArgMax": 1, "ArgMin": 1, "NonMaxSuppression": 2}  # op -> data inputs read
 REDUCE_OPS = ("ReduceMax", "ReduceMin")  # a class maximum before a TopK: its input is judged instead
+BEFORE_SELECTION_OPS = frozenset({*REDUCE_OPS, *LAYOUT_OPS, *BOUNDED_ACTIVATIONS})  # traced back through
+# What may follow a selection in the region: ops that move, pick, compare or count values and do no
+# float arithmetic (arithmetic after a pick could magnify a difference the frontier's tolerance
+# allows); any op whose inputs are all integers or booleans computes exactly and is allowed too.
+AFTER_SELECTION_OPS = frozenset({*SELECTION_OPS, *REDUCE_OPS, *LAYOUT_OPS, "GatherElements", "GatherND", "Cast",
+                                 "Shape", "Size", "ConstantOfShape", "Range", "NonZero", "Where", "Equal",
+                                 "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or"})
+EXACT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+               onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
+               onnx.TensorProto.BOOL}
 
 
-def selection_region(model: onnx.ModelProto) -> tuple[set[int], list[str]] | None:
-    """(the post-processing a selection op starts, the tensors it reads from the network) of the
-    main graph, or None. The region: every selection node, everything downstream of one, and the
-    maxima and layout ops its data inputs come through (a Concat of box and score maps: each part
-    judged at its own scale). The frontier: the inputs of region nodes made outside it (no
-    initializers, no graph inputs). None when there is no selection op or a region node has a
-    subgraph (its outer-scope reads are not in its inputs, so the frontier would be incomplete)."""
+@dataclass(frozen=True)
+class SelectionRegion:
+    """The post-processing a selection op starts, in one model's main graph (``selection_region``)."""
+
+    nodes: frozenset  # node indices: the selections, what follows them, the maxima/layout ops before them
+    after: frozenset  # node indices of the selections and what follows them
+    frontier: tuple  # the tensors region nodes read from the network
+
+
+def selection_region(model: onnx.ModelProto) -> SelectionRegion | None:
+    """The region of the main graph a selection op starts, or None.
+
+    The region: every selection node, everything downstream of one (``after``), and the maxima,
+    layout ops and bounded activations its data inputs come through (a Concat of box and score
+    maps: each part judged at its own scale; a Sigmoid's logits, not its values: on random inputs
+    gtlv's scores sit near 6e-4 and differ by 2.5e-4 of that where their logits agree to 5e-7,
+    and judging them at the Sigmoid's range instead would hide a wrong ranking). The frontier: the
+    inputs of region nodes made outside it (no initializers, no graph inputs). None when there is no selection op, a region node has a subgraph (its
+    outer-scope reads are not in its inputs, so the frontier would be incomplete), or a node after
+    a selection does float arithmetic (``AFTER_SELECTION_OPS``)."""
+    from ..ir.shape_facts import tensor_types
+
     nodes = list(model.graph.node)
     selections = [i for i, node in enumerate(nodes) if node.domain in ("", "ai.onnx")
                   and node.op_type in SELECTION_OPS]
     if not selections:
         return None
     producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    region, made = set(selections), {out for i in selections for out in nodes[i].output if out}
+    after, made = set(selections), {out for i in selections for out in nodes[i].output if out}
     grew = True
     while grew:  # downstream closure, whatever the node order
         grew = False
         for i, node in enumerate(nodes):
-            if i not in region and any(name in made for name in node.input):
-                region.add(i)
+            if i not in after and any(name in made for name in node.input):
+                after.add(i)
                 made.update(out for out in node.output if out)
                 grew = True
+    region = set(after)
     todo = [name for i in selections for name in nodes[i].input[:SELECTION_OPS[nodes[i].op_type]] if name]
     while todo:  # upstream through maxima and layout ops to where the values are made
         i = producer.get(todo.pop())
         if i is None or i in region:
             continue
         node = nodes[i]
-        if node.domain in ("", "ai.onnx") and node.op_type in (*REDUCE_OPS, *LAYOUT_OPS):
+        if node.domain in ("", "ai.onnx") and node.op_type in BEFORE_SELECTION_OPS:
             region.add(i)
             todo += [name for name in (node.input if node.op_type == "Concat" else node.input[:1]) if name]
     if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for i in region for attr in nodes[i].attribute):
         return None
+    types = {**tensor_types(model), **{t.name: t.data_type for t in model.graph.initializer}}
+    for i in after:
+        node = nodes[i]
+        exact = all(types.get(name) in EXACT_TYPES for name in node.input if name)
+        if not exact and (node.domain not in ("", "ai.onnx") or node.op_type not in AFTER_SELECTION_OPS):
+            return None
     inside = {out for i in region for out in nodes[i].output if out}
     outside = {t.name for t in model.graph.initializer} | {inp.name for inp in model.graph.input}
-    frontier = list(dict.fromkeys(name for i in sorted(region) for name in nodes[i].input
-                                  if name and name not in inside and name not in outside))
-    return region, frontier
+    frontier = tuple(dict.fromkeys(name for i in sorted(region) for name in nodes[i].input
+                                   if name and name not in inside and name not in outside))
+    return SelectionRegion(frozenset(region), frozenset(after), frontier)
 
 
-def _same_region(reference: onnx.ModelProto, candidate: onnx.ModelProto, region: set[int]) -> bool:
+def _same_region(reference: onnx.ModelProto, candidate: onnx.ModelProto, region: frozenset) -> bool:
     """Whether every region node of ``reference`` is in ``candidate`` as it is (op, attributes,
-    inputs, outputs, and the values of the initializers it reads)."""
+    inputs, outputs, the values of the initializers it reads), under the same opsets."""
+    opsets = [{o.domain or "ai.onnx": o.version for o in m.opset_import} for m in (reference, candidate)]
+    if opsets[0] != opsets[1]:
+        return False
     made = {out: node for node in candidate.graph.node for out in node.output if out}
     ref_init = {t.name: t for t in reference.graph.initializer}
     cand_init = {t.name: t for t in candidate.graph.initializer}
@@ -366,12 +407,34 @@ def _same_region(reference: onnx.ModelProto, candidate: onnx.ModelProto, region:
     return True
 
 
-def _exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+def _exposed(model: onnx.ModelProto, names) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     del copy.graph.output[:]
     copy.graph.output.extend([onnx.ValueInfoProto(name=name) for name in names])
     return copy
+
+
+def _frontier_difference(before: list[np.ndarray], after: list[np.ndarray]) -> tuple[float, float] | None:
+    """(max abs, max relative difference) of the frontier values, or None where they cannot be
+    judged: integer and boolean values must be equal (a count or an index off by one is not
+    rounding), floats are judged at their own scale (no activation floor: a Sigmoid's floor would
+    hide a wrong ranking of its small values) and must be finite in the reference (a NaN skipped
+    there could hide a different pick)."""
+    max_abs = max_rel = 0.0
+    for ref, got in zip(before, after):
+        ref, got = np.asarray(ref), np.asarray(got)
+        if ref.shape != got.shape:
+            return None
+        if ref.dtype.kind in "iub" or got.dtype.kind in "iub":
+            if ref.dtype != got.dtype or not np.array_equal(ref, got):
+                return None
+            continue
+        if not np.isfinite(ref).all():
+            return None
+        diff_abs, diff_rel = compare_outputs([ref], [got])
+        max_abs, max_rel = max(max_abs, diff_abs), max(max_rel, diff_rel)
+    return max_abs, max_rel
 
 
 def judged_before_selection(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray],
@@ -384,39 +447,40 @@ def judged_before_selection(reference: onnx.ModelProto, candidate: onnx.ModelPro
     inputs) picks other boxes when its scores move by one float rounding step, so the masked and
     the rewritten model agreed to 1.5e-7 before the TopK and differed by 0.78 after it, and every
     such model failed verification. Judging the region's inputs instead loses nothing: its nodes
-    are the same in both models (checked, initializers included), and every value they read from
-    the network is judged, so what they output is the same function of inputs that agree. Outputs
-    outside the region are judged as always."""
-    found = selection_region(reference)
-    if found is None:
+    are the same in both models (checked: ops, attributes, initializer values, opsets), what
+    follows a pick does no float arithmetic, integer inputs must be equal, and every value it reads
+    from the network is judged, so its outputs are the same function of inputs that agree. Only
+    outputs made after a selection are judged this way; the others as always."""
+    region = selection_region(reference)
+    if region is None:
         return None
-    region, frontier = found
     nodes = reference.graph.node
-    made_inside = {out for i in region for out in nodes[i].output}
-    in_region = [k for k, out in enumerate(reference.graph.output) if out.name in made_inside]
-    if not in_region or not frontier or not _same_region(reference, candidate, region):
+    made_after = {out for i in region.after for out in nodes[i].output}
+    later = [k for k, out in enumerate(reference.graph.output) if out.name in made_after]
+    if not later or not region.frontier or not _same_region(reference, candidate, region.nodes):
         return None
-    direct = [k for k in range(len(expected)) if k not in in_region]
+    direct = [k for k in range(len(expected)) if k not in later]
     floors = output_floors(reference)
     max_abs, max_rel = compare_outputs([expected[k] for k in direct], [got[k] for k in direct],
                                        [floors[k] for k in direct])
     try:
-        wide = _exposed(reference, frontier)
-        before = create_session(wide, load_error=None).run(None, feeds)
-        after = create_session(_exposed(candidate, frontier), load_error=None).run(None, feeds)
+        before = create_session(_exposed(reference, region.frontier), load_error=None).run(None, feeds)
+        after = create_session(_exposed(candidate, region.frontier), load_error=None).run(None, feeds)
     except Exception:  # a region whose inputs ORT cannot expose is judged as the outputs were
         return None
-    front_abs, front_rel = compare_outputs(before, after, output_floors(wide))
-    max_abs, max_rel = max(max_abs, front_abs), max(max_rel, front_rel)
+    front = _frontier_difference(before, after)
+    if front is None:
+        return None
+    max_abs, max_rel = max(max_abs, front[0]), max(max_rel, front[1])
     if max_rel > tolerance:
         return None
-    ops = "/".join(sorted({nodes[i].op_type for i in region if nodes[i].op_type in SELECTION_OPS}))
-    outputs = ", ".join(repr(reference.graph.output[k].name) for k in in_region)
-    _, after_rel = compare_outputs([expected[k] for k in in_region], [got[k] for k in in_region],
-                                   [floors[k] for k in in_region])
+    ops = "/".join(sorted({nodes[i].op_type for i in region.after if nodes[i].op_type in SELECTION_OPS}))
+    outputs = ", ".join(repr(reference.graph.output[k].name) for k in later)
+    _, after_rel = compare_outputs([expected[k] for k in later], [got[k] for k in later],
+                                   [floors[k] for k in later])
     return max_abs, max_rel, (f"output(s) {outputs} come after a {ops} whose picks turn float rounding into other "
-                              f"results (they differ by {after_rel:.3g}): judged at the {len(frontier)} tensor(s) "
-                              f"it reads instead, whose nodes are the same in both models")
+                              f"results (they differ by {after_rel:.3g}): judged at the {len(region.frontier)} "
+                              f"tensor(s) it reads instead, whose nodes are the same in both models")
 
 
 def _reference_run(sess: ort.InferenceSession, reference: onnx.ModelProto, seed: int, batch: int):
