@@ -336,9 +336,10 @@ def selection_region(model: onnx.ModelProto) -> SelectionRegion | None:
     maps: each part judged at its own scale; a Sigmoid's logits, not its values: on random inputs
     gtlv's scores sit near 6e-4 and differ by 2.5e-4 of that where their logits agree to 5e-7,
     and judging them at the Sigmoid's range instead would hide a wrong ranking). The frontier: the
-    inputs of region nodes made outside it (no initializers, no graph inputs). None when there is no selection op, a region node has a subgraph (its
-    outer-scope reads are not in its inputs, so the frontier would be incomplete), or a node after
-    a selection does float arithmetic (``AFTER_SELECTION_OPS``)."""
+    inputs of region nodes made outside it (no initializers, no graph inputs). None when there is
+    no selection op, a region node has a subgraph (its outer-scope reads are not in its inputs, so
+    the frontier would be incomplete), or a node after a selection does float arithmetic
+    (``AFTER_SELECTION_OPS``)."""
     from ..ir.shape_facts import tensor_types
 
     nodes = list(model.graph.node)
