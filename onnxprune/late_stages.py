@@ -151,7 +151,7 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
     against = ("the distilled fp32 model" if distilled_kept else "the masked fp32 model") + " with fp16-rounded weights"
 
     def checked(rounded, candidate, where: str = ""):  # ``rounded``: the reference, fp16_rounded
-        result = compare_models(rounded, candidate, tolerance, config.seed, which="the fp16 model")
+        result = compare_models(rounded, candidate, tolerance, config.seed, which="the fp16 model", fp16=True)
         if not result.passed:
             raise PassFailed(f"fp16 verification failed{where}: the fp16 model differs from {against} by "
                              f"{result.max_rel_diff:.3g} (relative), tolerance {tolerance:g}"
@@ -170,6 +170,7 @@ def fp16_stage(pruned32, model, dense, plan: Plan, distilled, feeds, calibration
     section.update(verified=True, reference=against, max_abs_diff=result.max_abs_diff,
                    max_rel_diff=result.max_rel_diff, passed=result.passed, batch=result.batch,
                    weight_rounding_rel_diff=rounding.max_rel_diff, clamped_to_fp16_range=clamped,
+                   judged=result.note,  # where a selection's picks were judged at their inputs, as verify does
                    note="ONNX Runtime's CPU provider computes ops lacking fp16 kernels in fp32: this measures "
                         "the conversion against fp16-rounded weights (their own effect: weight_rounding_rel_diff), "
                         "not fp16 arithmetic (see precision.py)")

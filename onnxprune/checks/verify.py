@@ -276,10 +276,11 @@ def verify(normalized: onnx.ModelProto, rewritten: onnx.ModelProto, plan: Plan,
 
 
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, tolerance: float, seed: int = 0,
-                   batch: int = 2, which: str = "the rewritten model") -> VerifyResult:
+                   batch: int = 2, which: str = "the rewritten model", fp16: bool = False) -> VerifyResult:
     """Run ``reference`` and ``candidate`` on the same seeded random inputs (made for
     ``reference``) and judge them as the module rules say. Also how the ``--precision fp16``
-    model is checked against its fp32 reference (``which`` names it)."""
+    model is checked against its fp32 reference (``which`` names it; ``fp16``: a selection's
+    post-processing is recognised through the converter's Casts, ``_same_region``)."""
     try:
         reference_session = session(reference)
     except UserError as exc:
@@ -295,7 +296,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, toler
                             note=f"{which} has outputs {names[1]}, the input model {names[0]}")
     passed = bool(max_rel <= tolerance)
     if not passed:
-        before = judged_before_selection(reference, candidate, feeds, expected, got, tolerance)
+        before = judged_before_selection(reference, candidate, feeds, expected, got, tolerance, fp16)
         if before is not None:
             max_abs, max_rel, note = before
             passed = True
@@ -383,27 +384,62 @@ def selection_region(model: onnx.ModelProto) -> SelectionRegion | None:
     return SelectionRegion(frozenset(region), frozenset(after), frontier)
 
 
-def _same_region(reference: onnx.ModelProto, candidate: onnx.ModelProto, region: frozenset) -> bool:
+def _same_region(reference: onnx.ModelProto, candidate: onnx.ModelProto, region: frozenset,
+                 through_float_casts: bool = False) -> bool:
     """Whether every region node of ``reference`` is in ``candidate`` as it is (op, attributes,
-    inputs, outputs, the values of the initializers it reads), under the same opsets."""
+    inputs, outputs, the values of the initializers it reads), under the same opsets.
+
+    ``through_float_casts`` (the ``--precision fp16`` check only): the fp16 converter renames a
+    node's output and re-makes the name with a Cast, and reads an input through one; a tensor is
+    then the same where a chain of float Casts connects the names, and a float constant may differ
+    by its fp16 rounding (that check's tolerance is fp16's, not exactness)."""
     opsets = [{o.domain or "ai.onnx": o.version for o in m.opset_import} for m in (reference, candidate)]
     if opsets[0] != opsets[1]:
         return False
     made = {out: node for node in candidate.graph.node for out in node.output if out}
+    readers: dict[str, list] = {}
+    for node in candidate.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
     ref_init = {t.name: t for t in reference.graph.initializer}
     cand_init = {t.name: t for t in candidate.graph.initializer}
+
+    def back(name: str) -> list[str]:  # ``name`` and what it is a float Cast of, and so on
+        chain = [name]
+        while through_float_casts and name in made and is_float_cast(made[name]) and len(chain) < 8:
+            name = made[name].input[0]
+            chain.append(name)
+        return chain
+
+    def forward(name: str) -> set[str]:  # ``name`` and the float Casts made of it
+        if not through_float_casts:
+            return {name}
+        return {name} | {r.output[0] for r in readers.get(name, []) if is_float_cast(r)}
+
     for i in region:
         node = reference.graph.node[i]
-        other = made.get(node.output[0])
-        if other is None or (other.op_type, other.domain, list(other.input), list(other.output)) != \
-                (node.op_type, node.domain, list(node.input), list(node.output)):
+        other = next((made[n] for n in back(node.output[0]) if n in made and made[n].op_type == node.op_type
+                      and made[n].domain == node.domain), None)
+        if other is None or len(other.input) != len(node.input) or len(other.output) != len(node.output):
+            return False
+        if any(want not in back(have) for want, have in zip(node.input, other.input)):
+            return False
+        if any(want not in forward(have) for want, have in zip(node.output, other.output)):
             return False
         attributes = [sorted(a.SerializeToString() for a in n.attribute) for n in (node, other)]
-        if attributes[0] != attributes[1]:
+        retargeted = through_float_casts and is_float_cast(node) and is_float_cast(other)  # the converter's fp16
+        if attributes[0] != attributes[1] and not retargeted:
             return False
         for name in node.input:
-            if name in ref_init and (name not in cand_init or not np.array_equal(
-                    onnx.numpy_helper.to_array(ref_init[name]), onnx.numpy_helper.to_array(cand_init[name]))):
+            if name not in ref_init:
+                continue
+            if name not in cand_init:
+                return False
+            a, b = (onnx.numpy_helper.to_array(t) for t in (ref_init[name], cand_init[name]))
+            same = np.array_equal(a, b) or (through_float_casts and a.dtype.kind == b.dtype.kind == "f"
+                                            and a.shape == b.shape
+                                            and np.allclose(a.astype(np.float64), b.astype(np.float64), rtol=1e-3))
+            if not same:
                 return False
     return True
 
@@ -439,7 +475,8 @@ def _frontier_difference(before: list[np.ndarray], after: list[np.ndarray]) -> t
 
 
 def judged_before_selection(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                            expected: list[np.ndarray], got: list[np.ndarray], tolerance: float):
+                            expected: list[np.ndarray], got: list[np.ndarray], tolerance: float,
+                            through_float_casts: bool = False):
     """``(max_abs, max_rel, note)`` of a comparison that judges the outputs a selection op's
     post-processing makes at the tensors that post-processing reads, or None where that does not
     apply or does not pass.
@@ -458,7 +495,7 @@ def judged_before_selection(reference: onnx.ModelProto, candidate: onnx.ModelPro
     nodes = reference.graph.node
     made_after = {out for i in region.after for out in nodes[i].output}
     later = [k for k, out in enumerate(reference.graph.output) if out.name in made_after]
-    if not later or not region.frontier or not _same_region(reference, candidate, region.nodes):
+    if not later or not region.frontier or not _same_region(reference, candidate, region.nodes, through_float_casts):
         return None
     direct = [k for k in range(len(expected)) if k not in later]
     floors = output_floors(reference)

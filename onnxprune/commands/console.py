@@ -117,8 +117,9 @@ def summary(report: dict, output: str | None) -> str:
         else:
             agreement = "" if fp16["agreement"] is None else \
                 f", top-1 agreement {100 * fp16['agreement']:.2f}% on the calibration inputs"
+            judged = f"; {fp16['judged']}" if fp16.get("judged") else ""
             lines.append(f"  fp16: max relative diff {fp16['max_rel_diff']:.2e} vs {fp16['reference']} "
-                         f"(tolerance {fp16['tolerance']:g}){agreement}; ops kept in fp32: {kept}")
+                         f"(tolerance {fp16['tolerance']:g}){agreement}; ops kept in fp32: {kept}{judged}")
     accuracy = report.get("accuracy")
     if accuracy:
         lines.append(f"  top-1 accuracy on {accuracy['images']} labelled images "
