@@ -267,3 +267,15 @@ def test_a_batch_pinned_to_one_by_a_fixed_state_input_is_verified_at_batch_one(t
     data = json.loads(report.read_text())
     assert data["verify"]["passed"] and data["verify"]["batch"] == 1 and data["convs_pruned"] == 1
     assert "batch 1" in err
+
+
+def test_an_fp16_model_pinned_to_batch_one_is_verified_at_batch_one():
+    """The same pinned model as an fp16 output pruned again: verification compares fp32 copies and
+    then runs the fp16 rewrite as it is, which it did at batch 2 before the comparison (an internal
+    error on a model that runs at batch 1 only)."""
+    from onnxprune.pipeline import PruneConfig, prune
+    from onnxprune.rewriting.precision import to_fp16
+
+    half, _ = to_fp16(_conv_head_with_state("pinned", ["batch", 3, "frames", 8], [2, 1, 16]))
+    _, report = prune(half, PruneConfig(rate=0.5, groups=1, min_channels=8, input_shapes={"x": (1, 3, 8, 8)}))
+    assert report["verify"]["passed"] and report["verify"]["batch"] == 1 and report["convs_pruned"] == 1
