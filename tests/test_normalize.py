@@ -89,3 +89,30 @@ def test_per_channel_vector_rules():
     assert np.array_equal(per_channel_vector(np.float32(2.0), 4, 4), np.full(4, 2.0))
     assert per_channel_vector(np.ones((1, 4, 2, 1)), 4, 4) is None
     assert per_channel_vector(np.ones(4), 4, 4) is None  # broadcasts along width, not channels
+
+
+def test_filled_parameters_become_initializers():
+    """The onnx package's IR-3 test models make every weight with ConstantOfShape of a constant
+    shape; their Convs were skipped as "dynamic weight" and their BNs never folded. A filled map
+    read by anything else (a mask added to an activation) stays a node."""
+    from onnx import TensorProto, numpy_helper
+
+    def filled(name, dims, value):
+        return [helper.make_node("Constant", [], [f"{name}_shape"], value=numpy_helper.from_array(
+                    np.array(dims, np.int64), f"{name}_dims")),
+                helper.make_node("ConstantOfShape", [f"{name}_shape"], [name],
+                                 value=helper.make_tensor("v", TensorProto.FLOAT, [1], [value]))]
+
+    nodes = [*filled("w", [16, 8, 3, 3], 0.02), *filled("scale", [16], 1.5), *filled("shift", [16], 0.1),
+             *filled("mean", [16], 0.0), *filled("var", [16], 1.0), *filled("mask", [1, 16, 6, 6], 1.0),
+             helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["b"]),
+             helper.make_node("Add", ["b", "mask"], ["y"])]
+    graph = helper.make_graph(nodes, "filled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 6, 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    folded = normalize(model)
+    assert _ops(folded) == ["ConstantOfShape", "Conv", "Add"]  # the mask's Constant became an initializer
+    assert next(n for n in folded.graph.node if n.op_type == "ConstantOfShape").output[0] == "mask"
+    feeds = feeds_for(model)
+    assert rel_diff(run(model, feeds), run(folded, feeds)) < 1e-5

@@ -6,7 +6,10 @@ Rules, applied in order:
    initializer), so they are lifted: dropped from ``graph.input``, the IR version set to 4.
    ``relist_initializer_inputs`` puts the output back into the input's IR form.
 1. Unnamed nodes get a deterministic name ``<OpType>_<index>`` (plans refer to nodes by name).
-2. ``Constant`` nodes holding a tensor become initializers (weights may come either way).
+2. ``Constant`` nodes holding a tensor become initializers (weights may come either way); so does a
+   ``ConstantOfShape`` of a constant shape that a Conv, Gemm or BatchNormalization reads as a parameter (the
+   onnx package's own IR-3 test models make every weight that way; their Convs were skipped as
+   "dynamic weight"). Only those: a large constant map read elsewhere would bloat the file.
 3. A Conv whose output feeds exactly one node and is not a graph output absorbs that node when it
    is an inference ``BatchNormalization`` or a per-channel ``Mul``/``Div``/``Add``/``Sub`` by a
    constant (scalar or shape broadcasting only along channels). Repeats until nothing changes.
@@ -35,6 +38,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     lift_initializer_inputs(out)
     name_unnamed_nodes(graph)
     constants_to_initializers(graph)
+    filled_weights_to_initializers(graph)
     while _fold_one(graph):
         pass
     remove_unused_initializers(graph)
@@ -94,6 +98,30 @@ def constants_to_initializers(graph: onnx.GraphProto) -> None:
                 tensor.name = node.output[0]
                 graph.initializer.append(tensor)
                 continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+PARAMETERS = {"Conv": slice(1, 3), "Gemm": slice(1, 3), "BatchNormalization": slice(1, 5)}  # op -> its parameters
+
+
+def filled_weights_to_initializers(graph: onnx.GraphProto) -> None:
+    """Rule 2's ``ConstantOfShape`` weights: the filled tensor becomes an initializer of the
+    node's output name."""
+    index = GraphIndex(graph)
+    params = {name for node in graph.node if node.domain in ("", "ai.onnx") and node.op_type in PARAMETERS
+              for name in node.input[PARAMETERS[node.op_type]] if name}
+    keep = []
+    for node in graph.node:
+        shape = index.constant(node.input[0]) if node.op_type == "ConstantOfShape" and node.input else None
+        if shape is not None and node.domain in ("", "ai.onnx") and node.output[0] in params:
+            value = get_attr(node, "value")
+            fill = onnx.numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.zeros(1, np.float32)
+            dims = tuple(int(d) for d in shape.reshape(-1))
+            graph.initializer.append(onnx.numpy_helper.from_array(
+                np.full(dims, fill.reshape(-1)[0], dtype=fill.dtype), node.output[0]))
+            continue
         keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
